@@ -1,0 +1,107 @@
+"""Losses: bounded group-normalised advantages, the loss mask, fp32 log-probs, the PPO surrogate,
+KL estimators and reductions.
+
+Which KL is which. Rollouts are sampled from pi_old (the agent before its update), and
+r = pi_new / pi_old is the per-token ratio.
+  - Trust-region measurement and penalty: the token-level *reverse* KL(pi_new || pi_old).
+    `kl_rev` estimates it from behaviour samples as r log r - r + 1 (unbiased, since
+    E_old[r log r] = KL(new || old) and E_old[r] = 1; and >= 0 for every token).
+    `full` computes it exactly, sum_v pi_new(v) (log pi_new(v) - log pi_old(v)), from the whole
+    next-token distributions (exact and cheap for small vocabularies, memory-heavy for 150k).
+  - Logged only: k1 = -log r and k3 = (r - 1) - log r (Schulman, 2020), both estimators of the
+    forward KL(pi_old || pi_new), the direction PPO/TRPO usually report.
+
+Reductions (named, and chosen by `--reduction`): "token" averages over all of the agent's tokens
+in the batch, so long messages weigh more (a length bias toward long messages); "sequence"
+averages within each message first, then over messages, so every message weighs the same (a bias
+toward short messages per token). The trust-region measurement D is always the token mean.
+"""
+import torch
+
+
+def group_advantages(rewards, group: int, a_max: float, eps: float = 1e-6):
+    """A = (R - mean_group) / (std_group + eps), clipped to [-a_max, a_max].
+
+    rewards: (E,) with the `group` samples of a question adjacent. std is the population std.
+    Returns (advantages (E,), fraction of episodes whose advantage was clipped).
+    """
+    r = rewards.view(-1, group)  # (Q, G)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)).view(-1)
+    return adv.clamp(-a_max, a_max), (adv.abs() > a_max).float().mean().item()
+
+
+def agent_batch(episodes, agent: int, advantages, pad_id: int, device) -> dict:
+    """Every message agent `agent` wrote, as right-padded teacher-forcing rows.
+
+    One row per (episode, turn) of the agent. Shapes are (S, L-1): position p predicts token p+1.
+    mask is 1 exactly on the tokens the agent wrote (its EOS included) and 0 on the prompt, on
+    other agents' tokens and on padding; it is built from lengths, never from pad_token_id.
+    """
+    rows = [(e_idx, s) for e_idx, e in enumerate(episodes) for s in e.steps if s.agent == agent]
+    L = max(len(s.context) + len(s.tokens) for _, s in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    attn, mask = torch.zeros_like(ids), torch.zeros((len(rows), L), dtype=torch.float)
+    sampler_logp = torch.zeros((len(rows), L))
+    for r, (_, s) in enumerate(rows):
+        c, t = len(s.context), len(s.tokens)
+        ids[r, : c + t] = torch.tensor(s.context + s.tokens)
+        attn[r, : c + t] = 1
+        mask[r, c: c + t] = 1
+        sampler_logp[r, c: c + t] = torch.tensor(s.logprobs)
+    adv = advantages[[e_idx for e_idx, _ in rows]].float()  # (S,): the episode's A on each of its rows
+    batch = dict(ids=ids, attn=attn, mask=mask[:, 1:], adv=adv, sampler_logp=sampler_logp[:, 1:])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def token_logprobs(model, batch, rows=slice(None), full: bool = False):
+    """fp32 log pi(token_{p+1} | tokens_<=p) for the selected rows: (S, L-1); with full=True
+    also the whole next-token log-distributions (S, L-1, V)."""
+    ids, attn = batch["ids"][rows], batch["attn"][rows]
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # (S, L-1, V)
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+    return (logp, logp_all) if full else (logp, None)
+
+
+def masked_mean(x, mask, reduction: str = "token"):
+    """Mean of x over mask == 1: over all tokens ("token") or per row, then over rows ("sequence")."""
+    if reduction == "token":
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    per_row = (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return per_row[mask.sum(1) > 0].mean()
+
+
+def token_kl(logp, logp_old, kind: str, full=None, full_old=None):
+    """Per-token reverse KL(pi_new || pi_old), (S, L-1)."""
+    if kind == "full":
+        return (full.exp() * (full - full_old)).sum(-1)
+    log_r = logp - logp_old
+    return log_r.exp() * log_r - log_r.exp() + 1  # reverse KL from behaviour samples: r log r - r + 1
+
+
+def ppo_loss(logp, logp_old, adv, mask, kl_tok, clip_eps: float, beta: float, reduction: str):
+    """-surrogate + beta * KL. Surrogate (PPO clip): min(r A, clip(r, 1-eps, 1+eps) A)."""
+    ratio = (logp - logp_old).exp()
+    a = adv[:, None]  # (S, 1): every token of a message gets its episode's advantage
+    clipped = torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    return -masked_mean(clipped, mask, reduction) + beta * masked_mean(kl_tok, mask, reduction)
+
+
+def surrogate(logp, logp_old, adv, mask):
+    """L_hat = token mean of (r - 1) A: the first-order estimate of the improvement."""
+    return masked_mean(((logp - logp_old).exp() - 1) * adv[:, None], mask)
+
+
+def update_stats(logp, logp_old, adv, mask, kl_tok, clip_eps: float, delta: float) -> dict:
+    """The per-update metrics of SPEC section 5, all token means over the agent's tokens."""
+    log_r = logp - logp_old
+    ratio = log_r.exp()
+    mean = lambda x: masked_mean(x, mask).item()
+    return {
+        "kl_rev": mean(kl_tok),
+        "kl_k1": mean(-log_r),  # k1 = -log r
+        "kl_k3": mean((ratio - 1) - log_r),  # k3 = (r - 1) - log r (Schulman, 2020)
+        "out_of_region": mean((kl_tok > delta).float()),
+        "clipfrac": mean(((ratio - 1).abs() > clip_eps).float()),
+        "surrogate": surrogate(logp, logp_old, adv, mask).item(),
+    }

@@ -1,0 +1,143 @@
+"""Rollouts: one KV-cached batched sampler, team episodes with a text handoff, suffix resampling.
+
+An episode is a question played by the team in a turn order: at turn t the acting agent reads
+the rendered shared context (question + messages so far), writes a message, and the next agent
+reads that text with its own tokenizer. The task scores the final message.
+
+Exact suffix resampling: after agent i is updated, only the turns from agent i's first turn on
+change distribution. `play(..., keep=...)` keeps each episode's earlier turns and regenerates the
+rest, which gives exact samples of the new intermediate team at about half the cost of
+resampling everything (SPEC section 3; counted in `turns` and `tokens`).
+
+Randomness is derived, not global: each (episode, turn) draws its uniforms from a generator
+seeded by (run seed, stage, update, question, sample, turn), so a row samples the same tokens
+whatever batch it is in, and a run reproduces.
+
+Unlike `model.generate`, the sampler returns the fp32 log-probs of the tokens it drew under the
+untempered model, which tests compare with a teacher-forced forward (the ratio is 1 before an
+update). Sampling runs in eval mode: gradient checkpointing in train mode turns the cache off.
+"""
+import hashlib
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Step:
+    agent: int
+    context: list  # prompt token ids in the acting agent's tokenizer
+    tokens: list  # generated ids, ending with EOS unless cut at max_new_tokens
+    logprobs: list  # sampler's fp32 log pi(token | context)
+    text: str  # the message other agents read
+
+
+@dataclass
+class Episode:
+    question: object
+    qid: int  # index of the question in its batch; episodes of one question form a group
+    sample: int  # index within the group
+    order: list  # acting agent at each turn
+    steps: list = field(default_factory=list)
+    reward: float = 0.0
+
+
+def derive_seed(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+@torch.no_grad()
+def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None):
+    """Batched sampling with a KV cache. prompts: list of id lists (any lengths).
+
+    Left padding with explicit position ids, so padded rows see the same positions as unpadded
+    ones. temperature 0 is greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per prompt
+    (inverse-CDF sampling). Returns per row (tokens, fp32 log-probs of those tokens under the
+    untempered model), each cut after the row's first EOS.
+    """
+    device = next(model.parameters()).device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, L - len(p):] = torch.tensor(p)
+        attn[r, L - len(p):] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for s in range(max_new_tokens):
+        logp = out.logits[:, -1].float().log_softmax(-1)  # (B, V), fp32
+        nxt = pick(logp, temperature, top_p, None if uniforms is None else uniforms[:, s].to(device))
+        tokens.append(nxt)
+        logps.append(logp.gather(-1, nxt[:, None])[:, 0])
+        done |= nxt == eos_id
+        if done.all() or s == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+    tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()  # (B, T)
+    cut = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in tokens]
+    return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)]
+
+
+def pick(logp, temperature, top_p, u):
+    """Next token from fp32 log-probs (B, V): greedy, or inverse-CDF with uniforms u (B,)."""
+    if temperature == 0:
+        return logp.argmax(-1)
+    probs = (logp / temperature).softmax(-1)
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        sorted_p, index = probs.sort(-1, descending=True)
+        sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0
+        probs = torch.zeros_like(probs).scatter(-1, index, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if u is None:
+        return torch.multinomial(probs, 1)[:, 0]
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=probs.shape[-1] - 1)[:, 0]
+
+
+def new_episodes(qs, group: int, n_agents: int, rounds: int, order: str, seed) -> list[Episode]:
+    """`group` episodes per question; a turn order per episode (fixed, or a random permutation)."""
+    episodes = []
+    for qid, q in enumerate(qs):
+        for s in range(group):
+            perm = list(range(n_agents))
+            if order == "random":
+                random.Random(derive_seed(seed, qid, s)).shuffle(perm)
+            episodes.append(Episode(q, qid, s, perm * rounds))
+    return episodes
+
+
+def play(team, task, episodes, temperature, top_p, seed, keep=None):
+    """Play every episode to the end, keeping the first keep[e] turns of episode e (default 0).
+
+    Returns (new episodes, generated turns, generated tokens). Inputs are not modified.
+    """
+    keep = keep or [0] * len(episodes)
+    eps = [Episode(e.question, e.qid, e.sample, e.order, e.steps[:k]) for e, k in zip(episodes, keep)]
+    turns = tokens = 0
+    for t in range(max(len(e.order) for e in eps)):
+        for a, agent in enumerate(team):
+            rows = [e for e in eps if len(e.steps) == t and t < len(e.order) and e.order[t] == a]
+            if not rows:
+                continue
+            prompts = [agent.encode(task.render(e.question, [s.text for s in e.steps])) for e in rows]
+            uniforms = torch.stack([torch.rand(task.max_new_tokens, generator=torch.Generator().manual_seed(
+                derive_seed(seed, e.qid, e.sample, t))) for e in rows])
+            tok = agent.tokenizer
+            outs, logps = sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, task.max_new_tokens, temperature, top_p, uniforms)
+            for e, p, o, lp in zip(rows, prompts, outs, logps):
+                e.steps.append(Step(a, p, o, lp, agent.decode(o)))
+            turns, tokens = turns + len(rows), tokens + sum(map(len, outs))
+    for e in eps:
+        e.reward = task.reward(e.question, e.steps[-1].text)
+    return eps, turns, tokens
+
+
+def first_turn(episode: Episode, agent: int) -> int:
+    """Index of the agent's first turn in the episode (where its suffix starts)."""
+    return episode.order.index(agent) if agent in episode.order else len(episode.order)

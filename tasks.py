@@ -1,0 +1,111 @@
+"""Tasks: what the team is asked, how each turn's shared context is rendered, how it is scored.
+
+The default task, `relay`, is built in code so that a fresh machine with no network can train:
+a start value and one operation per turn ("17+5*2-3"). The agent at turn t reads the question
+and the messages so far and writes the value after operation t; the final message is scored
+against the true result. Every agent's work matters, and when an upstream agent changes, what
+the downstream agents read changes with it: the occupancy shift TeamTR is about.
+
+Rendering is plain text, the interface between agents (each agent re-tokenises it):
+
+    team turn 3:  "17+5*2-3|22;44>"   ->  agent writes "41"
+    solo:         "17+5*2-3="         ->  one agent writes "22;44;41" (the `single` baseline)
+
+Questions are deterministic by seed; the held-out set is the questions whose CRC32 falls in one
+bucket of eight, and training questions are drawn from the other seven, so the two are disjoint.
+
+Answers are compared after extraction ("Answer: X", \\boxed{X}, else the last number), so a
+solo message "22;44;41" is scored by its last value.
+"""
+import random
+import re
+import zlib
+from dataclasses import dataclass
+
+CHARS = "0123456789+-*|;>="  # the relay alphabet; the character tokenizer is built from it
+HELDOUT_SEED = 1_000_003
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    answer: str
+    steps: tuple = ()  # the true message of every turn (relay only), for warm-up
+
+
+def extract_answer(message: str) -> str:
+    """The answer in a message: "Answer: X", else \\boxed{X}, else the last number."""
+    for pattern in (r"Answer:\s*([^\n]+)", r"\\boxed\{([^{}]*)\}"):
+        found = re.findall(pattern, message)
+        if found:
+            return normalise(found[-1])
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", message)
+    return normalise(numbers[-1]) if numbers else ""
+
+
+def normalise(answer: str) -> str:
+    """Strip spaces, dollar signs, thousands commas and a trailing '.0' so '1,000.0' == '1000'."""
+    answer = answer.strip().strip("$. ").replace(",", "").replace(" ", "")
+    return answer[:-2] if answer.endswith(".0") else answer
+
+
+def is_heldout(text: str) -> bool:
+    return zlib.crc32(text.encode()) % 8 == 0
+
+
+class Relay:
+    """Arithmetic relay: one operation per turn, values kept in [0, max_value]."""
+
+    def __init__(self, n_ops: int, solo: bool = False, max_value: int = 99):
+        self.n_ops, self.solo, self.max_value = n_ops, solo, max_value
+        self.turns = 1 if solo else n_ops
+        self.max_new_tokens = 3 * n_ops + 1 if solo else 4  # "99;"*n + EOS, or "99" + slack
+
+    def question(self, rng: random.Random) -> Question:
+        value = rng.randint(0, self.max_value)
+        text, steps = str(value), []
+        for _ in range(self.n_ops):
+            ops = [(o, a) for o in "+-" for a in range(1, 10)] + [("*", 2), ("*", 3)]
+            ops = [(o, a) for o, a in ops if 0 <= apply(value, o, a) <= self.max_value]
+            op, arg = rng.choice(ops)
+            value = apply(value, op, arg)
+            text += f"{op}{arg}"
+            steps.append(str(value))
+        return Question(text, str(value), tuple(steps))
+
+    def render(self, q: Question, messages: list[str]) -> str:
+        return f"{q.text}=" if self.solo else f"{q.text}|{';'.join(messages)}>"
+
+    def target(self, q: Question, turn: int) -> str:
+        """The correct message at `turn` given correct earlier messages (warm-up data)."""
+        return ";".join(q.steps) if self.solo else q.steps[turn]
+
+    def reward(self, q: Question, final_message: str) -> float:
+        return float(extract_answer(final_message) == q.answer)
+
+
+def make(cfg) -> Relay:
+    """The task of a run: the relay with one operation per turn; `single` mode plays it solo."""
+    return Relay(cfg.agents * cfg.rounds, solo=cfg.mode == "single")
+
+
+def heldout_set(task, count: int) -> list[Question]:
+    """The held-out questions: the same for every run seed, so runs are comparable."""
+    return questions(task, count, seed=HELDOUT_SEED, heldout=True)
+
+
+def apply(value: int, op: str, arg: int) -> int:
+    return value + arg if op == "+" else value - arg if op == "-" else value * arg
+
+
+def questions(task, count: int, seed: int, heldout: bool) -> list[Question]:
+    """`count` distinct questions from the held-out or the training side of the split."""
+    rng, seen, out = random.Random(seed), set(), []
+    for _ in range(200 * count):
+        q = task.question(rng)
+        if is_heldout(q.text) == heldout and q.text not in seen:
+            seen.add(q.text)
+            out.append(q)
+            if len(out) == count:
+                return out
+    raise ValueError(f"could not draw {count} distinct {'held-out' if heldout else 'train'} questions")

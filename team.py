@@ -1,0 +1,102 @@
+"""The team: one causal LM, tokenizer and optimiser per agent; building, loading and saving.
+
+Agents may be different models: text is the interface between them, and each agent keeps its
+own tokenizer (and chat template, if it has one). The default agents are tiny Qwen2 models built
+from a config with a character tokenizer built in code, so nothing is downloaded. `--model`
+loads a Hugging Face model (hub name or local path) for every agent, `--models A,B,C` one each.
+
+Pitfalls designed out here: dropout is off (it would make the KL non-zero before any update),
+the tokenizer pads on the left for the batched sampler, and a missing pad token falls back to
+EOS (safe, because no mask in this project is built from pad_token_id).
+"""
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+
+@dataclass
+class Agent:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt ids for a rendered context; chat models get their own template."""
+        tok = self.tokenizer
+        if tok.chat_template:
+            return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def char_tokenizer(chars: str) -> PreTrainedTokenizerFast:
+    """One token per character, plus <pad> (0) and <eos> (1); saves and loads like any HF tokenizer."""
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()  # join characters without spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0) -> Qwen2ForCausalLM:
+    """A Qwen2-architecture LM of about 0.1M parameters, built from a config (no download)."""
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def load_model(name_or_path: str, device: str, dtype: torch.dtype):
+    """A Hugging Face causal LM and its tokenizer, from the hub or a local directory."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer.padding_side = "left"  # apply_chat_template ignores padding_side in transformers 5.x
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+def make_agent(name, model, tokenizer, lr: float, grad_ckpt: bool = False) -> Agent:
+    model.config.use_cache = True
+    for module in model.modules():  # no dropout anywhere: the ratio must be exactly 1 before an update
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if grad_ckpt:
+        model.gradient_checkpointing_enable()  # only active in train mode; sampling runs in eval mode
+    model.eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    return Agent(name, model, tokenizer, optimizer)
+
+
+def clone_team(model, tokenizer, n: int, lr: float, grad_ckpt: bool = False) -> list[Agent]:
+    """n independent copies of one (warmed-up) model: a homogeneous team that diverges in training."""
+    return [make_agent(f"agent{i}", copy.deepcopy(model), copy.deepcopy(tokenizer), lr, grad_ckpt) for i in range(n)]
+
+
+def load_team(paths: list[str], device: str, dtype: torch.dtype, lr: float, grad_ckpt: bool = False) -> list[Agent]:
+    """One agent per path (a heterogeneous team when the paths differ)."""
+    return [make_agent(f"agent{i}", *load_model(p, device, dtype), lr, grad_ckpt) for i, p in enumerate(paths)]
+
+
+def save_team(team: list[Agent], run_dir: str) -> list[str]:
+    """Hugging Face checkpoints, one directory per agent: runs/<name>/agent{i}/."""
+    paths = []
+    for agent in team:
+        path = os.path.join(run_dir, agent.name)
+        agent.model.save_pretrained(path)
+        agent.tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,288 @@
+"""TeamTR: trust-region fine-tuning of a team of LLM agents that share a context.
+
+One stage updates every agent once, in an update order u_1..u_n. For k = 1..n, with i = u_k:
+    1. batch: `fresh` (TeamTR) samples team rollouts of the *intermediate* team pi_hat^{k-1}, the
+       team with this stage's earlier updates applied (exactly, by regenerating only the turns
+       from the previous updated agent's first turn on); `stale` reuses the stage's first batch.
+    2. bounded group-normalised advantages of the final reward, given to every token i wrote;
+    3. old log-probs of i's tokens under i's weights before this update, in fp32;
+    4. a PPO-clip step on i's tokens only, with a reverse-KL penalty, inside a hard trust
+       region: after every optimiser step the mean token reverse KL D is measured on i's batch;
+       the update stops once D > delta and backtracks toward the old weights until D <= delta;
+    5. log the update's metrics.
+Every other agent's weights stay bit-identical during agent i's update.
+
+Unlike HAPPO, which reweights one stale buffer (our `happo` mode, issue 3), TeamTR resamples
+after every agent's update; unlike GRPO, every step is bounded by a token-level KL radius.
+Updating all agents simultaneously from one batch (MAGRPO-style "joint" training) is the same
+computation as `stale`: each agent's loss involves only its own tokens and weights, and the batch
+and advantages do not change between the updates.
+
+Run it through the CLI: `python train.py --agents 3 --mode teamtr`.
+"""
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import eval as evaluation
+import losses
+import rollout
+import tasks
+
+# mode -> (resample, trust_region); `single` and `none` are set up by train.py
+MODES = {
+    "teamtr": ("fresh", "on"),  # the method
+    "stale": ("stale", "on"),  # isolates the occupancy effect
+    "naive": ("stale", "off"),  # naive sequential fine-tuning
+    "fresh-no-tr": ("fresh", "off"),  # ablation: resampling without the trust region
+    "single": ("stale", "on"),  # one agent, the whole task in one message (one update per stage)
+    "none": ("stale", "on"),  # no training: the warm-up team, for reference
+}
+
+
+@dataclass
+class Config:
+    # run
+    name: str = ""
+    """run directory name under --out-dir (default: <mode>-n<agents>-s<seed>, with a suffix if taken)"""
+    out_dir: str = "runs"
+    """where run directories are written"""
+    seed: int = 0
+    """the one seed; every other seed is derived from it"""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)"""
+    dtype: str = "auto"
+    """fp32 or bf16 weights; auto = bf16 on CUDA, fp32 on CPU (log-probs are fp32 either way)"""
+    threads: int = 2
+    """torch CPU threads (0 = torch's default)"""
+    # team and task
+    agents: int = 3
+    """number of agents n"""
+    mode: str = "teamtr"
+    """teamtr, stale, naive, fresh-no-tr, single or none (presets of --resample and --trust-region)"""
+    resample: str = ""
+    """fresh (intermediate occupancy) or stale (the stage's first batch); default: from --mode"""
+    trust_region: str = ""
+    """on (KL penalty + radius) or off (beta = 0, no radius); default: from --mode"""
+    order: str = "fixed"
+    """turn order: fixed (agent 1..n) or random (a permutation per episode, the router)"""
+    update_order: str = "turn"
+    """update order within a stage: turn, reverse or random"""
+    rounds: int = 1
+    """the turn order is repeated this many times (agents speak `rounds` times)"""
+    model: str = ""
+    """Hugging Face name or local path for every agent (default: tiny agents built in code)"""
+    models: str = ""
+    """comma-separated names or paths, one per agent (a heterogeneous team)"""
+    grad_ckpt: bool = False
+    """gradient checkpointing during updates (for large models on GPU)"""
+    # warm-up (tiny agents only)
+    warmup_steps: int = 250
+    """supervised steps that bring the tiny agents to an imperfect start"""
+    warmup_lr: float = 3e-3
+    """learning rate of the warm-up"""
+    # rollouts
+    stages: int = 40
+    """number of stages (one update of every agent each)"""
+    questions: int = 32
+    """questions per batch"""
+    group: int = 8
+    """samples per question (the GRPO group G)"""
+    temperature: float = 1.0
+    """sampling temperature of training rollouts (1.0: behaviour = policy)"""
+    top_p: float = 1.0
+    """nucleus sampling mass of training rollouts"""
+    eval_size: int = 512
+    """held-out questions for eval_acc (greedy)"""
+    # update
+    lr: float = 2e-3
+    """Adam learning rate of the RL updates"""
+    epochs: int = 4
+    """passes over the batch per update (at most; the radius may stop it earlier)"""
+    minibatch: int = 64
+    """messages per optimiser step"""
+    clip_eps: float = 0.2
+    """PPO ratio clip"""
+    adv_max: float = 3.0
+    """advantages are clipped to [-adv_max, adv_max] (bounded group-normalised advantages)"""
+    beta: float = 0.1
+    """weight of the reverse-KL penalty (trust region on only)"""
+    delta: float = 0.02
+    """trust-region radius: mean token reverse KL of an update, in nats (trust region on only)"""
+    kl: str = "kl_rev"
+    """trust-region KL: kl_rev (sample estimate r log r - r + 1) or full (exact over the vocabulary)"""
+    reduction: str = "token"
+    """loss reduction: token or sequence (see losses.py for the length bias)"""
+    max_backtracks: int = 10
+    """halvings toward the old weights before an update is reverted"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill --resample and --trust-region from the mode preset where they were not given."""
+    resample, trust_region = MODES[cfg.mode]
+    cfg.resample = cfg.resample or resample
+    cfg.trust_region = cfg.trust_region or trust_region
+    if cfg.mode == "none":
+        cfg.stages = 0
+    return cfg
+
+
+def update_order(cfg: Config, n: int, stage: int) -> list[int]:
+    order = list(range(n))
+    if cfg.update_order == "reverse":
+        order.reverse()
+    elif cfg.update_order == "random":
+        random.Random(rollout.derive_seed(cfg.seed, "update-order", stage)).shuffle(order)
+    return order
+
+
+def batch_logprobs(model, data, full: bool, chunk: int):
+    """token_logprobs over all rows, in chunks, without gradients."""
+    with torch.no_grad():
+        parts = [losses.token_logprobs(model, data, slice(s, s + chunk), full) for s in range(0, len(data["ids"]), chunk)]
+    logp = torch.cat([p[0] for p in parts])
+    return logp, torch.cat([p[1] for p in parts]) if full else None
+
+
+def mean_kl(model, data, old, old_full, cfg: Config):
+    """D: the mean token reverse KL of the agent's current weights against its old ones on its batch."""
+    logp, full = batch_logprobs(model, data, cfg.kl == "full", cfg.minibatch)
+    kl_tok = losses.token_kl(logp, old, cfg.kl, full, old_full)
+    return losses.masked_mean(kl_tok, data["mask"]).item(), logp, kl_tok
+
+
+def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed) -> dict:
+    """One trust-region update of agent i on its tokens in `episodes`. Returns its metrics.
+
+    gap_episodes: the stage's first batch (fresh mode, k > 1), where the updated agent's surrogate
+    is measured too; stale_gap = |L_hat_i(B_1) - L_hat_i(B_k)|.
+    """
+    model, device = agent.model, next(agent.model.parameters()).device
+    pad, full = agent.tokenizer.pad_token_id, cfg.kl == "full"
+    trust_region = cfg.trust_region == "on"
+    beta = cfg.beta if trust_region else 0.0
+    data, adv_clipped = agent_data(episodes, i, pad, device, cfg)
+    old, old_full = batch_logprobs(model, data, full, cfg.minibatch)  # step 3: fp32, weights before the update
+    drift = losses.masked_mean((old - data["sampler_logp"]).abs(), data["mask"]).item()
+    if gap_episodes is not None:
+        gap_data = agent_data(gap_episodes, i, pad, device, cfg)[0]
+        gap_old = batch_logprobs(model, gap_data, False, cfg.minibatch)[0]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta_old = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(rollout.derive_seed(seed, "minibatches"))
+    steps, D, stop = 0, 0.0, False
+    for _ in range(cfg.epochs):
+        for rows in torch.randperm(len(data["ids"]), generator=gen).split(cfg.minibatch):
+            model.train()
+            logp, full_new = losses.token_logprobs(model, data, rows, full)
+            kl_tok = losses.token_kl(logp, old[rows], cfg.kl, full_new, old_full[rows] if full else None)
+            loss = losses.ppo_loss(logp, old[rows], data["adv"][rows], data["mask"][rows], kl_tok, cfg.clip_eps, beta, cfg.reduction)
+            agent.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            agent.optimizer.step()
+            steps += 1
+            model.eval()
+            if trust_region:  # the trust region, measured after every step on the whole batch
+                D = mean_kl(model, data, old, old_full, cfg)[0]
+                if stop := D > cfg.delta:
+                    break
+        if stop:
+            break
+
+    backtracks = 0
+    if trust_region and D > cfg.delta:  # backtrack: theta_old + alpha (theta - theta_old), alpha = 1/2, 1/4, ...
+        theta_new = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            while D > cfg.delta:
+                backtracks += 1
+                alpha = 0.5 ** backtracks if backtracks <= cfg.max_backtracks else 0.0  # 0: revert
+                for p, p_old, p_new in zip(params, theta_old, theta_new):
+                    p.copy_(p_old + alpha * (p_new - p_old))
+                D = mean_kl(model, data, old, old_full, cfg)[0]
+                if alpha == 0.0:
+                    break
+
+    D, logp, kl_tok = mean_kl(model, data, old, old_full, cfg)
+    stats = losses.update_stats(logp, old, data["adv"], data["mask"], kl_tok, cfg.clip_eps, cfg.delta)
+    stats.update(steps=steps, backtracks=backtracks, adv_clipfrac=adv_clipped, logp_drift=drift, stale_gap=None)
+    if gap_episodes is not None:
+        gap_logp = batch_logprobs(model, gap_data, False, cfg.minibatch)[0]
+        gap_surrogate = losses.surrogate(gap_logp, gap_old, gap_data["adv"], gap_data["mask"]).item()
+        stats["stale_gap"] = abs(gap_surrogate - stats["surrogate"])
+    return stats
+
+
+def agent_data(episodes, i, pad, device, cfg: Config):
+    """Agent i's training rows with the advantages of their episodes' group-normalised rewards."""
+    rewards = torch.tensor([e.reward for e in episodes])
+    adv, clipped = losses.group_advantages(rewards, cfg.group, cfg.adv_max)
+    return losses.agent_batch(episodes, i, adv, pad, device), clipped
+
+
+def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
+    """One stage: every agent updated once, in the update order. Returns the stage's metrics."""
+    start, fresh = time.time(), cfg.resample == "fresh"
+    qs = tasks.questions(task, cfg.questions, rollout.derive_seed(cfg.seed, "train", stage), heldout=False)
+    episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, stage))
+    first, turns, tokens = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0))
+    batch, sample_s, surrogates, radii = first, time.time() - start, [], []
+    for k, i in enumerate(update_order(cfg, len(team), stage)):
+        if k > 0 and fresh:  # exact suffix resampling of the intermediate team pi_hat^{k-1}
+            t0 = time.time()
+            keep = [rollout.first_turn(e, previous) for e in batch]
+            batch, new_turns, new_tokens = rollout.play(team, task, batch, cfg.temperature, cfg.top_p, (cfg.seed, stage, k), keep)
+            turns, tokens, sample_s = turns + new_turns, tokens + new_tokens, sample_s + time.time() - t0
+        m = update_agent(team[i], i, batch, first if fresh and k > 0 else None, cfg, (cfg.seed, stage, k))
+        if fresh and k == 0:
+            m["stale_gap"] = 0.0  # B_1 is the update's own batch
+        surrogates.append(m["surrogate"])
+        radii.append(m["kl_rev"])
+        gap = "-" if m["stale_gap"] is None else f"{m['stale_gap']:.4f}"
+        log({"stage": stage, "update": k + 1, "agent": i, "batch_reward": float(sum(e.reward for e in batch) / len(batch)),
+             **{f"agent{i}/{key}": v for key, v in m.items()}},
+            f"stage {stage} update {k + 1} agent{i}: reward {sum(e.reward for e in batch) / len(batch):.3f} "
+            f"kl {m['kl_rev']:.4f} steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} gap {gap}")
+        previous = i
+    seconds = time.time() - start
+    return {
+        "stage": stage,
+        "stage/reward": float(sum(e.reward for e in first) / len(first)),
+        # a conservative proxy of the per-stage lower bound: sum_k L_k - lambda sum_k sqrt(2 D_k),
+        # lambda = adv_max (Pinsker: TV <= sqrt(D / 2), times 2 max |A|)
+        "stage/certificate": sum(surrogates) - cfg.adv_max * sum((2 * d) ** 0.5 for d in radii),
+        "stage/turns": turns / len(episodes),  # generated turns per episode
+        "stage/tokens": tokens,
+        "stage/seconds": seconds,
+        "rollout/tokens_per_second": tokens / max(sample_s, 1e-9),
+        "perf/sample_seconds": sample_s,
+        "perf/update_seconds": seconds - sample_s,
+        "perf/peak_memory_mb": peak_memory_mb(next(team[0].model.parameters()).device),
+    }
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB
+
+
+def train_stages(team, task, heldout, cfg: Config, log) -> list[float]:
+    """The stage loop, with a held-out evaluation after every stage. Returns eval_acc per stage
+    (index 0: before training). log(record, line) receives every update's and stage's metrics."""
+    accs = [evaluation.accuracy(team, task, heldout, cfg)]
+    log({"stage": 0, "stage/eval_acc": accs[0]}, f"stage 0: held-out accuracy {accs[0]:.3f}")
+    for stage in tqdm(range(1, cfg.stages + 1), desc="stages", unit="stage"):
+        record = run_stage(team, task, cfg, stage, log)
+        accs.append(evaluation.accuracy(team, task, heldout, cfg))
+        record.update({"stage/eval_acc": accs[-1], "stage/realized_gain": accs[-1] - accs[-2]})
+        log(record, f"stage {stage}: held-out accuracy {accs[-1]:.3f} (gain {accs[-1] - accs[-2]:+.3f}) "
+                    f"certificate {record['stage/certificate']:+.4f} turns {record['stage/turns']:.0f} {record['stage/seconds']:.1f}s")
+    return accs

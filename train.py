@@ -1,0 +1,168 @@
+"""Train a team with TeamTR (or a baseline mode) and write a run directory.
+
+    python train.py --agents 3 --mode teamtr        # the default: relay task, tiny CPU agents
+    python train.py --agents 3 --mode stale         # same, evaluated on stale occupancy
+    python train.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --grad-ckpt
+
+What a run does: build the task; build the agents (tiny Qwen2 models with a character tokenizer,
+warmed up by a short supervised phase to an imperfect start, then copied once per agent; or
+Hugging Face models); evaluate the starting team on the held-out set; run the stages of
+teamtr.py; save one Hugging Face checkpoint per agent; print held-out accuracy before and after.
+
+runs/<name>/ holds config.json (the resolved config), metrics.jsonl (one JSON object per update
+and per stage; names as in SPEC section 5), agent{i}/ (save_pretrained) and summary.md.
+Every flag is a field of teamtr.Config; `python train.py --help` lists them with their docs.
+"""
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import losses
+import rollout
+import tasks
+import team as team_lib
+import teamtr
+from teamtr import Config
+
+CHOICES = {
+    "mode": list(teamtr.MODES), "resample": ["", "fresh", "stale"], "trust_region": ["", "on", "off"],
+    "order": ["fixed", "random"], "update_order": ["turn", "reverse", "random"], "kl": ["kl_rev", "full"],
+    "reduction": ["token", "sequence"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
+}
+MINIMUM = {"agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
+           "minibatch": 1, "warmup_steps": 0, "threads": 0, "max_backtracks": 0, "temperature": 0.0}
+POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, nothing written
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def field_docs(cls) -> dict:
+    """The docstring under each dataclass field, for --help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def parse(argv=None) -> Config:
+    parser = Parser(prog="train.py", description=__doc__.splitlines()[0])
+    docs = field_docs(Config)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=docs[f.name])
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, choices=CHOICES.get(f.name), help=docs[f.name])
+    cfg = Config(**vars(parser.parse_args(argv)))
+    for name, low in MINIMUM.items():
+        if getattr(cfg, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
+    for name in POSITIVE:
+        if not getattr(cfg, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.top_p > 1:
+        parser.error(f"--top-p must be at most 1, got {cfg.top_p}")
+    if cfg.models and len(cfg.models.split(",")) != cfg.agents:
+        parser.error(f"--models names {len(cfg.models.split(','))} models for --agents {cfg.agents}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but CUDA is not available")
+    if cfg.name and os.path.exists(os.path.join(cfg.out_dir, cfg.name)):
+        parser.error(f"{os.path.join(cfg.out_dir, cfg.name)} exists; choose another --name (nothing was overwritten)")
+    return teamtr.resolve(cfg)
+
+
+def run_directory(cfg: Config) -> str:
+    base = cfg.name or f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}"
+    path, suffix = os.path.join(cfg.out_dir, base), 1
+    while os.path.exists(path):
+        suffix += 1
+        path = os.path.join(cfg.out_dir, f"{base}-{suffix}")
+    os.makedirs(path)
+    return path
+
+
+def warmup(model, tokenizer, task, cfg: Config, batch: int = 64):
+    """Behaviour cloning on correct messages, every turn and the solo format, for warmup_steps.
+
+    It uses the agent_batch mask, so only the target message (and its EOS) is trained. A fixed,
+    short budget leaves the team imperfect, which is what gives RL room.
+    """
+    formats = [tasks.Relay(task.n_ops), tasks.Relay(task.n_ops, solo=True)]
+    agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
+    eos, device = tokenizer.eos_token_id, next(model.parameters()).device
+    for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step"):
+        qs = tasks.questions(formats[0], batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False)
+        episodes = [rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(f.render(q, list(q.steps[:t]))), ids, [0.0] * len(ids), "")])
+                    for q in qs for f in formats for t in range(f.turns)
+                    for ids in [tokenizer(f.target(q, t), add_special_tokens=False)["input_ids"] + [eos]]]
+        data = losses.agent_batch(episodes, 0, torch.ones(len(episodes)), tokenizer.pad_token_id, device)
+        model.train()
+        loss = -losses.masked_mean(losses.token_logprobs(model, data)[0], data["mask"])
+        agent.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        agent.optimizer.step()
+    model.eval()
+    return model
+
+
+def build_team(cfg: Config, task, device, dtype):
+    n = 1 if cfg.mode == "single" else cfg.agents
+    if cfg.model or cfg.models:
+        paths = cfg.models.split(",")[:n] if cfg.models else [cfg.model] * n
+        return team_lib.load_team(paths, device, dtype, cfg.lr, cfg.grad_ckpt)
+    tokenizer = team_lib.char_tokenizer(tasks.CHARS)
+    model = team_lib.tiny_model(tokenizer, seed=cfg.seed).to(device, dtype)
+    warmup(model, tokenizer, task, cfg)
+    return team_lib.clone_team(model, tokenizer, n, cfg.lr, cfg.grad_ckpt)
+
+
+def write_summary(run_dir, cfg: Config, accs, seconds):
+    rows = "\n".join(f"| {s} | {a:.3f} |" for s, a in enumerate(accs))
+    text = (f"# {os.path.basename(run_dir)}\n\n`python train.py {' '.join(sys.argv[1:])}`\n\n"
+            f"mode {cfg.mode} (resample {cfg.resample}, trust region {cfg.trust_region}), {cfg.agents} agents, seed {cfg.seed}\n\n"
+            f"held-out accuracy: {accs[0]:.3f} -> {accs[-1]:.3f} ({100 * (accs[-1] - accs[0]):+.1f} points), {seconds:.0f} s\n\n"
+            f"| stage | held-out accuracy |\n|---|---|\n{rows}\n")
+    with open(os.path.join(run_dir, "summary.md"), "w") as f:
+        f.write(text)
+
+
+def main(argv=None):
+    cfg = parse(argv)
+    start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else torch.float32
+    run_dir = run_directory(cfg)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    print(f"run directory: {run_dir}")
+    task = tasks.make(cfg)
+    team = build_team(cfg, task, device, dtype)
+    heldout = tasks.heldout_set(task, cfg.eval_size)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as metrics:
+        def log(record, line):
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            tqdm.write(line)
+        accs = teamtr.train_stages(team, task, heldout, cfg, log)
+    team_lib.save_team(team, run_dir)
+    seconds = time.time() - start
+    write_summary(run_dir, cfg, accs, seconds)
+    print(f"held-out accuracy ({len(heldout)} questions): warm-up team {accs[0]:.3f} -> trained team {accs[-1]:.3f} "
+          f"({100 * (accs[-1] - accs[0]):+.1f} points) in {seconds:.0f} s; wrote {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,8 +8,12 @@ the downstream agents read changes with it: the occupancy shift TeamTR is about.
 
 Rendering is plain text, the interface between agents (each agent re-tokenises it):
 
-    team turn 3:  "17+5*2-3|22;44>"   ->  agent writes "41"
-    solo:         "17+5*2-3="         ->  one agent writes "22;44;41" (the `single` baseline)
+    team turn 3:  "17+5*2-3|17;22;44|-3>"  ->  agent writes "41"
+    solo:         "17+5*2-3="              ->  one agent writes "22;44;41" (the `single` baseline)
+
+A team context is the question, the value chain so far (the start value, then every message),
+and the acting agent's role: its operation. Each agent needs the last value it reads and its own
+operation; a wrong or malformed upstream message is what every later agent then works on.
 
 Questions are deterministic by seed; the held-out set is the questions whose CRC32 falls in one
 bucket of eight, and training questions are drawn from the other seven, so the two are disjoint.
@@ -31,6 +35,7 @@ class Question:
     text: str
     answer: str
     steps: tuple = ()  # the true message of every turn (relay only), for warm-up
+    ops: tuple = ()  # the operation of every turn, e.g. ("+5", "*2", "-3") (relay only)
 
 
 def extract_answer(message: str) -> str:
@@ -63,7 +68,7 @@ class Relay:
 
     def question(self, rng: random.Random) -> Question:
         value = rng.randint(0, self.max_value)
-        text, steps = str(value), []
+        text, steps, chosen = str(value), [], []
         for _ in range(self.n_ops):
             ops = [(o, a) for o in "+-" for a in range(1, 10)] + [("*", 2), ("*", 3)]
             ops = [(o, a) for o, a in ops if 0 <= apply(value, o, a) <= self.max_value]
@@ -71,10 +76,14 @@ class Relay:
             value = apply(value, op, arg)
             text += f"{op}{arg}"
             steps.append(str(value))
-        return Question(text, str(value), tuple(steps))
+            chosen.append(f"{op}{arg}")
+        return Question(text, str(value), tuple(steps), tuple(chosen))
 
     def render(self, q: Question, messages: list[str]) -> str:
-        return f"{q.text}=" if self.solo else f"{q.text}|{';'.join(messages)}>"
+        if self.solo:
+            return f"{q.text}="
+        start = q.text[: len(q.text) - len("".join(q.ops))]
+        return f"{q.text}|{';'.join([start, *messages])}|{q.ops[len(messages)]}>"
 
     def target(self, q: Question, turn: int) -> str:
         """The correct message at `turn` given correct earlier messages (warm-up data)."""

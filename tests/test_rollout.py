@@ -1,0 +1,90 @@
+"""The sampler against uncached references; team rollouts; exact suffix resampling."""
+import torch
+
+import losses
+import rollout
+import tasks
+from conftest import random_rewards
+
+
+def uncached_greedy(model, prompt, eos_id, max_new_tokens):
+    """Reference: one full forward per step on the unpadded sequence, argmax."""
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+        if ids[-1] == eos_id:
+            break
+    return ids[len(prompt):]
+
+
+def prompts_of(agent, n=6):
+    task = tasks.Relay(3)
+    qs = tasks.questions(task, n, seed=1, heldout=False)
+    return [agent.encode(task.render(q, list(q.steps[: i % 3]))) for i, q in enumerate(qs)]  # varied lengths
+
+
+def test_greedy_sampler_matches_uncached_argmax(make_team):
+    agent = make_team(1, seed=3)[0]
+    tok, prompts = agent.tokenizer, prompts_of(agent)
+    assert len({len(p) for p in prompts}) > 1  # left padding is exercised
+    got, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0)
+    for p, g in zip(prompts, got):
+        assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
+
+
+def test_sampler_logprobs_match_teacher_forced_forward(make_team):
+    agent = make_team(1, seed=4)[0]
+    tok, prompts = agent.tokenizer, prompts_of(agent)
+    uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(0))
+    toks, logps = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms)
+    steps = [rollout.Step(0, p, t, lp, "") for p, t, lp in zip(prompts, toks, logps)]
+    eps = [rollout.Episode(None, i, 0, [0], [s]) for i, s in enumerate(steps)]
+    data = losses.agent_batch(eps, 0, torch.zeros(len(eps)), tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp = losses.token_logprobs(agent.model, data)[0]
+    mask = data["mask"].bool()
+    assert mask.sum() == sum(map(len, toks))
+    torch.testing.assert_close(logp[mask], data["sampler_logp"][mask], atol=1e-5, rtol=0)
+    ratio = (logp - data["sampler_logp"])[mask].exp()
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+
+
+def test_tiny_top_p_is_greedy_and_uniforms_make_rows_reproducible(make_team):
+    agent = make_team(1, seed=5)[0]
+    tok, prompts = agent.tokenizer, prompts_of(agent)
+    greedy, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, temperature=0.0)
+    u = torch.rand(len(prompts), 6, generator=torch.Generator().manual_seed(1))
+    nucleus, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1e-6, u)
+    assert nucleus == greedy
+    full, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u)
+    alone, _ = rollout.sample(agent.model, prompts[2:3], tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u[2:3])
+    assert alone[0] == full[2]  # a row samples the same tokens whatever batch it is in
+
+
+def test_team_rollout_passes_text_and_follows_the_order(make_team):
+    team, task = make_team(3), tasks.Relay(3)
+    qs = tasks.questions(task, 4, seed=0, heldout=False)
+    eps = rollout.new_episodes(qs, 2, 3, 1, "random", seed=0)
+    assert all(sorted(e.order) == [0, 1, 2] for e in eps) and len({tuple(e.order) for e in eps}) > 1
+    played, turns, tokens = rollout.play(team, task, eps, 1.0, 1.0, seed=0)
+    assert turns == 3 * len(eps) and tokens == sum(len(s.tokens) for e in played for s in e.steps)
+    for e in played:
+        assert [s.agent for s in e.steps] == e.order
+        for t, s in enumerate(e.steps):  # each context is the rendered text of the earlier messages
+            assert s.context == team[s.agent].encode(task.render(e.question, [x.text for x in e.steps[:t]]))
+
+
+def test_suffix_resampling_keeps_prefix_and_regenerates_exactly_the_suffix(make_team):
+    team, task = make_team(3), tasks.Relay(3)
+    qs = tasks.questions(task, 4, seed=0, heldout=False)
+    first, _, _ = rollout.play(team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, seed=(0, 0))
+    keep = [rollout.first_turn(e, 1) for e in first]
+    assert keep == [1] * len(first)
+    again, turns, _ = rollout.play(team, task, first, 1.0, 1.0, seed=(0, 1), keep=keep)
+    assert turns == 2 * len(first)
+    assert all(a.steps[0] is b.steps[0] for a, b in zip(again, first))  # the prefix is kept, not resampled
+    assert all(len(a.steps) == 3 for a in again) and all(len(b.steps) == 3 for b in first)  # inputs untouched
+    # the suffix is a fresh draw: with a changed seed some messages differ
+    assert any(a.steps[1].tokens != b.steps[1].tokens for a, b in zip(again, first))

@@ -1,0 +1,96 @@
+"""Behaviour of the stage loop: isolation, the radius, stale reuse, fresh resampling, turn counts."""
+import dataclasses
+
+import pytest
+import torch
+
+import rollout
+import tasks
+import teamtr
+from conftest import random_rewards
+
+
+def played_batch(team, cfg, seed=0):
+    task = tasks.Relay(cfg.agents)
+    qs = tasks.questions(task, cfg.questions, seed=seed, heldout=False)
+    eps = rollout.new_episodes(qs, cfg.group, len(team), 1, "fixed", seed)
+    return random_rewards(rollout.play(team, task, eps, 1.0, 1.0, seed)[0], seed)
+
+
+def snapshot(agent):
+    return [p.detach().clone() for p in agent.model.parameters()]
+
+
+def test_only_the_updated_agent_changes(make_team, cfg):
+    team = make_team(3, lr=1e-2)
+    batch = played_batch(team, cfg)
+    before = [snapshot(a) for a in team]
+    stats = teamtr.update_agent(team[1], 1, batch, None, cfg, seed=0)
+    assert stats["steps"] > 0
+    for i, agent in enumerate(team):
+        same = all(torch.equal(a, b) for a, b in zip(before[i], snapshot(agent)))
+        assert same == (i != 1), f"agent{i}"
+
+
+@pytest.mark.parametrize("kl", ["kl_rev", "full"])
+def test_every_update_ends_inside_the_radius(make_team, cfg, kl):
+    cfg = dataclasses.replace(cfg, delta=0.002, kl=kl, epochs=4)
+    team = make_team(3, lr=3e-2)  # a large step, so that the radius has to stop and backtrack
+    backtracks = 0
+    for seed in range(3):
+        for i in range(3):
+            stats = teamtr.update_agent(team[i], i, played_batch(team, cfg, seed), None, cfg, seed=seed)
+            assert stats["kl_rev"] <= cfg.delta
+            backtracks += stats["backtracks"]
+    assert backtracks > 0  # the backtracking path was exercised, not only the early stop
+
+
+def test_without_trust_region_the_radius_is_not_enforced(make_team, cfg):
+    cfg = dataclasses.replace(cfg, delta=0.002, trust_region="off", epochs=4)
+    team = make_team(3, lr=3e-2)
+    stats = teamtr.update_agent(team[0], 0, played_batch(team, cfg), None, cfg, seed=0)
+    assert stats["backtracks"] == 0 and stats["steps"] == cfg.epochs * 1 and stats["kl_rev"] > cfg.delta
+
+
+def count_plays(monkeypatch):
+    calls = []
+    play = rollout.play
+
+    def counting(team, task, episodes, *args, **kwargs):
+        out = play(team, task, episodes, *args, **kwargs)
+        calls.append((episodes, out[0]))
+        return out
+    monkeypatch.setattr(rollout, "play", counting)
+    return calls
+
+
+def test_stale_reuses_the_first_batch_and_fresh_resamples(make_team, cfg, monkeypatch):
+    seen = []
+    update = teamtr.update_agent
+    monkeypatch.setattr(teamtr, "update_agent", lambda agent, i, eps, gap, c, seed: seen.append(eps) or update(agent, i, eps, gap, c, seed))
+    calls = count_plays(monkeypatch)
+    task = tasks.Relay(3)
+    teamtr.run_stage(make_team(3), task, dataclasses.replace(cfg, resample="stale"), 1, lambda r, line: None)
+    assert len(calls) == 1 and all(eps is calls[0][1] for eps in seen)
+    seen.clear(), calls.clear()
+    teamtr.run_stage(make_team(3), task, dataclasses.replace(cfg, resample="fresh"), 1, lambda r, line: None)
+    assert len(calls) == 3  # B_1, then after updates 1 and 2
+    assert seen == [c[1] for c in calls] and len({id(b) for b in seen}) == 3
+
+
+@pytest.mark.parametrize("update_order,turns", [("turn", 8 + 8 * 9 // 2 - 1), ("reverse", 8 + 8 * 7 // 2)])
+def test_suffix_resampling_turn_counts(make_team, cfg, update_order, turns):
+    cfg = dataclasses.replace(cfg, agents=8, resample="fresh", update_order=update_order, questions=2, group=2, epochs=1)
+    logged = []
+    record = teamtr.run_stage(make_team(8), tasks.Relay(8), cfg, 1, lambda r, line: logged.append(r))
+    assert record["stage/turns"] == turns  # 43 and 36 instead of 64 at n = 8
+    first = logged[0]
+    assert len(logged) == 8 and first[f"agent{first['agent']}/stale_gap"] == 0.0
+    assert all(r[f"agent{r['agent']}/stale_gap"] is not None for r in logged)
+
+
+def test_update_metrics_have_the_spec_names(make_team, cfg):
+    logged = []
+    teamtr.run_stage(make_team(3), tasks.Relay(3), cfg, 1, lambda r, line: logged.append(r))
+    for name in ["kl_rev", "kl_k1", "kl_k3", "out_of_region", "clipfrac", "steps", "backtracks", "surrogate", "stale_gap"]:
+        assert all(f"agent{r['agent']}/{name}" in r for r in logged)

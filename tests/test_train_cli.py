@@ -1,0 +1,58 @@
+"""The real scripts as subprocesses, with tiny budgets."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--stages", "1", "--warmup-steps", "2", "--questions", "4", "--group", "2", "--eval-size", "8", "--epochs", "1"]
+
+
+def run(script, *args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_train_writes_a_run_directory_and_eval_reads_it(tmp_path):
+    out = run("train.py", "--agents", "2", "--mode", "teamtr", "--name", "tiny", *TINY, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    assert json.loads((run_dir / "config.json").read_text())["resample"] == "fresh"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    updates = [r for r in records if "update" in r]
+    stages = [r for r in records if "stage/certificate" in r]
+    assert len(updates) == 2 and {"agent0/kl_rev", "agent0/stale_gap"} <= set(updates[0])
+    assert len(stages) == 1 and {"stage/eval_acc", "stage/realized_gain", "stage/turns", "stage/tokens"} <= set(stages[0])
+    for agent in ("agent0", "agent1"):
+        assert (run_dir / agent / "config.json").exists() and (run_dir / agent / "model.safetensors").exists()
+    assert "held-out accuracy" in (run_dir / "summary.md").read_text()
+    assert "warm-up team" in out.stdout and "trained team" in out.stdout
+    evaluated = run("eval.py", str(run_dir), "--samples", "2", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "greedy held-out accuracy" in evaluated.stdout and "pass@2" in evaluated.stdout
+
+
+@pytest.mark.parametrize("mode", ["stale", "naive", "fresh-no-tr", "single", "none"])
+def test_every_mode_runs(tmp_path, mode):
+    out = run("train.py", "--agents", "2", "--mode", mode, *TINY, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    agents = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("agent"))
+    assert agents == (["agent0"] if mode == "single" else ["agent0", "agent1"])
+
+
+@pytest.mark.parametrize("args", [["--agents", "0"], ["--mode", "bogus"], ["--delta", "-1"], ["--group", "1"], ["--agents", "x"]])
+def test_bad_flags_give_one_line_exit_2_and_write_nothing(tmp_path, args):
+    out = run("train.py", *args, cwd=tmp_path)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "error" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "keep.txt").write_text("mine")
+    out = run("train.py", "--name", "taken", *TINY, cwd=tmp_path)
+    assert out.returncode == 2 and "exists" in out.stderr
+    assert os.listdir(tmp_path / "runs" / "taken") == ["keep.txt"]

@@ -1,25 +1,25 @@
 """Tasks: what the team is asked, how each turn's shared context is rendered, how it is scored.
 
 The default task, `relay`, is built in code so that a fresh machine with no network can train:
-a start value and one operation per turn ("17+5*2-3"). The agent at turn t reads the question
-and the messages so far and writes the value after operation t; the final message is scored
-against the true result. Every agent's work matters, and when an upstream agent changes, what
+a start digit and one operation per turn, values kept in 0..9 ("7-5*3-4": 7, 2, 6, 2). The agent
+at turn t reads the question and the messages so far and writes the value after operation t;
+the final message is scored against the true result. Every agent's work matters, and when an upstream agent changes, what
 the downstream agents read changes with it: the occupancy shift TeamTR is about.
 
 Rendering is plain text, the interface between agents (each agent re-tokenises it):
 
-    team turn 3:  "17+5*2-3|17;22;44|-3>"  ->  agent writes "41"
-    solo:         "17+5*2-3="              ->  one agent writes "22;44;41" (the `single` baseline)
+    team turn 3:  "7-5*3-4|7;2;6|-4>"  ->  agent writes "2"
+    solo:         "7-5*3-4="           ->  one agent writes "2;6;2" (the `single` baseline)
 
 A team context is the question, the value chain so far (the start value, then every message),
 and the acting agent's role: its operation. Each agent needs the last value it reads and its own
 operation; a wrong or malformed upstream message is what every later agent then works on.
 
 Questions are deterministic by seed; the held-out set is the questions whose CRC32 falls in one
-bucket of eight, and training questions are drawn from the other seven, so the two are disjoint.
+bucket of four, and training questions are drawn from the other three, so the two are disjoint.
 
 Answers are compared after extraction ("Answer: X", \\boxed{X}, else the last number), so a
-solo message "22;44;41" is scored by its last value.
+solo message "2;6;2" is scored by its last value.
 """
 import random
 import re
@@ -55,29 +55,30 @@ def normalise(answer: str) -> str:
 
 
 def is_heldout(text: str) -> bool:
-    return zlib.crc32(text.encode()) % 8 == 0
+    return zlib.crc32(text.encode()) % 4 == 0
 
 
 class Relay:
-    """Arithmetic relay: one operation per turn, values kept in [0, max_value]."""
+    """Arithmetic relay: one operation per turn (+a or -a with a in 1..9, *2 or *3), chosen so that
+    every value stays in [0, max_value]."""
 
-    def __init__(self, n_ops: int, solo: bool = False, max_value: int = 99):
+    def __init__(self, n_ops: int, solo: bool = False, max_value: int = 9):
         self.n_ops, self.solo, self.max_value = n_ops, solo, max_value
         self.turns = 1 if solo else n_ops
-        self.max_new_tokens = 3 * n_ops + 1 if solo else 4  # "99;"*n + EOS, or "99" + slack
+        digits = len(str(max_value))
+        self.max_new_tokens = (digits + 1) * n_ops if solo else digits + 2  # "3;6;2" + EOS, or "3" + slack
 
     def question(self, rng: random.Random) -> Question:
         value = rng.randint(0, self.max_value)
-        text, steps, chosen = str(value), [], []
+        text, steps, ops = str(value), [], []
         for _ in range(self.n_ops):
-            ops = [(o, a) for o in "+-" for a in range(1, 10)] + [("*", 2), ("*", 3)]
-            ops = [(o, a) for o, a in ops if 0 <= apply(value, o, a) <= self.max_value]
-            op, arg = rng.choice(ops)
-            value = apply(value, op, arg)
-            text += f"{op}{arg}"
+            allowed = [f"{o}{a}" for o in "+-" for a in range(1, 10)] + ["*2", "*3"]
+            op = rng.choice([op for op in allowed if 0 <= apply(value, op) <= self.max_value])
+            value = apply(value, op)
+            text += op
             steps.append(str(value))
-            chosen.append(f"{op}{arg}")
-        return Question(text, str(value), tuple(steps), tuple(chosen))
+            ops.append(op)
+        return Question(text, str(value), tuple(steps), tuple(ops))
 
     def render(self, q: Question, messages: list[str]) -> str:
         if self.solo:
@@ -95,20 +96,27 @@ class Relay:
 
 def make(cfg) -> Relay:
     """The task of a run: the relay with one operation per turn; `single` mode plays it solo."""
-    return Relay(cfg.agents * cfg.rounds, solo=cfg.mode == "single")
+    return Relay(cfg.agents * cfg.rounds, solo=cfg.mode == "single", max_value=cfg.max_value)
 
 
 def heldout_set(task, count: int) -> list[Question]:
-    """The held-out questions: the same for every run seed, so runs are comparable."""
-    return questions(task, count, seed=HELDOUT_SEED, heldout=True)
+    """The held-out questions: the same for every run seed, so runs are comparable. A small
+    question space (two agents) may hold fewer than `count`; then all that were found are used."""
+    qs = questions(task, count, seed=HELDOUT_SEED, heldout=True, partial=True)
+    if len(qs) < count:
+        print(f"note: the task has only {len(qs)} distinct held-out questions; evaluating on all of them")
+    return qs
 
 
-def apply(value: int, op: str, arg: int) -> int:
-    return value + arg if op == "+" else value - arg if op == "-" else value * arg
+def apply(value: int, op: str) -> int:
+    """apply(7, "-5") == 2"""
+    arg = int(op[1:])
+    return value + arg if op[0] == "+" else value - arg if op[0] == "-" else value * arg
 
 
-def questions(task, count: int, seed: int, heldout: bool) -> list[Question]:
-    """`count` distinct questions from the held-out or the training side of the split."""
+def questions(task, count: int, seed: int, heldout: bool, partial: bool = False) -> list[Question]:
+    """`count` distinct questions from the held-out or the training side of the split
+    (partial: fewer, if that many cannot be found in 200 * count draws)."""
     rng, seen, out = random.Random(seed), set(), []
     for _ in range(200 * count):
         q = task.question(rng)
@@ -117,4 +125,6 @@ def questions(task, count: int, seed: int, heldout: bool) -> list[Question]:
             out.append(q)
             if len(out) == count:
                 return out
+    if partial:
+        return out
     raise ValueError(f"could not draw {count} distinct {'held-out' if heldout else 'train'} questions")

@@ -73,6 +73,8 @@ class Config:
     """update order within a stage: turn, reverse or random"""
     rounds: int = 1
     """the turn order is repeated this many times (agents speak `rounds` times)"""
+    max_value: int = 9
+    """relay values stay in [0, max_value] (9: one digit per message; 99 is much harder for tiny agents)"""
     model: str = ""
     """Hugging Face name or local path for every agent (default: tiny agents built in code)"""
     models: str = ""

@@ -37,7 +37,7 @@ CHOICES = {
     "order": ["fixed", "random"], "update_order": ["turn", "reverse", "random"], "kl": ["kl_rev", "full"],
     "reduction": ["token", "sequence"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
-MINIMUM = {"agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
+MINIMUM = {"max_value": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
            "minibatch": 1, "warmup_steps": 0, "threads": 0, "max_backtracks": 0, "temperature": 0.0}
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
 
@@ -98,7 +98,7 @@ def warmup(model, tokenizer, task, cfg: Config, batch: int = 64):
     It uses the agent_batch mask, so only the target message (and its EOS) is trained. A fixed,
     short budget leaves the team imperfect, which is what gives RL room.
     """
-    formats = [tasks.Relay(task.n_ops), tasks.Relay(task.n_ops, solo=True)]
+    formats = [tasks.Relay(task.n_ops, max_value=task.max_value), tasks.Relay(task.n_ops, solo=True, max_value=task.max_value)]
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
     eos, device = tokenizer.eos_token_id, next(model.parameters()).device
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step"):

@@ -1,0 +1,183 @@
+"""The exact testbed: stale versus intermediate occupancy, computed exactly (no sampling).
+
+    python theory.py            # exponents for n = 2..32, one and two rounds, and J curves (< 60 s)
+
+A team of n tabular softmax agents passes a message from an alphabet of M symbols: agent t
+reads the question q and the previous message and writes the next one; a reward table scores the
+final message. Occupancies (the distribution of each turn's context) and Q-values are computed by
+dynamic programming, so J, every surrogate and every true improvement are exact.
+
+One stage updates every agent once in turn order, each update a fixed KL size delta: the agent's
+new policy is pi' ∝ pi exp(eta A) with eta found by bisection so that the occupancy-weighted mean
+KL(pi' || pi) equals delta. The surrogate of update k is
+    L_k = sum_t sum_c d_t^ref(c) sum_m (pi'(m|c) - pi(m|c)) Q_t^ref(c, m)
+with the reference team either the stage-start team pi_hat^0 (`stale`) or the intermediate team
+pi_hat^{k-1} (`intermediate`, TeamTR), and its error is |L_k - (J(pi_hat^k) - J(pi_hat^{k-1}))|.
+With one round the intermediate surrogate is exact (its error is float round-off): upstream agents
+are already updated in the reference and downstream ones do not change in this update. With two
+rounds an agent's own earlier turn shifts its later occupancy, the intermediate mode's own
+per-update penalty. The stale error compounds over the earlier updates of the stage.
+
+Two starting teams: `random` (N(0, 1) logits: the message chain forgets quickly) and `relay`
+(each agent mostly copies what it reads, as in the relay task, so upstream changes travel far).
+
+`happo_surrogate` is the HAPPO-style correction (stale trajectories reweighted by the product of
+the already-updated agents' sequence ratios), checked in tests to equal the intermediate surrogate.
+"""
+import argparse
+import itertools
+import time
+
+import numpy as np
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+class Testbed:
+    """n agents, Q questions, M messages, `rounds` passes; policies pi[a] of shape (Q, M, M)."""
+
+    def __init__(self, n, rounds=1, Q=3, M=4, init="random", seed=0):
+        rng = np.random.default_rng(seed)
+        self.n, self.rounds, self.Q, self.M = n, rounds, Q, M
+        self.turns = n * rounds
+        self.p_q = np.full(Q, 1 / Q)
+        self.reward = rng.random((Q, M))  # R(q, final message)
+        logits = rng.normal(size=(n, Q, M, M))
+        if init == "relay":
+            logits = 0.5 * logits + 3.0 * np.eye(M)  # mostly copy the message read
+        self.pi = softmax(logits)  # (n, Q, M, M): [agent, q, previous message, next message]
+
+    def agent(self, t):
+        return t % self.n
+
+    def occupancy(self, pi):
+        """d[t, q, c]: probability that turn t acts in context (q, previous message c)."""
+        d = np.zeros((self.turns, self.Q, self.M))
+        d[0, :, 0] = self.p_q  # the first agent reads the question and a start symbol 0
+        for t in range(self.turns - 1):
+            d[t + 1] = np.einsum("qc,qcm->qm", d[t], pi[self.agent(t)])
+        return d
+
+    def q_values(self, pi):
+        """Qv[t, q, c, m]: expected reward after turn t writes m in context (q, c)."""
+        Qv = np.zeros((self.turns, self.Q, self.M, self.M))
+        V_next = self.reward  # (Q, M): value of the message just written, after the last turn
+        for t in reversed(range(self.turns)):
+            Qv[t] = np.broadcast_to(V_next[:, None, :], (self.Q, self.M, self.M))
+            V_next = np.einsum("qcm,qcm->qc", pi[self.agent(t)], Qv[t])
+        return Qv
+
+    def J(self, pi):
+        return float((self.occupancy(pi)[-1] * np.einsum("qcm,qm->qc", pi[self.agent(self.turns - 1)], self.reward)).sum())
+
+    def surrogate(self, ref, a, new_policy):
+        """L: sum over agent a's turns of d^ref sum_m (pi' - pi^ref) Q^ref."""
+        d, Qv = self.occupancy(ref), self.q_values(ref)
+        return float(sum((d[t][..., None] * (new_policy - ref[a]) * Qv[t]).sum() for t in range(self.turns) if self.agent(t) == a))
+
+    def kl_step(self, ref, a, delta):
+        """pi' ∝ pi exp(eta A^ref), with eta such that the occupancy-weighted mean KL(pi' || pi) = delta."""
+        d, Qv = self.occupancy(ref), self.q_values(ref)
+        mine = [t for t in range(self.turns) if self.agent(t) == a]
+        weight = sum(d[t] for t in mine) / len(mine)  # (Q, M): agent a's context distribution
+        adv = sum(d[t][..., None] * (Qv[t] - (ref[a] * Qv[t]).sum(-1, keepdims=True)) for t in mine)
+        adv = adv / np.maximum(sum(d[t] for t in mine), 1e-300)[..., None]  # occupancy-weighted A(c, m)
+        pi = ref[a]
+
+        def step(eta):
+            logits = np.log(pi) + eta * adv
+            log_new = logits - logits.max(-1, keepdims=True)
+            log_new -= np.log(np.exp(log_new).sum(-1, keepdims=True))  # log-softmax, no log(0)
+            new = np.exp(log_new)
+            return new, float((weight * (new * (log_new - np.log(pi))).sum(-1)).sum())
+        lo, hi = 0.0, 1.0
+        while step(hi)[1] < delta and hi < 1e6:
+            hi *= 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if step(mid)[1] < delta else (lo, mid)
+        return step(lo)[0]
+
+    def stage(self, pi, mode, delta):
+        """One stage of sequential updates. Returns (new team, summed surrogate error, J after)."""
+        start, current, error = pi.copy(), pi.copy(), 0.0
+        for a in range(self.n):
+            ref = start if mode == "stale" else current
+            new_policy = self.kl_step(ref, a, delta)
+            updated = current.copy()
+            updated[a] = new_policy
+            error += abs(self.surrogate(ref, a, new_policy) - (self.J(updated) - self.J(current)))
+            current = updated
+        return current, error, self.J(current)
+
+    def happo_surrogate(self, start, current, a, new_policy):
+        """Stale (pi_hat^0) trajectories, reweighted by the product over the agents already updated
+        this stage of their sequence ratios pi_hat^{k-1} / pi_hat^0, by exact enumeration; the
+        return is used as the advantage (a baseline of q would add zero in expectation, since agent a
+        is not yet updated and E[ratio - 1 | context] = 0); the weights are unclipped."""
+        total = 0.0
+        for q in range(self.Q):
+            for msgs in itertools.product(range(self.M), repeat=self.turns):
+                prob, weight, ratio = self.p_q[q], 1.0, 0.0
+                prev = 0
+                for t, m in enumerate(msgs):
+                    b = self.agent(t)
+                    prob *= start[b, q, prev, m]
+                    weight *= current[b, q, prev, m] / start[b, q, prev, m]
+                    if b == a:
+                        ratio += new_policy[q, prev, m] / start[a, q, prev, m] - 1
+                    prev = m
+                total += prob * weight * ratio * self.reward[q, msgs[-1]]
+        return total
+
+
+def exponents(ns, rounds, init, delta, seeds):
+    """Mean summed stage error per n for both modes, and the fitted log-log slopes."""
+    errors = {"stale": [], "intermediate": []}
+    for n in ns:
+        beds = [Testbed(n, rounds, init=init, seed=s) for s in range(seeds)]
+        for mode in errors:
+            errors[mode].append(np.mean([bed.stage(bed.pi, mode, delta)[1] for bed in beds]))
+    slopes = {mode: fit_slope(ns, e) for mode, e in errors.items()}
+    return errors, slopes
+
+
+def fit_slope(ns, errors):
+    """Least-squares slope of log error on log n; None when the errors are float round-off."""
+    if max(errors) < 1e-12:
+        return None
+    return float(np.polyfit(np.log(ns), np.log(errors), 1)[0])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The exact testbed: stale vs intermediate occupancy.")
+    parser.add_argument("--delta", type=float, default=0.01, help="KL size of every update")
+    parser.add_argument("--seeds", type=int, default=5, help="random teams averaged per n")
+    parser.add_argument("--stages", type=int, default=15, help="stages of the J curves")
+    args = parser.parse_args(argv)
+    start, ns = time.time(), [2, 4, 8, 16, 32]
+    print(f"summed surrogate error per stage, delta = {args.delta}, mean over {args.seeds} teams (Q = 3, M = 4)")
+    print("paper's bounds: stale O(n^2), intermediate O(n)\n")
+    print(f"{'init':7s} {'rounds':6s} {'mode':13s} " + " ".join(f"n={n:<8d}" for n in ns) + " exponent")
+    for init in ["random", "relay"]:
+        for rounds in [1, 2]:
+            errors, slopes = exponents(ns, rounds, init, args.delta, args.seeds)
+            for mode in errors:
+                slope = "exact (error is round-off)" if slopes[mode] is None else f"{slopes[mode]:.2f}"
+                print(f"{init:7s} {rounds:<6d} {mode:13s} " + " ".join(f"{e:<10.2e}" for e in errors[mode]) + f" {slope}")
+    print(f"\nJ after each stage, n = 8, relay init, one round (delta = {args.delta}):")
+    for mode in ["stale", "intermediate"]:
+        bed = Testbed(8, 1, init="relay", seed=0)
+        pi, curve = bed.pi, [bed.J(bed.pi)]
+        for _ in range(args.stages):
+            pi, _, j = bed.stage(pi, mode, args.delta)
+            curve.append(j)
+        print(f"  {mode:13s} " + " ".join(f"{j:.3f}" for j in curve))
+    print(f"\n{time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

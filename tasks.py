@@ -1,25 +1,28 @@
 """Tasks: what the team is asked, how each turn's shared context is rendered, how it is scored.
 
 The default task, `relay`, is built in code so that a fresh machine with no network can train:
-a start digit and one operation per turn, values kept in 0..9 ("7-5*3-4": 7, 2, 6, 2). The agent
+a start digit and one operation per turn, in arithmetic mod 10 ("7+3-2+1": 7, 0, 8, 9). The agent
 at turn t reads the question and the messages so far and writes the value after operation t;
 the final message is scored against the true result. Every agent's work matters, and when an upstream agent changes, what
 the downstream agents read changes with it: the occupancy shift TeamTR is about.
 
 Rendering is plain text, the interface between agents (each agent re-tokenises it):
 
-    team turn 3:  "7-5*3-4|7;2;6|-4>"  ->  agent writes "2"
-    solo:         "7-5*3-4="           ->  one agent writes "2;6;2" (the `single` baseline)
+    team turn 3:  "7+3-2+1|7;0;8|+1>"  ->  agent writes "9"
+    solo:         "7+3-2+1="           ->  one agent writes "0;8;9" (the `single` baseline)
 
 A team context is the question, the value chain so far (the start value, then every message),
 and the acting agent's role: its operation. Each agent needs the last value it reads and its own
 operation; a wrong or malformed upstream message is what every later agent then works on.
+The arithmetic is modular on purpose: every value is equally likely whatever the operation, so
+the answer cannot be guessed from an agent's own operation (with values merely kept in 0..9,
+"-9" would give away "0"), and a team is right only if every agent computed right.
 
 Questions are deterministic by seed; the held-out set is the questions whose CRC32 falls in one
 bucket of four, and training questions are drawn from the other three, so the two are disjoint.
 
 Answers are compared after extraction ("Answer: X", \\boxed{X}, else the last number), so a
-solo message "2;6;2" is scored by its last value.
+solo message "0;8;9" is scored by its last value.
 """
 import random
 import re
@@ -59,22 +62,20 @@ def is_heldout(text: str) -> bool:
 
 
 class Relay:
-    """Arithmetic relay: one operation per turn (+a or -a with a in 1..9, *2 or *3), chosen so that
-    every value stays in [0, max_value]."""
+    """Arithmetic relay mod `modulus`: one operation +a or -a (a in 1..max_arg) per turn."""
 
-    def __init__(self, n_ops: int, solo: bool = False, max_value: int = 9):
-        self.n_ops, self.solo, self.max_value = n_ops, solo, max_value
+    def __init__(self, n_ops: int, solo: bool = False, modulus: int = 10, max_arg: int = 3):
+        self.n_ops, self.solo, self.modulus, self.max_arg = n_ops, solo, modulus, max_arg
         self.turns = 1 if solo else n_ops
-        digits = len(str(max_value))
+        digits = len(str(modulus - 1))
         self.max_new_tokens = (digits + 1) * n_ops if solo else digits + 2  # "3;6;2" + EOS, or "3" + slack
 
     def question(self, rng: random.Random) -> Question:
-        value = rng.randint(0, self.max_value)
+        value = rng.randrange(self.modulus)
         text, steps, ops = str(value), [], []
         for _ in range(self.n_ops):
-            allowed = [f"{o}{a}" for o in "+-" for a in range(1, 10)] + ["*2", "*3"]
-            op = rng.choice([op for op in allowed if 0 <= apply(value, op) <= self.max_value])
-            value = apply(value, op)
+            op = rng.choice("+-") + str(rng.randint(1, self.max_arg))
+            value = apply(value, op) % self.modulus
             text += op
             steps.append(str(value))
             ops.append(op)
@@ -96,7 +97,7 @@ class Relay:
 
 def make(cfg) -> Relay:
     """The task of a run: the relay with one operation per turn; `single` mode plays it solo."""
-    return Relay(cfg.agents * cfg.rounds, solo=cfg.mode == "single", max_value=cfg.max_value)
+    return Relay(cfg.agents * cfg.rounds, solo=cfg.mode == "single", modulus=cfg.modulus, max_arg=cfg.max_arg)
 
 
 def heldout_set(task, count: int) -> list[Question]:

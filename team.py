@@ -69,7 +69,7 @@ def load_model(name_or_path: str, device: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def make_agent(name, model, tokenizer, lr: float, grad_ckpt: bool = False) -> Agent:
+def make_agent(name, model, tokenizer, lr: float, grad_ckpt: bool = False, optimizer: str = "adam") -> Agent:
     model.config.use_cache = True
     for module in model.modules():  # no dropout anywhere: the ratio must be exactly 1 before an update
         if isinstance(module, torch.nn.Dropout):
@@ -77,18 +77,20 @@ def make_agent(name, model, tokenizer, lr: float, grad_ckpt: bool = False) -> Ag
     if grad_ckpt:
         model.gradient_checkpointing_enable()  # only active in train mode; sampling runs in eval mode
     model.eval()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    return Agent(name, model, tokenizer, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # adam normalises each parameter's step (about lr per step); sgd steps in proportion to the gradient
+    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return Agent(name, model, tokenizer, opt)
 
 
-def clone_team(model, tokenizer, n: int, lr: float, grad_ckpt: bool = False) -> list[Agent]:
+def clone_team(model, tokenizer, n: int, lr: float, grad_ckpt: bool = False, optimizer: str = "adam") -> list[Agent]:
     """n independent copies of one (warmed-up) model: a homogeneous team that diverges in training."""
-    return [make_agent(f"agent{i}", copy.deepcopy(model), copy.deepcopy(tokenizer), lr, grad_ckpt) for i in range(n)]
+    return [make_agent(f"agent{i}", copy.deepcopy(model), copy.deepcopy(tokenizer), lr, grad_ckpt, optimizer) for i in range(n)]
 
 
-def load_team(paths: list[str], device: str, dtype: torch.dtype, lr: float, grad_ckpt: bool = False) -> list[Agent]:
+def load_team(paths: list[str], device: str, dtype: torch.dtype, lr: float, grad_ckpt: bool = False, optimizer: str = "adam") -> list[Agent]:
     """One agent per path (a heterogeneous team when the paths differ)."""
-    return [make_agent(f"agent{i}", *load_model(p, device, dtype), lr, grad_ckpt) for i, p in enumerate(paths)]
+    return [make_agent(f"agent{i}", *load_model(p, device, dtype), lr, grad_ckpt, optimizer) for i, p in enumerate(paths)]
 
 
 def save_team(team: list[Agent], run_dir: str) -> list[str]:

@@ -73,21 +73,29 @@ class Config:
     """update order within a stage: turn, reverse or random"""
     rounds: int = 1
     """the turn order is repeated this many times (agents speak `rounds` times)"""
-    max_value: int = 9
-    """relay values stay in [0, max_value] (9: one digit per message; 99 is much harder for tiny agents)"""
+    modulus: int = 10
+    """relay arithmetic is mod this (10: one digit per message)"""
+    max_arg: int = 3
+    """relay operations are +a or -a with a in 1..max_arg (larger is much slower to learn)"""
     model: str = ""
     """Hugging Face name or local path for every agent (default: tiny agents built in code)"""
     models: str = ""
     """comma-separated names or paths, one per agent (a heterogeneous team)"""
     grad_ckpt: bool = False
     """gradient checkpointing during updates (for large models on GPU)"""
-    # warm-up (tiny agents only)
+    # tiny agents and their warm-up
+    hidden: int = 128
+    """width of the tiny agents (128: about 0.4M parameters)"""
+    layers: int = 2
+    """layers of the tiny agents"""
     warmup_steps: int = 250
-    """supervised steps that bring the tiny agents to an imperfect start"""
-    warmup_lr: float = 3e-3
+    """supervised steps on demonstrations before RL"""
+    warmup_lr: float = 1e-3
     """learning rate of the warm-up"""
+    warmup_max_arg: int = 2
+    """demonstrations only use operations up to +-this, so RL must learn the rest from the team reward"""
     # rollouts
-    stages: int = 40
+    stages: int = 30
     """number of stages (one update of every agent each)"""
     questions: int = 32
     """questions per batch"""
@@ -100,8 +108,10 @@ class Config:
     eval_size: int = 512
     """held-out questions for eval_acc (greedy)"""
     # update
-    lr: float = 2e-3
-    """Adam learning rate of the RL updates"""
+    optimizer: str = "adam"
+    """optimiser of the RL updates: adam or sgd"""
+    lr: float = 1e-4
+    """learning rate of the RL updates"""
     epochs: int = 4
     """passes over the batch per update (at most; the radius may stop it earlier)"""
     minibatch: int = 64

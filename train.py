@@ -35,9 +35,9 @@ from teamtr import Config
 CHOICES = {
     "mode": list(teamtr.MODES), "resample": ["", "fresh", "stale"], "trust_region": ["", "on", "off"],
     "order": ["fixed", "random"], "update_order": ["turn", "reverse", "random"], "kl": ["kl_rev", "full"],
-    "reduction": ["token", "sequence"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
+    "reduction": ["token", "sequence"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
-MINIMUM = {"max_value": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
+MINIMUM = {"modulus": 2, "max_arg": 1, "warmup_max_arg": 1, "hidden": 8, "layers": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
            "minibatch": 1, "warmup_steps": 0, "threads": 0, "max_backtracks": 0, "temperature": 0.0}
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
 
@@ -95,10 +95,12 @@ def run_directory(cfg: Config) -> str:
 def warmup(model, tokenizer, task, cfg: Config, batch: int = 64):
     """Behaviour cloning on correct messages, every turn and the solo format, for warmup_steps.
 
-    It uses the agent_batch mask, so only the target message (and its EOS) is trained. A fixed,
-    short budget leaves the team imperfect, which is what gives RL room.
+    The demonstrations only use operations up to +-warmup_max_arg (default 2, while the task asks
+    up to +-3): the agents start imperfect on a known part of the task, whatever the seed, and RL
+    has to learn that part from the team reward alone. The agent_batch mask trains only the target
+    message (and its EOS).
     """
-    formats = [tasks.Relay(task.n_ops, max_value=task.max_value), tasks.Relay(task.n_ops, solo=True, max_value=task.max_value)]
+    formats = [tasks.Relay(task.n_ops, solo, task.modulus, cfg.warmup_max_arg) for solo in (False, True)]
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
     eos, device = tokenizer.eos_token_id, next(model.parameters()).device
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step"):
@@ -120,11 +122,11 @@ def build_team(cfg: Config, task, device, dtype):
     n = 1 if cfg.mode == "single" else cfg.agents
     if cfg.model or cfg.models:
         paths = cfg.models.split(",")[:n] if cfg.models else [cfg.model] * n
-        return team_lib.load_team(paths, device, dtype, cfg.lr, cfg.grad_ckpt)
+        return team_lib.load_team(paths, device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
     tokenizer = team_lib.char_tokenizer(tasks.CHARS)
-    model = team_lib.tiny_model(tokenizer, seed=cfg.seed).to(device, dtype)
+    model = team_lib.tiny_model(tokenizer, cfg.hidden, cfg.layers, seed=cfg.seed).to(device, dtype)
     warmup(model, tokenizer, task, cfg)
-    return team_lib.clone_team(model, tokenizer, n, cfg.lr, cfg.grad_ckpt)
+    return team_lib.clone_team(model, tokenizer, n, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
 
 
 def write_summary(run_dir, cfg: Config, accs, seconds):

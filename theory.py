@@ -85,14 +85,14 @@ class Testbed:
         weight = sum(d[t] for t in mine) / len(mine)  # (Q, M): agent a's context distribution
         adv = sum(d[t][..., None] * (Qv[t] - (ref[a] * Qv[t]).sum(-1, keepdims=True)) for t in mine)
         adv = adv / np.maximum(sum(d[t] for t in mine), 1e-300)[..., None]  # occupancy-weighted A(c, m)
-        pi = ref[a]
+        log_pi = np.log(np.maximum(ref[a], 1e-300))  # policies near convergence have exact zeros
 
         def step(eta):
-            logits = np.log(pi) + eta * adv
+            logits = log_pi + eta * adv
             log_new = logits - logits.max(-1, keepdims=True)
             log_new -= np.log(np.exp(log_new).sum(-1, keepdims=True))  # log-softmax, no log(0)
             new = np.exp(log_new)
-            return new, float((weight * (new * (log_new - np.log(pi))).sum(-1)).sum())
+            return new, float((weight * (new * (log_new - log_pi)).sum(-1)).sum())
         lo, hi = 0.0, 1.0
         while step(hi)[1] < delta and hi < 1e6:
             hi *= 2

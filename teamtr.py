@@ -92,10 +92,12 @@ class Config:
     """supervised steps on demonstrations before RL"""
     warmup_lr: float = 1e-3
     """learning rate of the warm-up"""
-    warmup_max_arg: int = 2
-    """demonstrations only use operations up to +-this, so RL must learn the rest from the team reward"""
+    demo_error: float = 0.6
+    """the demonstrator is wrong (one too high) this often on operations beyond +-demo_max_arg"""
+    demo_max_arg: int = 2
+    """operations up to +-this are always demonstrated correctly"""
     # rollouts
-    stages: int = 30
+    stages: int = 20
     """number of stages (one update of every agent each)"""
     questions: int = 32
     """questions per batch"""
@@ -110,7 +112,7 @@ class Config:
     # update
     optimizer: str = "adam"
     """optimiser of the RL updates: adam or sgd"""
-    lr: float = 1e-4
+    lr: float = 3e-4
     """learning rate of the RL updates"""
     epochs: int = 4
     """passes over the batch per update (at most; the radius may stop it earlier)"""

@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import json
 import os
+import random
 import sys
 import time
 
@@ -37,7 +38,7 @@ CHOICES = {
     "order": ["fixed", "random"], "update_order": ["turn", "reverse", "random"], "kl": ["kl_rev", "full"],
     "reduction": ["token", "sequence"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
-MINIMUM = {"modulus": 2, "max_arg": 1, "warmup_max_arg": 1, "hidden": 8, "layers": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
+MINIMUM = {"modulus": 2, "max_arg": 1, "demo_max_arg": 0, "demo_error": 0.0, "hidden": 8, "layers": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
            "minibatch": 1, "warmup_steps": 0, "threads": 0, "max_backtracks": 0, "temperature": 0.0}
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
 
@@ -93,21 +94,27 @@ def run_directory(cfg: Config) -> str:
 
 
 def warmup(model, tokenizer, task, cfg: Config, batch: int = 64):
-    """Behaviour cloning on correct messages, every turn and the solo format, for warmup_steps.
+    """Behaviour cloning on a demonstrator's messages, every turn and the solo format.
 
-    The demonstrations only use operations up to +-warmup_max_arg (default 2, while the task asks
-    up to +-3): the agents start imperfect on a known part of the task, whatever the seed, and RL
-    has to learn that part from the team reward alone. The agent_batch mask trains only the target
-    message (and its EOS).
+    The demonstrator is imperfect on purpose: on operations beyond +-demo_max_arg it writes the
+    value one too high with probability demo_error. The agents learn its mixture, so they start
+    greedy-wrong there but give the right value real probability, whatever the seed: room that RL
+    can only fill from the team reward. The agent_batch mask trains only the message (and EOS).
     """
-    formats = [tasks.Relay(task.n_ops, solo, task.modulus, cfg.warmup_max_arg) for solo in (False, True)]
+    solo = tasks.Relay(task.n_ops, True, task.modulus, task.max_arg)
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
     eos, device = tokenizer.eos_token_id, next(model.parameters()).device
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step"):
-        qs = tasks.questions(formats[0], batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False)
-        episodes = [rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(f.render(q, list(q.steps[:t]))), ids, [0.0] * len(ids), "")])
-                    for q in qs for f in formats for t in range(f.turns)
-                    for ids in [tokenizer(f.target(q, t), add_special_tokens=False)["input_ids"] + [eos]]]
+        rng = random.Random(rollout.derive_seed(cfg.seed, "demonstrator", step))
+        qs = tasks.questions(task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False)
+        episodes = []
+        for q in qs:
+            values = [str((int(v) + (abs(int(op)) > cfg.demo_max_arg and rng.random() < cfg.demo_error)) % task.modulus)
+                      for v, op in zip(q.steps, q.ops)]  # the demonstrator's (sometimes wrong) values
+            demos = [(task.render(q, list(q.steps[:t])), values[t]) for t in range(task.n_ops)] + [(solo.render(q, []), ";".join(values))]
+            for context, message in demos:
+                ids = tokenizer(message, add_special_tokens=False)["input_ids"] + [eos]
+                episodes.append(rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(context), ids, [0.0] * len(ids), "")]))
         data = losses.agent_batch(episodes, 0, torch.ones(len(episodes)), tokenizer.pad_token_id, device)
         model.train()
         loss = -losses.masked_mean(losses.token_logprobs(model, data)[0], data["mask"])

@@ -29,7 +29,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-CHARS = "0123456789+-*|;>="  # the relay alphabet; the character tokenizer is built from it
+CHARS = "0123456789+-|;>="  # the relay alphabet; the character tokenizer is built from it
 HELDOUT_SEED = 1_000_003
 
 
@@ -38,7 +38,7 @@ class Question:
     text: str
     answer: str
     steps: tuple = ()  # the true message of every turn (relay only), for warm-up
-    ops: tuple = ()  # the operation of every turn, e.g. ("+5", "*2", "-3") (relay only)
+    ops: tuple = ()  # the operation of every turn, e.g. ("+3", "-2", "+1") (relay only)
 
 
 def extract_answer(message: str) -> str:
@@ -86,10 +86,6 @@ class Relay:
             return f"{q.text}="
         start = q.text[: len(q.text) - len("".join(q.ops))]
         return f"{q.text}|{';'.join([start, *messages])}|{q.ops[len(messages)]}>"
-
-    def target(self, q: Question, turn: int) -> str:
-        """The correct message at `turn` given correct earlier messages (warm-up data)."""
-        return ";".join(q.steps) if self.solo else q.steps[turn]
 
     def reward(self, q: Question, final_message: str) -> float:
         return float(extract_answer(final_message) == q.answer)

@@ -21,6 +21,7 @@ and advantages do not change between the updates.
 Run it through the CLI: `python train.py --agents 3 --mode teamtr`.
 """
 import random
+import resource
 import time
 from dataclasses import dataclass
 
@@ -284,7 +285,6 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB
 
 

@@ -48,8 +48,9 @@ def agent_batch(episodes, agent: int, advantages, pad_id: int, device) -> dict:
         attn[r, : c + t] = 1
         mask[r, c: c + t] = 1
         sampler_logp[r, c: c + t] = torch.tensor(s.logprobs)
-    adv = advantages[[e_idx for e_idx, _ in rows]].float()  # (S,): the episode's A on each of its rows
-    batch = dict(ids=ids, attn=attn, mask=mask[:, 1:], adv=adv, sampler_logp=sampler_logp[:, 1:])
+    episode = torch.tensor([e_idx for e_idx, _ in rows])  # (S,): the episode of each row
+    adv = advantages[episode].float()  # (S,): the episode's A on each of its rows
+    batch = dict(ids=ids, attn=attn, mask=mask[:, 1:], adv=adv, sampler_logp=sampler_logp[:, 1:], episode=episode)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -90,6 +91,13 @@ def ppo_loss(logp, logp_old, adv, mask, kl_tok, clip_eps: float, beta: float, re
 def surrogate(logp, logp_old, adv, mask):
     """L_hat = token mean of (r - 1) A: the first-order estimate of the improvement."""
     return masked_mean(((logp - logp_old).exp() - 1) * adv[:, None], mask)
+
+
+def sequence_log_ratio(logp, logp_old, mask, episode, n_episodes: int):
+    """Per episode, log pi_new / pi_old of all the tokens the agent wrote in it (0 where it wrote
+    none): the log of HAPPO's sequence ratio. (E,)"""
+    per_row = ((logp - logp_old) * mask).sum(1)  # (S,)
+    return torch.zeros(n_episodes, device=per_row.device).index_add(0, episode, per_row)
 
 
 def update_stats(logp, logp_old, adv, mask, kl_tok, clip_eps: float, delta: float) -> dict:

@@ -12,14 +12,17 @@ One stage updates every agent once, in an update order u_1..u_n. For k = 1..n, w
     5. log the update's metrics.
 Every other agent's weights stay bit-identical during agent i's update.
 
-Unlike HAPPO, which reweights one stale buffer (our `happo` mode, issue 3), TeamTR resamples
-after every agent's update; unlike GRPO, every step is bounded by a token-level KL radius.
+Unlike HAPPO, which reweights one stale buffer (our `happo` mode: each episode's advantage times
+the product of the sequence ratios pi_new / pi_old of the agents already updated this stage,
+clipped to [1/w, w]), TeamTR resamples after every agent's update; unlike GRPO, every step is
+bounded by a token-level KL radius.
 Updating all agents simultaneously from one batch (MAGRPO-style "joint" training) is the same
 computation as `stale`: each agent's loss involves only its own tokens and weights, and the batch
 and advantages do not change between the updates.
 
 Run it through the CLI: `python train.py --agents 3 --mode teamtr`.
 """
+import math
 import random
 import resource
 import time
@@ -39,6 +42,7 @@ MODES = {
     "stale": ("stale", "on"),  # isolates the occupancy effect
     "naive": ("stale", "off"),  # naive sequential fine-tuning
     "fresh-no-tr": ("fresh", "off"),  # ablation: resampling without the trust region
+    "happo": ("reweight", "on"),  # the stale batch, reweighted by earlier agents' ratios (HAPPO-style)
     "single": ("stale", "on"),  # one agent, the whole task in one message (one update per stage)
     "none": ("stale", "on"),  # no training: the warm-up team, for reference
 }
@@ -63,9 +67,13 @@ class Config:
     agents: int = 3
     """number of agents n"""
     mode: str = "teamtr"
-    """teamtr, stale, naive, fresh-no-tr, single or none (presets of --resample and --trust-region)"""
+    """teamtr, stale, naive, fresh-no-tr, happo, single or none (presets of --resample and --trust-region)"""
     resample: str = ""
-    """fresh (intermediate occupancy) or stale (the stage's first batch); default: from --mode"""
+    """fresh (intermediate occupancy), stale (the stage's first batch) or reweight (stale, HAPPO weights); default: from --mode"""
+    measure_gap: bool = False
+    """stale/reweight: also sample diagnostic-only fresh batches, so stale_gap is measured (not trained on, not counted)"""
+    happo_max_weight: float = 2.0
+    """reweight: HAPPO importance weights are clipped to [1/w, w]"""
     trust_region: str = ""
     """on (KL penalty + radius) or off (beta = 0, no radius); default: from --mode"""
     order: str = "fixed"
@@ -171,17 +179,19 @@ def mean_kl(model, data, old, old_full, cfg: Config):
     return losses.masked_mean(kl_tok, data["mask"]).item(), logp, kl_tok
 
 
-def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed) -> dict:
-    """One trust-region update of agent i on its tokens in `episodes`. Returns its metrics.
+def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weights=None) -> dict:
+    """One trust-region update of agent i on its tokens in `episodes`. Returns its metrics, and
+    under "log_ratio" the (E,) per-episode sequence log-ratio log pi_new / pi_old of its tokens.
 
-    gap_episodes: the stage's first batch (fresh mode, k > 1), where the updated agent's surrogate
-    is measured too; stale_gap = |L_hat_i(B_1) - L_hat_i(B_k)|.
+    gap_episodes: the other batch of the stale gap (fresh mode: the stage's first batch; stale
+    with --measure-gap: a fresh one), where the updated agent's surrogate is measured too;
+    stale_gap = |L_hat_i(B_1) - L_hat_i(B_fresh)|. weights: (E,) HAPPO weights on the advantages.
     """
     model, device = agent.model, next(agent.model.parameters()).device
     pad, full = agent.tokenizer.pad_token_id, cfg.kl == "full"
     trust_region = cfg.trust_region == "on"
     beta = cfg.beta if trust_region else 0.0
-    data, adv_clipped = agent_data(episodes, i, pad, device, cfg)
+    data, adv_clipped = agent_data(episodes, i, pad, device, cfg, weights)
     old, old_full = batch_logprobs(model, data, full, cfg.minibatch)  # step 3: fp32, weights before the update
     drift = losses.masked_mean((old - data["sampler_logp"]).abs(), data["mask"]).item()
     if gap_episodes is not None:
@@ -227,6 +237,7 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed) -> di
     D, logp, kl_tok = mean_kl(model, data, old, old_full, cfg)
     stats = losses.update_stats(logp, old, data["adv"], data["mask"], kl_tok, cfg.clip_eps, cfg.delta)
     stats.update(steps=steps, backtracks=backtracks, adv_clipfrac=adv_clipped, logp_drift=drift, stale_gap=None)
+    stats["log_ratio"] = losses.sequence_log_ratio(logp, old, data["mask"], data["episode"], len(episodes))
     if gap_episodes is not None:
         gap_logp = batch_logprobs(model, gap_data, False, cfg.minibatch)[0]
         gap_surrogate = losses.surrogate(gap_logp, gap_old, gap_data["adv"], gap_data["mask"]).item()
@@ -234,29 +245,44 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed) -> di
     return stats
 
 
-def agent_data(episodes, i, pad, device, cfg: Config):
-    """Agent i's training rows with the advantages of their episodes' group-normalised rewards."""
+def agent_data(episodes, i, pad, device, cfg: Config, weights=None):
+    """Agent i's training rows with the advantages of their episodes' group-normalised rewards
+    (times the HAPPO weights, if given)."""
     rewards = torch.tensor([e.reward for e in episodes])
     adv, clipped = losses.group_advantages(rewards, cfg.group, cfg.adv_max)
-    return losses.agent_batch(episodes, i, adv, pad, device), clipped
+    return losses.agent_batch(episodes, i, adv if weights is None else adv * weights, pad, device), clipped
+
+
+def happo_weights(log_w, max_weight: float):
+    """exp(sum of the already-updated agents' sequence log-ratios), clipped to [1/w, w]. (E,)"""
+    return log_w.exp().clamp(1 / max_weight, max_weight)
 
 
 def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
     """One stage: every agent updated once, in the update order. Returns the stage's metrics."""
-    start, fresh = time.time(), cfg.resample == "fresh"
+    start, fresh, reweight = time.time(), cfg.resample == "fresh", cfg.resample == "reweight"
+    measure = fresh or cfg.measure_gap  # keep rollouts of the intermediate team pi_hat^{k-1}
     qs = tasks.questions(task, cfg.questions, rollout.derive_seed(cfg.seed, "train", stage), heldout=False)
     episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, stage))
     first, turns, tokens = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0))
-    batch, sample_s, surrogates, radii = first, time.time() - start, [], []
+    current, sample_s, surrogates, radii = first, time.time() - start, [], []
+    log_w = torch.zeros(len(first))  # reweight: sum of the updated agents' sequence log-ratios on B_1
     for k, i in enumerate(update_order(cfg, len(team), stage)):
-        if k > 0 and fresh:  # exact suffix resampling of the intermediate team pi_hat^{k-1}
+        if k > 0 and measure:  # exact suffix resampling of the intermediate team pi_hat^{k-1}
             t0 = time.time()
-            keep = [rollout.first_turn(e, previous) for e in batch]
-            batch, new_turns, new_tokens = rollout.play(team, task, batch, cfg.temperature, cfg.top_p, (cfg.seed, stage, k), keep)
-            turns, tokens, sample_s = turns + new_turns, tokens + new_tokens, sample_s + time.time() - t0
-        m = update_agent(team[i], i, batch, first if fresh and k > 0 else None, cfg, (cfg.seed, stage, k))
-        if fresh and k == 0:
-            m["stale_gap"] = 0.0  # B_1 is the update's own batch
+            keep = [rollout.first_turn(e, previous) for e in current]
+            current, new_turns, new_tokens = rollout.play(team, task, current, cfg.temperature, cfg.top_p, (cfg.seed, stage, k), keep)
+            sample_s += time.time() - t0
+            if fresh:  # diagnostic batches (--measure-gap) are not training compute
+                turns, tokens = turns + new_turns, tokens + new_tokens
+        batch = current if fresh else first
+        weights = happo_weights(log_w, cfg.happo_max_weight) if reweight else None
+        m = update_agent(team[i], i, batch, None if k == 0 or not measure else (first if fresh else current), cfg, (cfg.seed, stage, k), weights)
+        if reweight:  # fraction of episodes whose weight was clipped in this update
+            m["weight_clipfrac"] = float((log_w.abs() > math.log(cfg.happo_max_weight)).float().mean())
+        log_w += m.pop("log_ratio").cpu()
+        if measure and k == 0:
+            m["stale_gap"] = 0.0  # B_1 is the intermediate team's batch
         surrogates.append(m["surrogate"])
         radii.append(m["kl_rev"])
         gap = "-" if m["stale_gap"] is None else f"{m['stale_gap']:.4f}"

@@ -34,11 +34,11 @@ import teamtr
 from teamtr import Config
 
 CHOICES = {
-    "mode": list(teamtr.MODES), "resample": ["", "fresh", "stale"], "trust_region": ["", "on", "off"],
+    "mode": list(teamtr.MODES), "resample": ["", "fresh", "stale", "reweight"], "trust_region": ["", "on", "off"],
     "order": ["fixed", "random"], "update_order": ["turn", "reverse", "random"], "kl": ["kl_rev", "full"],
     "reduction": ["token", "sequence"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
-MINIMUM = {"modulus": 2, "max_arg": 1, "demo_max_arg": 0, "demo_error": 0.0, "hidden": 8, "layers": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
+MINIMUM = {"happo_max_weight": 1.0, "modulus": 2, "max_arg": 1, "demo_max_arg": 0, "demo_error": 0.0, "hidden": 8, "layers": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
            "minibatch": 1, "warmup_steps": 0, "threads": 0, "max_backtracks": 0, "temperature": 0.0}
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
 

@@ -57,3 +57,12 @@ def test_reductions_and_ppo_loss_at_ratio_one():
     kl = losses.token_kl(logp, logp, "kl_rev")
     assert float(losses.ppo_loss(logp, logp, adv, mask, kl, 0.2, 1.0, "token")) == pytest.approx(-(3 * 1 - 2) / 4)
     assert float(losses.surrogate(logp, logp, adv, mask)) == 0.0
+
+
+def test_sequence_log_ratio_sums_each_episodes_tokens():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0], [-3.0, -1.0, 0.0]])
+    old = torch.tensor([[-1.5, -2.5, -9.0], [-1.0, -9.0, 0.0], [-3.0, -3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    episode = torch.tensor([0, 0, 2])  # episode 0 has two rows (two turns), episode 1 none
+    out = losses.sequence_log_ratio(logp, old, mask, episode, 3)
+    torch.testing.assert_close(out, torch.tensor([0.5 + 0.5 + 0.5, 0.0, 2.0]))

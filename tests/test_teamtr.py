@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+import losses
 import rollout
 import tasks
 import teamtr
@@ -67,7 +68,7 @@ def count_plays(monkeypatch):
 def test_stale_reuses_the_first_batch_and_fresh_resamples(make_team, cfg, monkeypatch):
     seen = []
     update = teamtr.update_agent
-    monkeypatch.setattr(teamtr, "update_agent", lambda agent, i, eps, gap, c, seed: seen.append(eps) or update(agent, i, eps, gap, c, seed))
+    monkeypatch.setattr(teamtr, "update_agent", lambda agent, i, eps, *rest: seen.append(eps) or update(agent, i, eps, *rest))
     calls = count_plays(monkeypatch)
     task = tasks.Relay(3)
     teamtr.run_stage(make_team(3), task, dataclasses.replace(cfg, resample="stale"), 1, lambda r, line: None)
@@ -94,3 +95,36 @@ def test_update_metrics_have_the_spec_names(make_team, cfg):
     teamtr.run_stage(make_team(3), tasks.Relay(3), cfg, 1, lambda r, line: logged.append(r))
     for name in ["kl_rev", "kl_k1", "kl_k3", "out_of_region", "clipfrac", "steps", "backtracks", "surrogate", "stale_gap"]:
         assert all(f"agent{r['agent']}/{name}" in r for r in logged)
+
+
+def test_happo_weights_are_the_clipped_product_of_earlier_agents_sequence_ratios(make_team, cfg, monkeypatch):
+    cfg = dataclasses.replace(cfg, resample="reweight", happo_max_weight=1.05)
+    team, calls = make_team(3, lr=3e-2), []
+    update = teamtr.update_agent
+
+    def recording(agent, i, eps, gap, c, seed, weights):
+        out = update(agent, i, eps, gap, c, seed, weights)
+        with torch.no_grad():  # independent check: new log-probs against the behaviour log-probs in B_1
+            data = losses.agent_batch(eps, i, torch.zeros(len(eps)), agent.tokenizer.pad_token_id, "cpu")
+            new = losses.token_logprobs(agent.model, data)[0]
+            expect = losses.sequence_log_ratio(new, data["sampler_logp"], data["mask"], data["episode"], len(eps))
+        torch.testing.assert_close(out["log_ratio"], expect, atol=1e-5, rtol=0)
+        calls.append((eps, weights, out["log_ratio"].clone()))
+        return out
+    monkeypatch.setattr(teamtr, "update_agent", recording)
+    teamtr.run_stage(team, tasks.Relay(3), cfg, 1, lambda r, line: None)
+    assert all(eps is calls[0][0] for eps, _, _ in calls)  # the stale batch throughout
+    assert torch.equal(calls[0][1], torch.ones(len(calls[0][0])))
+    for k in (1, 2):
+        product = sum(c[2] for c in calls[:k]).exp()
+        torch.testing.assert_close(calls[k][1], product.clamp(1 / 1.05, 1.05))
+    assert (calls[2][1] != 1).any() and ((calls[2][1] - 1.05).abs() < 1e-6).any()  # weights act, some clipped
+
+
+def test_measure_gap_in_stale_mode_measures_without_training_on_it(make_team, cfg):
+    logged = []
+    cfg = dataclasses.replace(cfg, resample="stale", measure_gap=True)
+    record = teamtr.run_stage(make_team(3), tasks.Relay(3), cfg, 1, lambda r, line: logged.append(r))
+    gaps = [r[f"agent{r['agent']}/stale_gap"] for r in logged]
+    assert gaps[0] == 0.0 and all(g is not None and g >= 0 for g in gaps[1:]) and max(gaps) > 0
+    assert record["stage/turns"] == 3  # diagnostic batches are not training compute

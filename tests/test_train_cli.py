@@ -33,7 +33,7 @@ def test_train_writes_a_run_directory_and_eval_reads_it(tmp_path):
     assert "greedy held-out accuracy" in evaluated.stdout and "pass@2" in evaluated.stdout
 
 
-@pytest.mark.parametrize("mode", ["stale", "naive", "fresh-no-tr", "single", "none"])
+@pytest.mark.parametrize("mode", ["stale", "naive", "fresh-no-tr", "happo", "single", "none"])
 def test_every_mode_runs(tmp_path, mode):
     out = run("train.py", "--agents", "2", "--mode", mode, *TINY, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -275,9 +275,10 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
             sample_s += time.time() - t0
             if fresh:  # diagnostic batches (--measure-gap) are not training compute
                 turns, tokens = turns + new_turns, tokens + new_tokens
-        batch = current if fresh else first
+        batch = current if fresh else first  # what agent i trains on
+        other = None if k == 0 or not measure else (first if fresh else current)  # the stale gap's other batch
         weights = happo_weights(log_w, cfg.happo_max_weight) if reweight else None
-        m = update_agent(team[i], i, batch, None if k == 0 or not measure else (first if fresh else current), cfg, (cfg.seed, stage, k), weights)
+        m = update_agent(team[i], i, batch, other, cfg, (cfg.seed, stage, k), weights)
         if reweight:  # fraction of episodes whose weight was clipped in this update
             m["weight_clipfrac"] = float((log_w.abs() > math.log(cfg.happo_max_weight)).float().mean())
         log_w += m.pop("log_ratio").cpu()
@@ -286,9 +287,9 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
         surrogates.append(m["surrogate"])
         radii.append(m["kl_rev"])
         gap = "-" if m["stale_gap"] is None else f"{m['stale_gap']:.4f}"
-        log({"stage": stage, "update": k + 1, "agent": i, "batch_reward": float(sum(e.reward for e in batch) / len(batch)),
-             **{f"agent{i}/{key}": v for key, v in m.items()}},
-            f"stage {stage} update {k + 1} agent{i}: reward {sum(e.reward for e in batch) / len(batch):.3f} "
+        reward = sum(e.reward for e in batch) / len(batch)
+        log({"stage": stage, "update": k + 1, "agent": i, "batch_reward": reward, **{f"agent{i}/{key}": v for key, v in m.items()}},
+            f"stage {stage} update {k + 1} agent{i}: reward {reward:.3f} "
             f"kl {m['kl_rev']:.4f} steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} gap {gap}")
         previous = i
     seconds = time.time() - start

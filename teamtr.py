@@ -201,7 +201,7 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weigh
     params = [p for p in model.parameters() if p.requires_grad]
     theta_old = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(rollout.derive_seed(seed, "minibatches"))
-    steps, D, stop = 0, 0.0, False
+    steps, D, stop, measured = 0, 0.0, False, None  # measured: mean_kl of the current weights
     for _ in range(cfg.epochs):
         for rows in torch.randperm(len(data["ids"]), generator=gen).split(cfg.minibatch):
             model.train()
@@ -215,8 +215,8 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weigh
             steps += 1
             model.eval()
             if trust_region:  # the trust region, measured after every step on the whole batch
-                D = mean_kl(model, data, old, old_full, cfg)[0]
-                if stop := D > cfg.delta:
+                measured = mean_kl(model, data, old, old_full, cfg)
+                if stop := (D := measured[0]) > cfg.delta:
                     break
         if stop:
             break
@@ -230,11 +230,12 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weigh
                 alpha = 0.5 ** backtracks if backtracks <= cfg.max_backtracks else 0.0  # 0: revert
                 for p, p_old, p_new in zip(params, theta_old, theta_new):
                     p.copy_(p_old + alpha * (p_new - p_old))
-                D = mean_kl(model, data, old, old_full, cfg)[0]
+                measured = mean_kl(model, data, old, old_full, cfg)
+                D = measured[0]
                 if alpha == 0.0:
                     break
 
-    D, logp, kl_tok = mean_kl(model, data, old, old_full, cfg)
+    D, logp, kl_tok = measured or mean_kl(model, data, old, old_full, cfg)  # trust region off: measure once
     stats = losses.update_stats(logp, old, data["adv"], data["mask"], kl_tok, cfg.clip_eps, cfg.delta)
     stats.update(steps=steps, backtracks=backtracks, adv_clipfrac=adv_clipped, logp_drift=drift, stale_gap=None)
     stats["log_ratio"] = losses.sequence_log_ratio(logp, old, data["mask"], data["episode"], len(episodes))

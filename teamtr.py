@@ -65,9 +65,13 @@ class Config:
     """torch CPU threads (0 = torch's default)"""
     # team and task
     agents: int = 3
-    """number of agents n"""
+    """number of agents n (compare: a list such as 2,4,6,8 sweeps team sizes)"""
     mode: str = "teamtr"
-    """teamtr, stale, naive, fresh-no-tr, happo, single or none (presets of --resample and --trust-region)"""
+    """teamtr, stale, naive, fresh-no-tr, happo, single or none (presets of --resample and --trust-region), or compare"""
+    modes: str = "teamtr,stale,naive,fresh-no-tr,happo,single,none"
+    """compare: the modes trained side by side from the same warm-up team"""
+    seeds: int = 3
+    """compare: the seeds --seed, --seed + 1, ... (mean and spread over them)"""
     resample: str = ""
     """fresh (intermediate occupancy), stale (the stage's first batch) or reweight (stale, HAPPO weights); default: from --mode"""
     measure_gap: bool = False

@@ -34,11 +34,11 @@ import teamtr
 from teamtr import Config
 
 CHOICES = {
-    "mode": list(teamtr.MODES), "resample": ["", "fresh", "stale", "reweight"], "trust_region": ["", "on", "off"],
+    "mode": [*teamtr.MODES, "compare"], "resample": ["", "fresh", "stale", "reweight"], "trust_region": ["", "on", "off"],
     "order": ["fixed", "random"], "update_order": ["turn", "reverse", "random"], "kl": ["kl_rev", "full"],
     "reduction": ["token", "sequence"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
-MINIMUM = {"happo_max_weight": 1.0, "modulus": 2, "max_arg": 1, "demo_max_arg": 0, "demo_error": 0.0, "hidden": 8, "layers": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
+MINIMUM = {"seeds": 1, "happo_max_weight": 1.0, "modulus": 2, "max_arg": 1, "demo_max_arg": 0, "demo_error": 0.0, "hidden": 8, "layers": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
            "minibatch": 1, "warmup_steps": 0, "threads": 0, "max_backtracks": 0, "temperature": 0.0}
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
 
@@ -56,7 +56,17 @@ def field_docs(cls) -> dict:
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
-def parse(argv=None) -> Config:
+def team_sizes(text: str) -> list[int]:
+    """--agents: one team size, or a comma-separated list of them (compare)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of agents or a list such as 2,4,6,8, got {text!r}") from None
+
+
+def parse(argv=None) -> tuple[Config, list[int]]:
+    """The config, and the team sizes (more than one only with --mode compare)."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = Parser(prog="train.py", description=__doc__.splitlines()[0])
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):
@@ -64,27 +74,42 @@ def parse(argv=None) -> Config:
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=docs[f.name])
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, choices=CHOICES.get(f.name), help=docs[f.name])
-    cfg = Config(**vars(parser.parse_args(argv)))
+            kind, default = (team_sizes, [f.default]) if f.name == "agents" else (f.type, f.default)
+            parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=docs[f.name])
+    args = vars(parser.parse_args(argv))
+    sizes = args.pop("agents")
+    cfg = Config(agents=sizes[0], **args)
+    compare = cfg.mode == "compare"
     for name, low in MINIMUM.items():
-        if getattr(cfg, name) < low:
-            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
+        for value in sizes if name == "agents" else [getattr(cfg, name)]:
+            if value < low:
+                parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     for name in POSITIVE:
         if not getattr(cfg, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.top_p > 1:
         parser.error(f"--top-p must be at most 1, got {cfg.top_p}")
+    if len(sizes) > 1 and not compare:
+        parser.error(f"--agents {','.join(map(str, sizes))}: a list of team sizes needs --mode compare")
+    given = {a.split("=")[0] for a in argv}
+    if not compare and given & {"--modes", "--seeds"}:
+        parser.error("--modes and --seeds belong to --mode compare")
+    if compare and given & {"--resample", "--trust-region", "--models"}:
+        parser.error("--mode compare sets --resample and --trust-region from each of --modes and takes one --model")
+    for mode in cfg.modes.split(",") if compare else []:
+        if mode not in teamtr.MODES:
+            parser.error(f"--modes: unknown mode {mode!r} (choose from {', '.join(teamtr.MODES)})")
     if cfg.models and len(cfg.models.split(",")) != cfg.agents:
         parser.error(f"--models names {len(cfg.models.split(','))} models for --agents {cfg.agents}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available")
     if cfg.name and os.path.exists(os.path.join(cfg.out_dir, cfg.name)):
         parser.error(f"{os.path.join(cfg.out_dir, cfg.name)} exists; choose another --name (nothing was overwritten)")
-    return teamtr.resolve(cfg)
+    return (cfg if compare else teamtr.resolve(cfg)), sizes
 
 
-def run_directory(cfg: Config) -> str:
-    base = cfg.name or f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}"
+def run_directory(cfg: Config, sizes: list[int]) -> str:
+    base = cfg.name or f"{cfg.mode}-n{'-'.join(map(str, sizes))}-s{cfg.seed}"
     path, suffix = os.path.join(cfg.out_dir, base), 1
     while os.path.exists(path):
         suffix += 1
@@ -93,15 +118,17 @@ def run_directory(cfg: Config) -> str:
     return path
 
 
-def warmup(model, tokenizer, task, cfg: Config, batch: int = 64):
-    """Behaviour cloning on a demonstrator's messages, every turn and the solo format.
+def warmup(model, tokenizer, cfg: Config, batch: int = 64):
+    """Behaviour cloning on a demonstrator's messages, every team turn and the solo format.
 
     The demonstrator is imperfect on purpose: on operations beyond +-demo_max_arg it writes the
     value one too high with probability demo_error. The agents learn its mixture, so they start
     greedy-wrong there but give the right value real probability, whatever the seed: room that RL
     can only fill from the team reward. The agent_batch mask trains only the message (and EOS).
+    The warm-up is the same in every mode, so `single` and the teams start from the same model.
     """
-    solo = tasks.Relay(task.n_ops, True, task.modulus, task.max_arg)
+    n_ops = cfg.agents * cfg.rounds
+    task, solo = (tasks.Relay(n_ops, s, cfg.modulus, cfg.max_arg) for s in (False, True))
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
     eos, device = tokenizer.eos_token_id, next(model.parameters()).device
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step"):
@@ -111,7 +138,7 @@ def warmup(model, tokenizer, task, cfg: Config, batch: int = 64):
         for q in qs:
             values = [str((int(v) + (abs(int(op)) > cfg.demo_max_arg and rng.random() < cfg.demo_error)) % task.modulus)
                       for v, op in zip(q.steps, q.ops)]  # the demonstrator's (sometimes wrong) values
-            demos = [(task.render(q, list(q.steps[:t])), values[t]) for t in range(task.n_ops)] + [(solo.render(q, []), ";".join(values))]
+            demos = [(task.render(q, list(q.steps[:t])), values[t]) for t in range(n_ops)] + [(solo.render(q, []), ";".join(values))]
             for context, message in demos:
                 ids = tokenizer(message, add_special_tokens=False)["input_ids"] + [eos]
                 episodes.append(rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(context), ids, [0.0] * len(ids), "")]))
@@ -125,15 +152,24 @@ def warmup(model, tokenizer, task, cfg: Config, batch: int = 64):
     return model
 
 
-def build_team(cfg: Config, task, device, dtype):
-    n = 1 if cfg.mode == "single" else cfg.agents
-    if cfg.model or cfg.models:
-        paths = cfg.models.split(",")[:n] if cfg.models else [cfg.model] * n
-        return team_lib.load_team(paths, device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+def starting_model(cfg: Config, device, dtype):
+    """(model, tokenizer) that every agent starts as: --model, or a tiny agent after its warm-up.
+    None for --models (a heterogeneous team is loaded agent by agent)."""
+    if cfg.models:
+        return None
+    if cfg.model:
+        return team_lib.load_model(cfg.model, device, dtype)
     tokenizer = team_lib.char_tokenizer(tasks.CHARS)
     model = team_lib.tiny_model(tokenizer, cfg.hidden, cfg.layers, seed=cfg.seed).to(device, dtype)
-    warmup(model, tokenizer, task, cfg)
-    return team_lib.clone_team(model, tokenizer, n, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+    return warmup(model, tokenizer, cfg), tokenizer
+
+
+def build_team(cfg: Config, start, device, dtype):
+    """The agents of a run: copies of the starting model (one in `single` mode), or --models."""
+    n = 1 if cfg.mode == "single" else cfg.agents
+    if cfg.models:
+        return team_lib.load_team(cfg.models.split(",")[:n], device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+    return team_lib.clone_team(*start, n, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
 
 
 def write_summary(run_dir, cfg: Config, accs, seconds):
@@ -147,18 +183,21 @@ def write_summary(run_dir, cfg: Config, accs, seconds):
 
 
 def main(argv=None):
-    cfg = parse(argv)
+    cfg, sizes = parse(argv)
     start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else torch.float32
-    run_dir = run_directory(cfg)
+    run_dir = run_directory(cfg, sizes)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+        json.dump({**dataclasses.asdict(cfg), "agents": sizes if cfg.mode == "compare" else cfg.agents}, f, indent=2)
     print(f"run directory: {run_dir}")
+    if cfg.mode == "compare":
+        import compare  # compare.py builds on this file's warm-up and team building
+        return compare.run(cfg, sizes, device, dtype, run_dir)
     task = tasks.make(cfg)
-    team = build_team(cfg, task, device, dtype)
+    team = build_team(cfg, starting_model(cfg, device, dtype), device, dtype)
     heldout = tasks.heldout_set(task, cfg.eval_size)
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as metrics:
         def log(record, line):

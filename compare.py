@@ -1,0 +1,184 @@
+"""Side by side: several modes trained from the same warm-up team, with the same seeds.
+
+    python train.py --mode compare                          # n = 3, all seven modes, 3 seeds
+    python train.py --mode compare --agents 2,4,6,8 --modes teamtr,stale,naive --seeds 1
+
+For every team size n and seed the starting model is built (and warmed up) once; every mode then
+trains its own copy of it on the same training questions, with the same sampling seeds, and is
+evaluated on the same held-out questions. Modes that train on the stale batch (stale, naive,
+happo) also sample diagnostic fresh batches (--measure-gap), so the stale gap is measured in
+every mode; those batches are neither trained on nor counted as generated tokens.
+
+The table has, per n and mode (mean and standard deviation over seeds): held-out accuracy after
+the last stage and its gain over the starting team; accuracy at equal generated tokens (at the
+last stage whose cumulative training tokens fit the cheapest mode's total); the summed stale gap
+per stage; the out-of-region token fraction; generated tokens; and seconds (stages and held-out
+evaluations; the shared warm-up is reported once per n and seed).
+
+runs/<name>/ gets <mode>-n<n>-s<seed>.jsonl (each run's metrics, as in train.py),
+results.json (one record per run), compare.md (the table) and SVG plots: accuracy_n<n>.svg
+(held-out accuracy per stage), tokens_n<n>.svg (accuracy against generated tokens: the
+equal-compute view) and stale_gap.svg (summed stale gap per stage against team size).
+No checkpoints are saved; train one mode with train.py for those.
+"""
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import time
+
+from tqdm import tqdm
+
+import tasks
+import teamtr
+import train
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#7f7f7f"]
+
+
+def run(cfg: teamtr.Config, sizes: list[int], device, dtype, run_dir: str) -> list[dict]:
+    """Train every mode in cfg.modes for every team size and seed; write the table and plots."""
+    start, results = time.time(), []
+    for n in sizes:
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+            base = dataclasses.replace(cfg, agents=n, seed=seed)
+            t0 = time.time()
+            model = train.starting_model(base, device, dtype)
+            warmup_seconds = time.time() - t0
+            heldout = tasks.heldout_set(tasks.make(base), cfg.eval_size)  # the same questions for `single`
+            for mode in cfg.modes.split(","):
+                mode_cfg = teamtr.resolve(dataclasses.replace(base, mode=mode, measure_gap=True))
+                result = train_mode(mode_cfg, model, heldout, device, dtype, run_dir)
+                results.append({**result, "warmup_seconds": warmup_seconds})
+                tqdm.write(f"n={n} seed {seed} {mode}: held-out {result['accs'][0]:.3f} -> {result['accs'][-1]:.3f}, "
+                           f"{result['tokens'][-1]:,} tokens, {result['seconds']:.0f} s")
+    table = write_outputs(results, run_dir)
+    print(table)
+    print(f"{len(results)} runs in {time.time() - start:.0f} s; wrote {run_dir}")
+    return results
+
+
+def train_mode(cfg: teamtr.Config, model, heldout, device, dtype, run_dir: str) -> dict:
+    """One mode from a copy of the starting model; its metrics go to <mode>-n<n>-s<seed>.jsonl."""
+    t0, records = time.time(), []
+    team = train.build_team(cfg, model, device, dtype)
+    with open(os.path.join(run_dir, f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}.jsonl"), "w") as metrics:
+        def log(record, line):
+            metrics.write(json.dumps(record) + "\n")
+            records.append(record)
+        accs = teamtr.train_stages(team, tasks.make(cfg), heldout, cfg, log)
+    return {"mode": cfg.mode, "n": cfg.agents, "seed": cfg.seed, **summarize(records, accs), "seconds": time.time() - t0}
+
+
+def summarize(records: list[dict], accs: list[float]) -> dict:
+    """accs and cumulative generated tokens per stage, the mean over stages of the summed stale
+    gap, and the mean out-of-region fraction over updates (None where nothing was measured)."""
+    updates = [r for r in records if "update" in r]
+    gaps = {}
+    for r in updates:
+        if (gap := r[f"agent{r['agent']}/stale_gap"]) is not None:
+            gaps[r["stage"]] = gaps.get(r["stage"], 0.0) + gap
+    return {
+        "accs": accs,
+        "tokens": list(itertools.accumulate([r["stage/tokens"] for r in records if "stage/tokens" in r], initial=0)),
+        "stale_gap": statistics.mean(gaps.values()) if gaps else None,
+        "out_of_region": statistics.mean(r[f"agent{r['agent']}/out_of_region"] for r in updates) if updates else None,
+    }
+
+
+def at_budget(result: dict, budget: int) -> float:
+    """Held-out accuracy at the last stage whose cumulative generated tokens are within budget."""
+    return result["accs"][max(s for s, t in enumerate(result["tokens"]) if t <= budget)]
+
+
+def spread(values, fmt: str) -> str:
+    """'mean ± standard deviation' over seeds, in format fmt ('-' if nothing was measured)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return format(statistics.mean(values), fmt) + (f" ± {statistics.stdev(values):{fmt.lstrip('+')}}" if len(values) > 1 else "")
+
+
+def write_outputs(results: list[dict], run_dir: str) -> str:
+    """results.json, compare.md and the plots; returns the table."""
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+    budgets = {}  # (n, seed) -> the smallest total generated tokens of a mode that trained
+    for r in results:
+        if r["tokens"][-1] > 0:
+            key = (r["n"], r["seed"])
+            budgets[key] = min(budgets.get(key, r["tokens"][-1]), r["tokens"][-1])
+    groups = {}
+    for r in results:
+        groups.setdefault((r["n"], r["mode"]), []).append(r)
+    rows = ["| n | mode | held-out accuracy | gain (points) | accuracy at equal tokens | stale gap / stage "
+            "| out-of-region | generated tokens | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for (n, mode), rs in groups.items():
+        cells = [spread((r["accs"][-1] for r in rs), ".3f"), spread((100 * (r["accs"][-1] - r["accs"][0]) for r in rs), "+.1f"),
+                 spread((at_budget(r, budgets.get((n, r["seed"]), 0)) for r in rs), ".3f"),
+                 spread((r["stale_gap"] for r in rs), ".4f"), spread((r["out_of_region"] for r in rs), ".3f"),
+                 spread((r["tokens"][-1] for r in rs), ",.0f"), spread((r["seconds"] for r in rs), ".0f")]
+        rows.append(f"| {n} | {mode} | " + " | ".join(cells) + " |")
+    warmups = {(r["n"], r["seed"]): r["warmup_seconds"] for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    table = "\n".join(rows) + (f"\n\nseeds {', '.join(map(str, seeds))}; warm-up {statistics.mean(warmups.values()):.0f} s "
+                               f"per team size and seed, shared by the modes\n")
+    with open(os.path.join(run_dir, "compare.md"), "w") as f:
+        f.write(table)
+    write_plots(groups, run_dir)
+    return table
+
+
+def write_plots(groups: dict, run_dir: str):
+    """Curves are means over seeds (stage by stage; tokens likewise)."""
+    def mean_curve(rs, key):
+        return [statistics.mean(vals) for vals in zip(*(r[key] for r in rs))]
+    for n in sorted({n for n, _ in groups}):
+        modes = {mode: rs for (m, mode), rs in groups.items() if m == n}
+        line_plot(os.path.join(run_dir, f"accuracy_n{n}.svg"), f"held-out accuracy, n = {n}", "stage", "accuracy",
+                  {mode: (list(range(len(rs[0]["accs"]))), mean_curve(rs, "accs")) for mode, rs in modes.items()})
+        line_plot(os.path.join(run_dir, f"tokens_n{n}.svg"), f"accuracy against generated tokens, n = {n}",
+                  "generated tokens (cumulative)", "accuracy",
+                  {mode: (mean_curve(rs, "tokens"), mean_curve(rs, "accs")) for mode, rs in modes.items()})
+    gaps = {}
+    for (n, mode), rs in sorted(groups.items()):
+        values = [r["stale_gap"] for r in rs if r["stale_gap"] is not None]
+        if values and mode != "single":
+            gaps.setdefault(mode, ([], []))
+            gaps[mode][0].append(n)
+            gaps[mode][1].append(statistics.mean(values))
+    line_plot(os.path.join(run_dir, "stale_gap.svg"), "summed stale gap per stage", "agents n", "stale gap", gaps)
+
+
+def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict):
+    """A small SVG line plot, so no plotting package is needed. series: {name: (xs, ys)}."""
+    width, height, left, right, top, bottom = 640, 400, 70, 130, 30, 50
+    xs = [x for a, _ in series.values() for x in a] or [0, 1]
+    ys = [y for _, b in series.values() for y in b] + [0.0]
+    (x0, x1), (y0, y1) = (min(xs), max(xs)), (min(ys), max(ys))
+
+    def px(x):
+        return left + (x - x0) / ((x1 - x0) or 1) * (width - left - right)
+
+    def py(y):
+        return height - bottom - (y - y0) / ((y1 - y0) or 1) * (height - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{(left + width - right) / 2}" y="18" text-anchor="middle" font-size="14">{title}</text>',
+           f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">{xlabel}</text>',
+           f'<text x="14" y="{(top + height - bottom) / 2}" text-anchor="middle" transform="rotate(-90 14 {(top + height - bottom) / 2})">{ylabel}</text>',
+           f'<polyline fill="none" stroke="black" points="{left},{top} {left},{height - bottom} {width - right},{height - bottom}"/>']
+    for k in range(5):  # ticks
+        x, y = x0 + k * (x1 - x0) / 4, y0 + k * (y1 - y0) / 4
+        out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:,.3g}</text>')
+        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    for k, (name, (a, b)) in enumerate(series.items()):
+        color = COLORS[k % len(COLORS)]
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(a, b))
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in zip(a, b)]
+        out.append(f'<text x="{width - right + 10}" y="{top + 10 + 16 * k}" fill="{color}">{name}</text>')
+    with open(path, "w") as f:
+        f.write("\n".join(out + ["</svg>"]) + "\n")

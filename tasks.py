@@ -64,8 +64,8 @@ def is_heldout(text: str) -> bool:
 class Relay:
     """Arithmetic relay mod `modulus`: one operation +a or -a (a in 1..max_arg) per turn."""
 
-    def __init__(self, n_ops: int, solo: bool = False, modulus: int = 10, max_arg: int = 3):
-        self.n_ops, self.solo, self.modulus, self.max_arg = n_ops, solo, modulus, max_arg
+    def __init__(self, n_ops: int, solo: bool = False, modulus: int = 10, max_arg: int = 3, p_max_arg: float = 0.0):
+        self.n_ops, self.solo, self.modulus, self.max_arg, self.p_max_arg = n_ops, solo, modulus, max_arg, p_max_arg
         self.turns = 1 if solo else n_ops
         digits = len(str(modulus - 1))
         self.max_new_tokens = (digits + 1) * n_ops if solo else digits + 2  # "3;6;2" + EOS, or "3" + slack
@@ -74,12 +74,18 @@ class Relay:
         value = rng.randrange(self.modulus)
         text, steps, ops = str(value), [], []
         for _ in range(self.n_ops):
-            op = rng.choice("+-") + str(rng.randint(1, self.max_arg))
+            op = rng.choice("+-") + str(self.argument(rng))
             value = apply(value, op) % self.modulus
             text += op
             steps.append(str(value))
             ops.append(op)
         return Question(text, str(value), tuple(steps), tuple(ops))
+
+    def argument(self, rng: random.Random) -> int:
+        """Uniform in 1..max_arg; with p_max_arg > 0, max_arg with that probability, else 1..max_arg-1."""
+        if self.p_max_arg:
+            return self.max_arg if rng.random() < self.p_max_arg else rng.randint(1, self.max_arg - 1)
+        return rng.randint(1, self.max_arg)
 
     def render(self, q: Question, messages: list[str]) -> str:
         if self.solo:
@@ -93,7 +99,7 @@ class Relay:
 
 def make(cfg) -> Relay:
     """The task of a run: the relay with one operation per turn; `single` mode plays it solo."""
-    return Relay(cfg.agents * cfg.rounds, solo=cfg.mode == "single", modulus=cfg.modulus, max_arg=cfg.max_arg)
+    return Relay(cfg.agents * cfg.rounds, cfg.mode == "single", cfg.modulus, cfg.max_arg, cfg.p_max_arg)
 
 
 def heldout_set(task, count: int) -> list[Question]:

@@ -90,6 +90,8 @@ class Config:
     """relay arithmetic is mod this (10: one digit per message)"""
     max_arg: int = 3
     """relay operations are +a or -a with a in 1..max_arg (larger is much slower to learn)"""
+    p_max_arg: float = 0.0
+    """probability of a +-max_arg operation, the kind the demonstrator gets wrong (0: a uniform in 1..max_arg); lower it to start larger teams near the accuracy of small ones"""
     model: str = ""
     """Hugging Face name or local path for every agent (default: tiny agents built in code)"""
     models: str = ""
@@ -111,7 +113,7 @@ class Config:
     """operations up to +-this are always demonstrated correctly"""
     # rollouts
     stages: int = 20
-    """number of stages (one update of every agent each)"""
+    """number of stages (one update of every agent each); --mode compare: 15 unless given"""
     questions: int = 32
     """questions per batch"""
     group: int = 8

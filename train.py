@@ -38,8 +38,9 @@ CHOICES = {
     "order": ["fixed", "random"], "update_order": ["turn", "reverse", "random"], "kl": ["kl_rev", "full"],
     "reduction": ["token", "sequence"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
-MINIMUM = {"seeds": 1, "happo_max_weight": 1.0, "modulus": 2, "max_arg": 1, "demo_max_arg": 0, "demo_error": 0.0, "hidden": 8, "layers": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
+MINIMUM = {"seeds": 1, "p_max_arg": 0.0, "happo_max_weight": 1.0, "modulus": 2, "max_arg": 1, "demo_max_arg": 0, "demo_error": 0.0, "hidden": 8, "layers": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
            "minibatch": 1, "warmup_steps": 0, "threads": 0, "max_backtracks": 0, "temperature": 0.0}
+COMPARE_STAGES = 15  # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
 
 
@@ -67,7 +68,7 @@ def team_sizes(text: str) -> list[int]:
 def parse(argv=None) -> tuple[Config, list[int]]:
     """The config, and the team sizes (more than one only with --mode compare)."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = Parser(prog="train.py", description=__doc__.splitlines()[0])
+    parser = Parser(prog="train.py", description=__doc__.splitlines()[0], allow_abbrev=False)  # flags are matched exactly
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -89,11 +90,15 @@ def parse(argv=None) -> tuple[Config, list[int]]:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.top_p > 1:
         parser.error(f"--top-p must be at most 1, got {cfg.top_p}")
+    if cfg.p_max_arg and not (cfg.p_max_arg <= 1 and cfg.max_arg >= 2):
+        parser.error(f"--p-max-arg must be at most 1 and needs --max-arg 2 or more, got {cfg.p_max_arg} with --max-arg {cfg.max_arg}")
     if len(sizes) > 1 and not compare:
         parser.error(f"--agents {','.join(map(str, sizes))}: a list of team sizes needs --mode compare")
     given = {a.split("=")[0] for a in argv}
     if not compare and given & {"--modes", "--seeds"}:
         parser.error("--modes and --seeds belong to --mode compare")
+    if compare and "--stages" not in given:
+        cfg.stages = COMPARE_STAGES
     if compare and given & {"--resample", "--trust-region", "--models"}:
         parser.error("--mode compare sets --resample and --trust-region from each of --modes and takes one --model")
     for mode in cfg.modes.split(",") if compare else []:
@@ -128,7 +133,7 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
     The warm-up is the same in every mode, so `single` and the teams start from the same model.
     """
     n_ops = cfg.agents * cfg.rounds
-    task, solo = (tasks.Relay(n_ops, s, cfg.modulus, cfg.max_arg) for s in (False, True))
+    task, solo = (tasks.Relay(n_ops, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg) for s in (False, True))
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
     eos, device = tokenizer.eos_token_id, next(model.parameters()).device
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step"):

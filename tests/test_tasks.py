@@ -1,0 +1,37 @@
+"""The relay task: its arithmetic, the held-out split, answer extraction, the operation mix."""
+import random
+
+import tasks
+
+
+def test_relay_questions_chain_their_steps_mod_the_modulus():
+    task = tasks.Relay(4)
+    for q in tasks.questions(task, 50, seed=1, heldout=False):
+        value = int(q.text[0])
+        for op, step in zip(q.ops, q.steps):
+            value = tasks.apply(value, op) % 10
+            assert str(value) == step
+        assert q.answer == q.steps[-1] and len(q.ops) == 4
+        assert task.reward(q, f"9;{q.answer}") == 1.0 and task.reward(q, str((int(q.answer) + 1) % 10)) == 0.0
+
+
+def test_heldout_and_training_questions_are_disjoint():
+    task = tasks.Relay(3)
+    heldout = {q.text for q in tasks.heldout_set(task, 200)}
+    train = {q.text for q in tasks.questions(task, 600, seed=5, heldout=False)}
+    assert len(heldout) == 200 and not heldout & train
+
+
+def test_extract_answer_reads_tags_boxes_and_the_last_number():
+    assert tasks.extract_answer("so Answer: 1,000.0") == "1000"
+    assert tasks.extract_answer("the sum is \\boxed{42} done") == "42"
+    assert tasks.extract_answer("3;6;2") == "2" and tasks.extract_answer("none") == ""
+
+
+def test_p_max_arg_sets_the_share_of_the_largest_operation():
+    rng = random.Random(0)
+    for p, task in ((0.1, tasks.Relay(8, p_max_arg=0.1)), (1 / 3, tasks.Relay(8))):
+        ops = [op for _ in range(2000) for op in task.question(rng).ops]
+        share = sum(op[1:] == "3" for op in ops) / len(ops)
+        assert abs(share - p) < 0.02  # 16,000 operations: the standard error is about 0.003
+        assert {op[1:] for op in ops} == {"1", "2", "3"}

@@ -34,7 +34,7 @@ import tasks
 import teamtr
 import train
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#7f7f7f"]
+COLORS = dict(zip(teamtr.MODES, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f"]))  # one per mode
 
 
 def run(cfg: teamtr.Config, sizes: list[int], device, dtype, run_dir: str) -> list[dict]:
@@ -175,7 +175,7 @@ def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict):
         out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:,.3g}</text>')
         out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
     for k, (name, (a, b)) in enumerate(series.items()):
-        color = COLORS[k % len(COLORS)]
+        color = COLORS.get(name, "black")
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(a, b))
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
         out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in zip(a, b)]

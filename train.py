@@ -3,6 +3,7 @@
     python train.py --agents 3 --mode teamtr        # the default: relay task, tiny CPU agents
     python train.py --agents 3 --mode stale         # same, evaluated on stale occupancy
     python train.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --grad-ckpt
+    python train.py --mode compare                  # every mode side by side (compare.py)
 
 What a run does: build the task; build the agents (tiny Qwen2 models with a character tokenizer,
 warmed up by a short supervised phase to an imperfect start, then copied once per agent; or

@@ -102,9 +102,12 @@ def parse(argv=None) -> tuple[Config, list[int]]:
         cfg.stages = COMPARE_STAGES
     if compare and given & {"--resample", "--trust-region", "--models"}:
         parser.error("--mode compare sets --resample and --trust-region from each of --modes and takes one --model")
-    for mode in cfg.modes.split(",") if compare else []:
+    modes = cfg.modes.split(",") if compare else []
+    for mode in modes:
         if mode not in teamtr.MODES:
             parser.error(f"--modes: unknown mode {mode!r} (choose from {', '.join(teamtr.MODES)})")
+    if len(set(modes)) < len(modes):
+        parser.error(f"--modes names a mode twice: {cfg.modes}")
     if cfg.models and len(cfg.models.split(",")) != cfg.agents:
         parser.error(f"--models names {len(cfg.models.split(','))} models for --agents {cfg.agents}")
     if cfg.device == "cuda" and not torch.cuda.is_available():

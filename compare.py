@@ -61,13 +61,10 @@ def run(cfg: teamtr.Config, sizes: list[int], device, dtype, run_dir: str) -> li
 
 def train_mode(cfg: teamtr.Config, model, heldout, device, dtype, run_dir: str) -> dict:
     """One mode from a copy of the starting model; its metrics go to <mode>-n<n>-s<seed>.jsonl."""
-    t0, records = time.time(), []
+    t0 = time.time()
     team = train.build_team(cfg, model, device, dtype)
-    with open(os.path.join(run_dir, f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}.jsonl"), "w") as metrics:
-        def log(record, line):
-            metrics.write(json.dumps(record) + "\n")
-            records.append(record)
-        accs = teamtr.train_stages(team, tasks.make(cfg), heldout, cfg, log)
+    path = os.path.join(run_dir, f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}.jsonl")
+    accs, records = train.train_logged(team, tasks.make(cfg), heldout, cfg, path, echo=False)
     return {"mode": cfg.mode, "n": cfg.agents, "seed": cfg.seed, **summarize(records, accs), "seconds": time.time() - t0}
 
 

@@ -112,9 +112,8 @@ def heldout_set(task, count: int) -> list[Question]:
 
 
 def apply(value: int, op: str) -> int:
-    """apply(7, "-5") == 2"""
-    arg = int(op[1:])
-    return value + arg if op[0] == "+" else value - arg if op[0] == "-" else value * arg
+    """apply(7, "-5") == 2 (an operation is a signed number)"""
+    return value + int(op)
 
 
 def questions(task, count: int, seed: int, heldout: bool, partial: bool = False) -> list[Question]:

@@ -39,8 +39,9 @@ CHOICES = {
     "order": ["fixed", "random"], "update_order": ["turn", "reverse", "random"], "kl": ["kl_rev", "full"],
     "reduction": ["token", "sequence"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
-MINIMUM = {"seeds": 1, "p_max_arg": 0.0, "happo_max_weight": 1.0, "modulus": 2, "max_arg": 1, "demo_max_arg": 0, "demo_error": 0.0, "hidden": 8, "layers": 1, "agents": 1, "rounds": 1, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "epochs": 1,
-           "minibatch": 1, "warmup_steps": 0, "threads": 0, "max_backtracks": 0, "temperature": 0.0}
+MINIMUM = {"agents": 1, "seeds": 1, "rounds": 1, "modulus": 2, "max_arg": 1, "p_max_arg": 0.0, "hidden": 8, "layers": 1,
+           "warmup_steps": 0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1,
+           "epochs": 1, "minibatch": 1, "threads": 0, "max_backtracks": 0, "temperature": 0.0, "happo_max_weight": 1.0}
 COMPARE_STAGES = 15  # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
 
@@ -181,6 +182,20 @@ def build_team(cfg: Config, start, device, dtype):
     return team_lib.clone_team(*start, n, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
 
 
+def train_logged(team, task, heldout, cfg: Config, path: str, echo: bool):
+    """teamtr.train_stages, with every record appended to the JSON-lines file `path` (and its
+    line printed if echo). Returns eval_acc per stage and the records."""
+    records = []
+    with open(path, "w") as metrics:
+        def log(record, line):
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            records.append(record)
+            if echo:
+                tqdm.write(line)
+        return teamtr.train_stages(team, task, heldout, cfg, log), records
+
+
 def write_summary(run_dir, cfg: Config, accs, seconds):
     rows = "\n".join(f"| {s} | {a:.3f} |" for s, a in enumerate(accs))
     text = (f"# {os.path.basename(run_dir)}\n\n`python train.py {' '.join(sys.argv[1:])}`\n\n"
@@ -208,12 +223,7 @@ def main(argv=None):
     task = tasks.make(cfg)
     team = build_team(cfg, starting_model(cfg, device, dtype), device, dtype)
     heldout = tasks.heldout_set(task, cfg.eval_size)
-    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as metrics:
-        def log(record, line):
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            tqdm.write(line)
-        accs = teamtr.train_stages(team, task, heldout, cfg, log)
+    accs, _ = train_logged(team, task, heldout, cfg, os.path.join(run_dir, "metrics.jsonl"), echo=True)
     team_lib.save_team(team, run_dir)
     seconds = time.time() - start
     write_summary(run_dir, cfg, accs, seconds)

@@ -18,6 +18,15 @@ The arithmetic is modular on purpose: every value is equally likely whatever the
 the answer cannot be guessed from an agent's own operation (with values merely kept in 0..9,
 "-9" would give away "0"), and a team is right only if every agent computed right.
 
+The coordination variant (--codes) is the same task from a different start. A message may be
+written in either of two codes, plainly (7) or mirrored (9 - 7 = 2), with nothing to mark which;
+only the last message, the one scored, must be plain. The warm-up demonstrator picks a code at
+random for every other message, so each agent learns to read and write both and the team starts
+without a shared convention: a link works only if the reader decodes the code the writer chose.
+RL must make the agents agree, and each agent's best code depends on what its neighbours do now,
+which is where fresh and stale occupancy can differ (the plain relay gives every agent the same
+reading whatever upstream does: a wrong value is distributed like a right one).
+
 Questions are deterministic by seed; the held-out set is the questions whose CRC32 falls in one
 bucket of four, and training questions are drawn from the other three, so the two are disjoint.
 
@@ -114,6 +123,11 @@ def heldout_set(task, count: int) -> list[Question]:
 def apply(value: int, op: str) -> int:
     """apply(7, "-5") == 2 (an operation is a signed number)"""
     return value + int(op)
+
+
+def mirror(value: int, modulus: int) -> int:
+    """The second code of the coordination variant (--codes): mirror(2, 10) == 7, and back."""
+    return modulus - 1 - value
 
 
 def questions(task, count: int, seed: int, heldout: bool, partial: bool = False) -> list[Question]:

@@ -92,6 +92,8 @@ class Config:
     """relay operations are +a or -a with a in 1..max_arg (larger is much slower to learn)"""
     p_max_arg: float = 0.0
     """probability of a +-max_arg operation, the kind the demonstrator gets wrong (0: a uniform in 1..max_arg); lower it to start larger teams near the accuracy of small ones"""
+    codes: bool = False
+    """coordination variant: the warm-up demonstrator writes each message but the last plainly or mirrored (modulus - 1 - v) at random, unmarked, so the team starts without a shared convention"""
     model: str = ""
     """Hugging Face name or local path for every agent (default: tiny agents built in code)"""
     models: str = ""

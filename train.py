@@ -128,17 +128,31 @@ def run_directory(cfg: Config, sizes: list[int]) -> str:
     return path
 
 
-def warmup(model, tokenizer, cfg: Config, batch: int = 64):
-    """Behaviour cloning on a demonstrator's messages, every team turn and the solo format.
+def demonstration(q, task, cfg: Config, rng: random.Random) -> list[tuple[str, str]]:
+    """The demonstrator's (context, message) pairs for one question: every team turn, then solo.
 
-    The demonstrator is imperfect on purpose: on operations beyond +-demo_max_arg it writes the
-    value one too high with probability demo_error. The agents learn its mixture, so they start
-    greedy-wrong there but give the right value real probability, whatever the seed: room that RL
-    can only fill from the team reward. The agent_batch mask trains only the message (and EOS).
-    The warm-up is the same in every mode, so `single` and the teams start from the same model.
+    It is imperfect on purpose: on operations beyond +-demo_max_arg it writes the value one too
+    high with probability demo_error. With --codes it also writes each message but the last
+    mirrored (tasks.mirror) with probability 1/2, unmarked: a reader cannot tell which code it
+    reads, so the agents learn to decode and encode both ways and must agree on a convention in RL.
     """
-    n_ops = cfg.agents * cfg.rounds
-    task, solo = (tasks.Relay(n_ops, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg) for s in (False, True))
+    n_ops, m = len(q.ops), task.modulus
+    values = [(int(v) + (abs(int(op)) > cfg.demo_max_arg and rng.random() < cfg.demo_error)) % m for v, op in zip(q.steps, q.ops)]
+    mirrored = [cfg.codes and t < n_ops - 1 and rng.random() < 0.5 for t in range(n_ops)]
+    shown = [str(tasks.mirror(int(v), m) if c else v) for v, c in zip(q.steps, mirrored)]  # the true chain, as written
+    written = [str(tasks.mirror(v, m) if c else v) for v, c in zip(values, mirrored)]
+    solo = tasks.Relay(n_ops, True, m)
+    return [(task.render(q, shown[:t]), written[t]) for t in range(n_ops)] + [(solo.render(q, []), ";".join(map(str, values)))]
+
+
+def warmup(model, tokenizer, cfg: Config, batch: int = 64):
+    """Behaviour cloning on the demonstrator's messages (demonstration), every team turn and the
+    solo format. The agents learn its mixture, so they start greedy-wrong where it errs but give
+    the right value real probability, whatever the seed: room that RL can only fill from the
+    team reward. The agent_batch mask trains only the message (and EOS). The warm-up is the same
+    in every mode, so `single` and the teams start from the same model.
+    """
+    task = tasks.Relay(cfg.agents * cfg.rounds, False, cfg.modulus, cfg.max_arg, cfg.p_max_arg)
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
     eos, device = tokenizer.eos_token_id, next(model.parameters()).device
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step"):
@@ -146,10 +160,7 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
         qs = tasks.questions(task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False)
         episodes = []
         for q in qs:
-            values = [str((int(v) + (abs(int(op)) > cfg.demo_max_arg and rng.random() < cfg.demo_error)) % task.modulus)
-                      for v, op in zip(q.steps, q.ops)]  # the demonstrator's (sometimes wrong) values
-            demos = [(task.render(q, list(q.steps[:t])), values[t]) for t in range(n_ops)] + [(solo.render(q, []), ";".join(values))]
-            for context, message in demos:
+            for context, message in demonstration(q, task, cfg, rng):
                 ids = tokenizer(message, add_special_tokens=False)["input_ids"] + [eos]
                 episodes.append(rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(context), ids, [0.0] * len(ids), "")]))
         data = losses.agent_batch(episodes, 0, torch.ones(len(episodes)), tokenizer.pad_token_id, device)

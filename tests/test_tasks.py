@@ -1,7 +1,10 @@
-"""The relay task: its arithmetic, the held-out split, answer extraction, the operation mix."""
+"""The relay task: its arithmetic, the held-out split, answer extraction, the operation mix, and
+the warm-up demonstrator with and without the codes of the coordination variant."""
 import random
 
 import tasks
+import teamtr
+import train
 
 
 def test_relay_questions_chain_their_steps_mod_the_modulus():
@@ -35,3 +38,26 @@ def test_p_max_arg_sets_the_share_of_the_largest_operation():
         share = sum(op[1:] == "3" for op in ops) / len(ops)
         assert abs(share - p) < 0.02  # 16,000 operations: the standard error is about 0.003
         assert {op[1:] for op in ops} == {"1", "2", "3"}
+
+
+def test_the_demonstrator_writes_the_chain_plainly_without_codes():
+    task, cfg = tasks.Relay(3), teamtr.Config(demo_error=0.0)
+    q = tasks.questions(task, 1, seed=3, heldout=False)[0]
+    demos = train.demonstration(q, task, cfg, random.Random(0))
+    assert demos == [(task.render(q, list(q.steps[:t])), q.steps[t]) for t in range(3)] + [(f"{q.text}=", ";".join(q.steps))]
+
+
+def test_with_codes_the_demonstrator_mirrors_half_the_messages_but_never_the_last():
+    task, cfg, rng = tasks.Relay(4), teamtr.Config(demo_error=0.0, codes=True), random.Random(0)
+    mirrored = [[], [], [], []]
+    for q in tasks.questions(task, 500, seed=3, heldout=False):
+        demos = train.demonstration(q, task, cfg, rng)
+        for t, (context, message) in enumerate(demos[:4]):
+            assert message in (q.steps[t], str(tasks.mirror(int(q.steps[t]), 10)))  # the true value, in one of two codes
+            if t < 3:  # the next context shows this message as it was written
+                assert demos[t + 1][0].split("|")[1].split(";")[t + 1] == message
+            mirrored[t].append(message != q.steps[t])
+        assert demos[4][1] == ";".join(q.steps)  # the solo format stays plain
+    shares = [sum(m) / len(m) for m in mirrored]
+    assert shares[3] == 0.0 and all(0.4 < s < 0.6 for s in shares[:3])  # a mirror equals the value only for 4.5 (never)
+    assert all(tasks.mirror(tasks.mirror(v, 10), 10) == v for v in range(10))

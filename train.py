@@ -139,8 +139,9 @@ def demonstration(q, task, cfg: Config, rng: random.Random) -> list[tuple[str, s
     n_ops, m = len(q.ops), task.modulus
     values = [(int(v) + (abs(int(op)) > cfg.demo_max_arg and rng.random() < cfg.demo_error)) % m for v, op in zip(q.steps, q.ops)]
     mirrored = [cfg.codes and t < n_ops - 1 and rng.random() < 0.5 for t in range(n_ops)]
-    shown = [str(tasks.mirror(int(v), m) if c else v) for v, c in zip(q.steps, mirrored)]  # the true chain, as written
-    written = [str(tasks.mirror(v, m) if c else v) for v, c in zip(values, mirrored)]
+    def code(chain):  # a chain of values as the demonstrator writes it
+        return [str(tasks.mirror(int(v), m) if c else int(v)) for v, c in zip(chain, mirrored)]
+    shown, written = code(q.steps), code(values)  # the true chain (what later turns read), its own messages
     solo = tasks.Relay(n_ops, True, m)
     return [(task.render(q, shown[:t]), written[t]) for t in range(n_ops)] + [(solo.render(q, []), ";".join(map(str, values)))]
 

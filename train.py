@@ -128,8 +128,9 @@ def run_directory(cfg: Config, sizes: list[int]) -> str:
     return path
 
 
-def demonstration(q, task, cfg: Config, rng: random.Random) -> list[tuple[str, str]]:
-    """The demonstrator's (context, message) pairs for one question: every team turn, then solo.
+def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[str, str]]:
+    """The demonstrator's (context, message) pairs for one question: every team turn of `task`,
+    then the `solo` format.
 
     It is imperfect on purpose: on operations beyond +-demo_max_arg it writes the value one too
     high with probability demo_error. With --codes it also writes each message but the last
@@ -139,10 +140,10 @@ def demonstration(q, task, cfg: Config, rng: random.Random) -> list[tuple[str, s
     n_ops, m = len(q.ops), task.modulus
     values = [(int(v) + (abs(int(op)) > cfg.demo_max_arg and rng.random() < cfg.demo_error)) % m for v, op in zip(q.steps, q.ops)]
     mirrored = [cfg.codes and t < n_ops - 1 and rng.random() < 0.5 for t in range(n_ops)]
+
     def code(chain):  # a chain of values as the demonstrator writes it
         return [str(tasks.mirror(int(v), m) if c else int(v)) for v, c in zip(chain, mirrored)]
     shown, written = code(q.steps), code(values)  # the true chain (what later turns read), its own messages
-    solo = tasks.Relay(n_ops, True, m)
     return [(task.render(q, shown[:t]), written[t]) for t in range(n_ops)] + [(solo.render(q, []), ";".join(map(str, values)))]
 
 
@@ -153,7 +154,7 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
     team reward. The agent_batch mask trains only the message (and EOS). The warm-up is the same
     in every mode, so `single` and the teams start from the same model.
     """
-    task = tasks.Relay(cfg.agents * cfg.rounds, False, cfg.modulus, cfg.max_arg, cfg.p_max_arg)
+    task, solo = (tasks.Relay(cfg.agents * cfg.rounds, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg) for s in (False, True))
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
     eos, device = tokenizer.eos_token_id, next(model.parameters()).device
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step"):
@@ -161,7 +162,7 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
         qs = tasks.questions(task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False)
         episodes = []
         for q in qs:
-            for context, message in demonstration(q, task, cfg, rng):
+            for context, message in demonstration(q, task, solo, cfg, rng):
                 ids = tokenizer(message, add_special_tokens=False)["input_ids"] + [eos]
                 episodes.append(rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(context), ids, [0.0] * len(ids), "")]))
         data = losses.agent_batch(episodes, 0, torch.ones(len(episodes)), tokenizer.pad_token_id, device)

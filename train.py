@@ -109,6 +109,8 @@ def parse(argv=None) -> tuple[Config, list[int]]:
             parser.error(f"--modes: unknown mode {mode!r} (choose from {', '.join(teamtr.MODES)})")
     if len(set(modes)) < len(modes):
         parser.error(f"--modes names a mode twice: {cfg.modes}")
+    if cfg.codes and (cfg.model or cfg.models):
+        parser.error("--codes changes the warm-up of the tiny agents; --model/--models are not warmed up")
     if cfg.models and len(cfg.models.split(",")) != cfg.agents:
         parser.error(f"--models names {len(cfg.models.split(','))} models for --agents {cfg.agents}")
     if cfg.device == "cuda" and not torch.cuda.is_available():

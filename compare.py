@@ -46,7 +46,7 @@ def run(cfg: teamtr.Config, sizes: list[int], device, dtype, run_dir: str) -> li
             t0 = time.time()
             model = train.starting_model(base, device, dtype)
             warmup_seconds = time.time() - t0
-            heldout = tasks.heldout_set(tasks.make(base), cfg.eval_size)  # the same questions for `single`
+            heldout = tasks.make(base).heldout(cfg.eval_size)  # the same questions for `single`
             for mode in cfg.modes.split(","):
                 mode_cfg = teamtr.resolve(dataclasses.replace(base, mode=mode, measure_gap=True))
                 result = train_mode(mode_cfg, model, heldout, device, dtype, run_dir)

@@ -1,12 +1,18 @@
-"""Team evaluation: held-out accuracy (greedy), and avg@k / pass@k from k samples per question.
+"""Team evaluation: held-out accuracy (greedy), avg@k / pass@k from k samples per question, and
+the single-agent comparison.
 
     python eval.py runs/teamtr-n3-s0              # greedy held-out accuracy of a saved team
     python eval.py runs/teamtr-n3-s0 --samples 8  # plus avg@8 and pass@k (unbiased estimator)
+
+It works for every task of the run (relay or mathtask.py's). The single-agent comparison plays
+the same held-out questions with agent0 alone in the task's one-agent format (the relay's solo
+chain, or a real task's one-agent prompt): what the team adds over one of its members.
 
 pass@k uses the unbiased estimator of Chen et al. (2021): with n samples of which c are correct,
 pass@k = 1 - C(n - c, k) / C(n, k); avg@k is the mean accuracy over the k samples.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -14,15 +20,17 @@ from math import comb
 
 import torch
 
+import mathtask
 import rollout
 import tasks
 import team as team_lib
+import teamtr
 
 
 def correct_counts(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0) -> list[int]:
     """How many of `samples` team episodes per question were correct (temperature 0: greedy)."""
     episodes = rollout.new_episodes(qs, samples, len(team), cfg.rounds, cfg.order, (cfg.seed, "eval"))
-    played, _, _ = rollout.play(team, task, episodes, temperature, 1.0, (cfg.seed, "eval"))
+    played = rollout.play(team, task, episodes, temperature, 1.0, (cfg.seed, "eval"))[0]
     counts = [0] * len(qs)
     for e in played:
         counts[e.qid] += int(e.reward)
@@ -32,6 +40,12 @@ def correct_counts(team, task, qs, cfg, samples: int = 1, temperature: float = 0
 def accuracy(team, task, qs, cfg) -> float:
     """Greedy held-out team accuracy."""
     return sum(correct_counts(team, task, qs, cfg)) / len(qs)
+
+
+def single_accuracy(agent, cfg, qs) -> float:
+    """Greedy accuracy of one agent alone, in the task's one-agent format."""
+    solo = dataclasses.replace(cfg, mode="single", rounds=1, order="fixed")
+    return accuracy([agent], tasks.make(solo), qs, solo)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -47,15 +61,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     config_path = os.path.join(args.run_dir, "config.json")
     if not os.path.exists(config_path):
-        sys.exit(f"eval.py: error: {config_path} not found (is {args.run_dir} a run directory?)")
-    cfg = argparse.Namespace(**json.load(open(config_path)))
+        parser.error(f"{config_path} not found (is {args.run_dir} a run directory?)")
+    if args.samples < 0 or args.size < 0:
+        parser.error("--samples and --size must be at least 0")
+    fields = {f.name for f in dataclasses.fields(teamtr.Config)}
+    cfg = teamtr.Config(**{k: v for k, v in json.load(open(config_path)).items() if k in fields})
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda") else torch.float32
     paths = sorted((p for p in os.listdir(args.run_dir) if p.startswith("agent") and p[5:].isdigit()), key=lambda p: int(p[5:]))
-    team = team_lib.load_team([os.path.join(args.run_dir, p) for p in paths], device, dtype, lr=0.0)
-    task = tasks.make(cfg)
-    qs = tasks.heldout_set(task, args.size or cfg.eval_size)
+    try:
+        task = tasks.make(cfg)
+        team = team_lib.load_team([os.path.join(args.run_dir, p) for p in paths], device, dtype, lr=0.0)
+    except (mathtask.TaskError, team_lib.LoadError) as e:
+        parser.error(str(e))
+    qs = task.heldout(args.size or cfg.eval_size)
     print(f"greedy held-out accuracy: {accuracy(team, task, qs, cfg):.4f} ({len(qs)} questions, {len(team)} agents)")
+    if len(team) > 1:
+        print(f"single agent (agent0 alone, one-agent format): {single_accuracy(team[0], cfg, qs):.4f}")
     if args.samples:
         counts = correct_counts(team, task, qs, cfg, args.samples, temperature=1.0)
         print(f"avg@{args.samples}: {sum(counts) / (len(qs) * args.samples):.4f}")

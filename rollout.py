@@ -31,6 +31,7 @@ class Step:
     tokens: list  # generated ids, ending with EOS unless cut at max_new_tokens
     logprobs: list  # sampler's fp32 log pi(token | context)
     text: str  # the message other agents read
+    truncated: bool = False  # cut at max_new_tokens (no EOS)
 
 
 @dataclass
@@ -115,27 +116,43 @@ def new_episodes(qs, group: int, n_agents: int, rounds: int, order: str, seed) -
 def play(team, task, episodes, temperature, top_p, seed, keep=None):
     """Play every episode to the end, keeping the first keep[e] turns of episode e (default 0).
 
-    Returns (new episodes, generated turns, generated tokens). Inputs are not modified.
+    Returns (new episodes, generated turns, generated tokens, generated messages cut at the
+    task's max_new_tokens). Inputs are not modified.
     """
     keep = keep or [0] * len(episodes)
     eps = [Episode(e.question, e.qid, e.sample, e.order, e.steps[:k]) for e, k in zip(episodes, keep)]
-    turns = tokens = 0
+    turns = tokens = truncated = 0
     for t in range(max(len(e.order) for e in eps)):
         for a, agent in enumerate(team):
             rows = [e for e in eps if len(e.steps) == t and t < len(e.order) and e.order[t] == a]
             if not rows:
                 continue
-            prompts = [agent.encode(task.render(e.question, [s.text for s in e.steps])) for e in rows]
+            prompts = [agent.encode(task.context(e.question, e.steps, a)) for e in rows]
+            check_length(agent, max(map(len, prompts)) + task.max_new_tokens)
             uniforms = torch.stack([torch.rand(task.max_new_tokens, generator=torch.Generator().manual_seed(
                 derive_seed(seed, e.qid, e.sample, t))) for e in rows])
             tok = agent.tokenizer
             outs, logps = sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, task.max_new_tokens, temperature, top_p, uniforms)
             for e, p, o, lp in zip(rows, prompts, outs, logps):
-                e.steps.append(Step(a, p, o, lp, agent.decode(o)))
+                cut = o[-1] != tok.eos_token_id
+                e.steps.append(Step(a, p, o, lp, agent.decode(o), cut))
+                truncated += cut
             turns, tokens = turns + len(rows), tokens + sum(map(len, outs))
     for e in eps:
         e.reward = task.reward(e.question, e.steps[-1].text)
-    return eps, turns, tokens
+    return eps, turns, tokens, truncated
+
+
+class ContextTooLong(ValueError):
+    """A prompt plus --max-new-tokens exceeds the model's context window."""
+
+
+def check_length(agent, length: int):
+    """A clear error before the model sees positions it was never built for."""
+    limit = getattr(agent.model.config, "max_position_embeddings", None)
+    if limit and length > limit:
+        raise ContextTooLong(f"{agent.name}: a context of {length} tokens (prompt + --max-new-tokens) exceeds the model's "
+                             f"maximum of {limit}; lower --max-new-tokens or use shorter questions")
 
 
 def first_turn(episode: Episode, agent: int) -> int:

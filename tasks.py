@@ -30,6 +30,9 @@ reading whatever upstream does: a wrong value is distributed like a right one).
 Questions are deterministic by seed; the held-out set is the questions whose CRC32 falls in one
 bucket of four, and training questions are drawn from the other three, so the two are disjoint.
 
+Real math tasks for pretrained models (GSM8K, MATH-500, AIME, local files, generated word
+problems) with role prompts and math-verify grading are in mathtask.py; `make` picks by --task.
+
 Answers are compared after extraction ("Answer: X", \\boxed{X}, else the last number), so a
 solo message "0;8;9" is scored by its last value.
 """
@@ -37,6 +40,8 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
+
+import mathtask
 
 CHARS = "0123456789+-|;>="  # the relay alphabet; the character tokenizer is built from it
 HELDOUT_SEED = 1_000_003
@@ -96,6 +101,16 @@ class Relay:
             return self.max_arg if rng.random() < self.p_max_arg else rng.randint(1, self.max_arg - 1)
         return rng.randint(1, self.max_arg)
 
+    def train_questions(self, count: int, seed: int) -> list[Question]:
+        return questions(self, count, seed, heldout=False)
+
+    def heldout(self, count: int) -> list[Question]:
+        return heldout_set(self, count)
+
+    def context(self, q: Question, steps: list, agent: int) -> str:
+        """What the agent acting after `steps` (rollout.Step) reads; relay agents have no roles."""
+        return self.render(q, [s.text for s in steps])
+
     def render(self, q: Question, messages: list[str]) -> str:
         if self.solo:
             return f"{q.text}="
@@ -106,9 +121,15 @@ class Relay:
         return float(extract_answer(final_message) == q.answer)
 
 
-def make(cfg) -> Relay:
-    """The task of a run: the relay with one operation per turn; `single` mode plays it solo."""
-    return Relay(cfg.agents * cfg.rounds, cfg.mode == "single", cfg.modulus, cfg.max_arg, cfg.p_max_arg)
+def make(cfg):
+    """The task of a run: the relay with one operation per turn (`single` mode plays it solo), or
+    a math task (mathtask.py). Every task has turns, max_new_tokens, train_questions(count, seed),
+    heldout(count), context(question, steps, agent) and reward(question, final_message)."""
+    if cfg.task != "relay":
+        return mathtask.make(cfg)
+    relay = Relay(cfg.agents * cfg.rounds, cfg.mode == "single", cfg.modulus, cfg.max_arg, cfg.p_max_arg)
+    relay.max_new_tokens = cfg.max_new_tokens or relay.max_new_tokens
+    return relay
 
 
 def heldout_set(task, count: int) -> list[Question]:

@@ -3,7 +3,8 @@
 Agents may be different models: text is the interface between them, and each agent keeps its
 own tokenizer (and chat template, if it has one). The default agents are tiny Qwen2 models built
 from a config with a character tokenizer built in code, so nothing is downloaded. `--model`
-loads a Hugging Face model (hub name or local path) for every agent, `--models A,B,C` one each.
+loads a Hugging Face model (hub name, local folder or .gguf file) for every agent, `--models
+A,B,C` one each; check_model rejects an unusable one in one line before a run writes anything.
 
 Pitfalls designed out here: dropout is off (it would make the KL non-zero before any update),
 the tokenizer pads on the left for the batched sampler, and a missing pad token falls back to
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+import hub
 
 
 @dataclass
@@ -25,11 +29,15 @@ class Agent:
     tokenizer: object
     optimizer: torch.optim.Optimizer
 
-    def encode(self, text: str) -> list[int]:
-        """Prompt ids for a rendered context; chat models get their own template."""
+    def encode(self, context) -> list[int]:
+        """Prompt ids for a context: a rendered string (relay), or chat messages (a real task's
+        role and transcript). Chat models apply their own template; without one, the messages'
+        contents are read as plain text."""
         tok = self.tokenizer
+        messages = [{"role": "user", "content": context}] if isinstance(context, str) else context
         if tok.chat_template:
-            return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        text = context if isinstance(context, str) else "".join(m["content"] + "\n\n" for m in messages)
         return tok(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
@@ -59,13 +67,49 @@ def tiny_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0) -> Q
     return Qwen2ForCausalLM(config)
 
 
-def load_model(name_or_path: str, device: str, dtype: torch.dtype):
-    """A Hugging Face causal LM and its tokenizer, from the hub or a local directory."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+class LoadError(ValueError):
+    """A model that cannot be used: the CLI prints it as one line and exits 2, before writing."""
+
+
+def source(name: str) -> tuple[str, str | None]:
+    """(folder or hub name, GGUF file name or None): a path ending in .gguf is one GGUF file,
+    which transformers de-quantises to ordinary weights (needs the gguf package)."""
+    return (os.path.dirname(name) or ".", os.path.basename(name)) if name.endswith(".gguf") else (name, None)
+
+
+def check_model(name: str):
+    """The tokenizer of a usable causal LM, or a LoadError saying what is wrong: a missing local
+    path, a hub name that cannot be reached, a folder without a causal LM, a tokenizer without EOS.
+    Reads only the config and the tokenizer, so it is quick."""
+    path, gguf = source(name)
+    local = os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1 or gguf is not None
+    if local and not os.path.exists(name):
+        raise LoadError(f"--model {name}: no such file or folder")
+    if not local and not hub.reachable():
+        raise LoadError(f"--model {name}: no such local path, and the hub cannot be reached; pass a local folder or .gguf file")
+    try:
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf)
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    except Exception as e:  # transformers raises OSError, ValueError or a hub error here
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if local:
+            raise LoadError(f"--model {name}: not a Hugging Face model folder ({reason[:200]})") from None
+        raise LoadError(f"--model {name}: could not load it from the hub ({reason[:200]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LoadError(f"--model {name}: holds a {config.model_type!r} model, not a causal LM")
+    if tokenizer.eos_token_id is None:
+        raise LoadError(f"--model {name}: its tokenizer has no EOS token, so messages could never end")
+    return tokenizer
+
+
+def load_model(name: str, device: str, dtype: torch.dtype):
+    """A Hugging Face causal LM and its tokenizer: a hub name, a local folder or a .gguf file."""
+    tokenizer = check_model(name)
     tokenizer.padding_side = "left"  # apply_chat_template ignores padding_side in transformers 5.x
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+    path, gguf = source(name)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype).to(device)
     return model, tokenizer
 
 

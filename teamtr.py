@@ -86,6 +86,12 @@ class Config:
     """update order within a stage: turn, reverse or random"""
     rounds: int = 1
     """the turn order is repeated this many times (agents speak `rounds` times)"""
+    task: str = "relay"
+    """relay (built in); words (generated word problems, offline); gsm8k, math500, aime24, aime25 (hub datasets); or jsonl:PATH / parquet:PATH (question or problem, and answer fields). Real tasks need --model or --models"""
+    prompts: str = ""
+    """real tasks: the roles file (default prompts/team.json)"""
+    max_new_tokens: int = 0
+    """tokens per message at most (0: the task's default, 256 for real tasks); messages cut there are counted in rollout/truncated"""
     modulus: int = 10
     """relay arithmetic is mod this (10: one digit per message)"""
     max_arg: int = 3
@@ -271,19 +277,19 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
     """One stage: every agent updated once, in the update order. Returns the stage's metrics."""
     start, fresh, reweight = time.time(), cfg.resample == "fresh", cfg.resample == "reweight"
     measure = fresh or cfg.measure_gap  # keep rollouts of the intermediate team pi_hat^{k-1}
-    qs = tasks.questions(task, cfg.questions, rollout.derive_seed(cfg.seed, "train", stage), heldout=False)
+    qs = task.train_questions(cfg.questions, rollout.derive_seed(cfg.seed, "train", stage))
     episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, stage))
-    first, turns, tokens = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0))
+    first, turns, tokens, truncated = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0))
     current, sample_s, surrogates, radii = first, time.time() - start, [], []
     log_w = torch.zeros(len(first))  # reweight: sum of the updated agents' sequence log-ratios on B_1
     for k, i in enumerate(update_order(cfg, len(team), stage)):
         if k > 0 and measure:  # exact suffix resampling of the intermediate team pi_hat^{k-1}
             t0 = time.time()
             keep = [rollout.first_turn(e, previous) for e in current]
-            current, new_turns, new_tokens = rollout.play(team, task, current, cfg.temperature, cfg.top_p, (cfg.seed, stage, k), keep)
+            current, new_turns, new_tokens, new_cut = rollout.play(team, task, current, cfg.temperature, cfg.top_p, (cfg.seed, stage, k), keep)
             sample_s += time.time() - t0
             if fresh:  # diagnostic batches (--measure-gap) are not training compute
-                turns, tokens = turns + new_turns, tokens + new_tokens
+                turns, tokens, truncated = turns + new_turns, tokens + new_tokens, truncated + new_cut
         batch = current if fresh else first  # what agent i trains on
         other = None if k == 0 or not measure else (first if fresh else current)  # the stale gap's other batch
         weights = happo_weights(log_w, cfg.happo_max_weight) if reweight else None
@@ -310,6 +316,7 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
         "stage/certificate": sum(surrogates) - cfg.adv_max * sum((2 * d) ** 0.5 for d in radii),
         "stage/turns": turns / len(episodes),  # generated turns per episode
         "stage/tokens": tokens,
+        "rollout/truncated": truncated / turns,  # fraction of generated messages cut at max_new_tokens
         "stage/seconds": seconds,
         "rollout/tokens_per_second": tokens / max(sample_s, 1e-9),
         "perf/sample_seconds": sample_s,

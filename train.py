@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import losses
+import mathtask
 import rollout
 import tasks
 import team as team_lib
@@ -41,15 +42,20 @@ CHOICES = {
 }
 MINIMUM = {"agents": 1, "seeds": 1, "rounds": 1, "modulus": 2, "max_arg": 1, "p_max_arg": 0.0, "hidden": 8, "layers": 1,
            "warmup_steps": 0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1,
-           "epochs": 1, "minibatch": 1, "threads": 0, "max_backtracks": 0, "temperature": 0.0, "happo_max_weight": 1.0}
+           "epochs": 1, "minibatch": 1, "threads": 0, "max_backtracks": 0, "max_new_tokens": 0, "temperature": 0.0, "happo_max_weight": 1.0}
 COMPARE_STAGES = 15  # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
 
 
+def fail(message: str):
+    """A bad input: one line on stderr, exit code 2 (callers make sure nothing was written yet)."""
+    sys.stderr.write(f"train.py: error: {message}\n")
+    sys.exit(2)
+
+
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, nothing written
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
+    def error(self, message):
+        fail(message)
 
 
 def field_docs(cls) -> dict:
@@ -111,6 +117,16 @@ def parse(argv=None) -> tuple[Config, list[int]]:
         parser.error(f"--modes names a mode twice: {cfg.modes}")
     if cfg.codes and (cfg.model or cfg.models):
         parser.error("--codes changes the warm-up of the tiny agents; --model/--models are not warmed up")
+    if cfg.task != "relay" and not mathtask.is_math_task(cfg.task):
+        parser.error(f"--task: unknown task {cfg.task!r} (relay, words, {', '.join(mathtask.HUB)}, jsonl:PATH or parquet:PATH)")
+    if cfg.task != "relay" and not (cfg.model or cfg.models):
+        parser.error(f"--task {cfg.task} needs pretrained agents: pass --model or --models (the tiny agents only learn the relay)")
+    if cfg.codes and cfg.task != "relay":
+        parser.error("--codes is a variant of the relay task")
+    kind, _, path = cfg.task.partition(":")
+    if kind in mathtask.LOCAL:  # absolute paths in config.json, so eval.py finds them from anywhere
+        cfg.task = f"{kind}:{os.path.abspath(path)}"
+    cfg.prompts = cfg.prompts and os.path.abspath(cfg.prompts)
     if cfg.models and len(cfg.models.split(",")) != cfg.agents:
         parser.error(f"--models names {len(cfg.models.split(','))} models for --agents {cfg.agents}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -221,6 +237,17 @@ def write_summary(run_dir, cfg: Config, accs, seconds):
         f.write(text)
 
 
+def checked_inputs(cfg: Config, sizes: list[int]):
+    """The task (its data and prompts loaded), after the models' configs and tokenizers were
+    checked: every bad input ends here in one line, exit 2, before anything is written."""
+    try:
+        for name in dict.fromkeys(filter(None, [cfg.model, *cfg.models.split(",")])):
+            team_lib.check_model(name)
+        return [tasks.make(dataclasses.replace(cfg, agents=n)) for n in sizes][0]
+    except (mathtask.TaskError, team_lib.LoadError) as e:
+        fail(str(e))
+
+
 def main(argv=None):
     cfg, sizes = parse(argv)
     start = time.time()
@@ -228,6 +255,7 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else torch.float32
+    task = checked_inputs(cfg, sizes)
     run_dir = run_directory(cfg, sizes)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(cfg), "agents": sizes if cfg.mode == "compare" else cfg.agents}, f, indent=2)
@@ -235,10 +263,12 @@ def main(argv=None):
     if cfg.mode == "compare":
         import compare  # compare.py builds on this file's warm-up and team building
         return compare.run(cfg, sizes, device, dtype, run_dir)
-    task = tasks.make(cfg)
     team = build_team(cfg, starting_model(cfg, device, dtype), device, dtype)
-    heldout = tasks.heldout_set(task, cfg.eval_size)
-    accs, _ = train_logged(team, task, heldout, cfg, os.path.join(run_dir, "metrics.jsonl"), echo=True)
+    heldout = task.heldout(cfg.eval_size)
+    try:
+        accs, _ = train_logged(team, task, heldout, cfg, os.path.join(run_dir, "metrics.jsonl"), echo=True)
+    except rollout.ContextTooLong as e:
+        fail(str(e))
     team_lib.save_team(team, run_dir)
     seconds = time.time() - start
     write_summary(run_dir, cfg, accs, seconds)

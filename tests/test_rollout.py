@@ -68,7 +68,7 @@ def test_team_rollout_passes_text_and_follows_the_order(make_team):
     qs = tasks.questions(task, 4, seed=0, heldout=False)
     eps = rollout.new_episodes(qs, 2, 3, 1, "random", seed=0)
     assert all(sorted(e.order) == [0, 1, 2] for e in eps) and len({tuple(e.order) for e in eps}) > 1
-    played, turns, tokens = rollout.play(team, task, eps, 1.0, 1.0, seed=0)
+    played, turns, tokens, _ = rollout.play(team, task, eps, 1.0, 1.0, seed=0)
     assert turns == 3 * len(eps) and tokens == sum(len(s.tokens) for e in played for s in e.steps)
     for e in played:
         assert [s.agent for s in e.steps] == e.order
@@ -79,10 +79,10 @@ def test_team_rollout_passes_text_and_follows_the_order(make_team):
 def test_suffix_resampling_keeps_prefix_and_regenerates_exactly_the_suffix(make_team):
     team, task = make_team(3), tasks.Relay(3)
     qs = tasks.questions(task, 4, seed=0, heldout=False)
-    first, _, _ = rollout.play(team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, seed=(0, 0))
+    first, _, _, _ = rollout.play(team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, seed=(0, 0))
     keep = [rollout.first_turn(e, 1) for e in first]
     assert keep == [1] * len(first)
-    again, turns, _ = rollout.play(team, task, first, 1.0, 1.0, seed=(0, 1), keep=keep)
+    again, turns, _, _ = rollout.play(team, task, first, 1.0, 1.0, seed=(0, 1), keep=keep)
     assert turns == 2 * len(first)
     assert all(a.steps[0] is b.steps[0] for a, b in zip(again, first))  # the prefix is kept, not resampled
     assert all(len(a.steps) == 3 for a in again) and all(len(b.steps) == 3 for b in first)  # inputs untouched

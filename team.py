@@ -89,14 +89,15 @@ def check_model(name: str):
         raise LoadError(f"--model {name}: no such local path, and the hub cannot be reached; pass a local folder or .gguf file")
     try:
         config = AutoConfig.from_pretrained(path, gguf_file=gguf)
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise LoadError(f"--model {name}: holds a {config.model_type!r} model, not a causal LM")
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    except LoadError:
+        raise
     except Exception as e:  # transformers raises OSError, ValueError or a hub error here
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        if local:
-            raise LoadError(f"--model {name}: not a Hugging Face model folder ({reason[:200]})") from None
-        raise LoadError(f"--model {name}: could not load it from the hub ({reason[:200]})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise LoadError(f"--model {name}: holds a {config.model_type!r} model, not a causal LM")
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
+        where = "not a Hugging Face model folder" if local else "could not load it from the hub"
+        raise LoadError(f"--model {name}: {where} ({reason})") from None
     if tokenizer.eos_token_id is None:
         raise LoadError(f"--model {name}: its tokenizer has no EOS token, so messages could never end")
     return tokenizer
@@ -110,6 +111,9 @@ def load_model(name: str, device: str, dtype: torch.dtype):
         tokenizer.pad_token = tokenizer.eos_token
     path, gguf = source(name)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype).to(device)
+    if gguf:  # the weights are plain de-quantised tensors now; unmark them so save_pretrained writes them
+        model.hf_quantizer, model.is_quantized = None, False
+        del model.config.quantization_config
     return model, tokenizer
 
 

@@ -41,7 +41,7 @@ CHOICES = {
     "reduction": ["token", "sequence"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
 MINIMUM = {"agents": 1, "seeds": 1, "rounds": 1, "modulus": 2, "max_arg": 1, "p_max_arg": 0.0, "hidden": 8, "layers": 1,
-           "warmup_steps": 0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1,
+           "warmup_steps": 0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "eval_every": 1,
            "epochs": 1, "minibatch": 1, "threads": 0, "max_backtracks": 0, "max_new_tokens": 0, "temperature": 0.0, "happo_max_weight": 1.0}
 COMPARE_STAGES = 15  # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
@@ -107,6 +107,8 @@ def parse(argv=None) -> tuple[Config, list[int]]:
         parser.error("--modes and --seeds belong to --mode compare")
     if compare and "--stages" not in given:
         cfg.stages = COMPARE_STAGES
+    if compare and cfg.eval_every > 1:
+        parser.error("--mode compare evaluates after every stage (its plots need it); drop --eval-every")
     if compare and given & {"--resample", "--trust-region", "--models"}:
         parser.error("--mode compare sets --resample and --trust-region from each of --modes and takes one --model")
     modes = cfg.modes.split(",") if compare else []
@@ -228,7 +230,7 @@ def train_logged(team, task, heldout, cfg: Config, path: str, echo: bool):
 
 
 def write_summary(run_dir, cfg: Config, accs, seconds):
-    rows = "\n".join(f"| {s} | {a:.3f} |" for s, a in enumerate(accs))
+    rows = "\n".join(f"| {s} | {a:.3f} |" for s, a in zip(teamtr.evaluated_stages(cfg), accs))
     text = (f"# {os.path.basename(run_dir)}\n\n`python train.py {' '.join(sys.argv[1:])}`\n\n"
             f"mode {cfg.mode} (resample {cfg.resample}, trust region {cfg.trust_region}), {cfg.agents} agents, seed {cfg.seed}\n\n"
             f"held-out accuracy: {accs[0]:.3f} -> {accs[-1]:.3f} ({100 * (accs[-1] - accs[0]):+.1f} points), {seconds:.0f} s\n\n"
@@ -272,7 +274,7 @@ def main(argv=None):
     team_lib.save_team(team, run_dir)
     seconds = time.time() - start
     write_summary(run_dir, cfg, accs, seconds)
-    print(f"held-out accuracy ({len(heldout)} questions): warm-up team {accs[0]:.3f} -> trained team {accs[-1]:.3f} "
+    print(f"held-out accuracy ({len(heldout)} questions): starting team {accs[0]:.3f} -> trained team {accs[-1]:.3f} "
           f"({100 * (accs[-1] - accs[0]):+.1f} points) in {seconds:.0f} s; wrote {run_dir}")
 
 

@@ -14,16 +14,16 @@ import random
 NAMES = [("Mia", "She"), ("Leo", "He"), ("Ava", "She"), ("Sam", "He"), ("Zoe", "She"), ("Ben", "He"), ("Ivy", "She"),
          ("Tom", "He"), ("Ema", "She"), ("Max", "He"), ("Lily", "She"), ("Noah", "He")]
 THINGS = ["apples", "pens", "stickers", "marbles", "books", "cookies", "cards", "shells", "coins", "stamps"]
-TEMPLATES = [  # (text with {name} {pronoun} {thing} {a} {b} {c}, answer from a, b, c)
+TEMPLATES = [  # (text with {name} {pronoun} {thing} {a} {b} {c}, answer from a, b, c; None: no count goes below 0)
     ("{name} has {a} {thing}. {pronoun} buys {b} more {thing} and then gives {c} {thing} to a friend. "
-     "How many {thing} does {name} have now?", lambda a, b, c: a + b - c),
+     "How many {thing} does {name} have now?", lambda a, b, c: a + b - c if c <= a + b else None),
     ("{name} has {a} {thing}. {pronoun} gets {b} more {thing} and then {c} more. How many {thing} does {name} have now?",
      lambda a, b, c: a + b + c),
     ("{name} has {a} boxes with {b} {thing} in each box. How many {thing} does {name} have in all?", lambda a, b, c: a * b),
     ("{name} has {a} boxes with {b} {thing} in each box, and {c} more {thing}. How many {thing} does {name} have in all?",
      lambda a, b, c: a * b + c),
     ("{name} had {a} {thing}. {pronoun} lost {b} {thing} and then found {c} {thing}. How many {thing} does {name} have now?",
-     lambda a, b, c: a - b + c),
+     lambda a, b, c: a - b + c if b <= a else None),
 ]
 
 
@@ -36,7 +36,7 @@ def generate(count: int, seed: int) -> list:
         a, b, c = (rng.randint(2, 9) for _ in range(3))
         value = answer(a, b, c)
         text = template.format(name=name, pronoun=pronoun, thing=thing, a=a, b=b, c=c)
-        if value >= 0 and text not in seen:
+        if value is not None and text not in seen:
             seen.add(text)
             out.append((text, str(value)))
     return out

@@ -27,7 +27,7 @@ def test_train_writes_a_run_directory_and_eval_reads_it(tmp_path):
     for agent in ("agent0", "agent1"):
         assert (run_dir / agent / "config.json").exists() and (run_dir / agent / "model.safetensors").exists()
     assert "held-out accuracy" in (run_dir / "summary.md").read_text()
-    assert "warm-up team" in out.stdout and "trained team" in out.stdout
+    assert "starting team" in out.stdout and "trained team" in out.stdout
     evaluated = run("eval.py", str(run_dir), "--samples", "2", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "greedy held-out accuracy" in evaluated.stdout and "pass@2" in evaluated.stdout

@@ -15,6 +15,9 @@ NAMES = [("Mia", "She"), ("Leo", "He"), ("Ava", "She"), ("Sam", "He"), ("Zoe", "
          ("Tom", "He"), ("Ema", "She"), ("Max", "He"), ("Lily", "She"), ("Noah", "He")]
 THINGS = ["apples", "pens", "stickers", "marbles", "books", "cookies", "cards", "shells", "coins", "stamps"]
 TEMPLATES = [  # (text with {name} {pronoun} {thing} {a} {b} {c}, answer from a, b, c; None: no count goes below 0)
+    ("{name} has {a} {thing}. {pronoun} buys {b} more {thing}. How many {thing} does {name} have now?", lambda a, b, c: a + b),
+    ("{name} has {a} {thing}. {pronoun} gives {b} {thing} to a friend. How many {thing} does {name} have now?",
+     lambda a, b, c: a - b if b <= a else None),
     ("{name} has {a} {thing}. {pronoun} buys {b} more {thing} and then gives {c} {thing} to a friend. "
      "How many {thing} does {name} have now?", lambda a, b, c: a + b - c if c <= a + b else None),
     ("{name} has {a} {thing}. {pronoun} gets {b} more {thing} and then {c} more. How many {thing} does {name} have now?",

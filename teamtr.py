@@ -339,16 +339,17 @@ def evaluated_stages(cfg: Config) -> list[int]:
 
 
 def train_stages(team, task, heldout, cfg: Config, log) -> list[float]:
-    """The stage loop, with a held-out evaluation after every --eval-every stages. Returns eval_acc
-    per evaluation (index 0: before training; with --eval-every 1, one per stage). log(record, line) receives every update's and stage's metrics."""
+    """The stage loop, with a held-out evaluation before training and after every --eval-every
+    stages (and the last). Returns eval_acc per evaluation (with --eval-every 1, index s is stage
+    s). log(record, line) receives every update's and stage's metrics."""
     accs = [evaluation.accuracy(team, task, heldout, cfg)]
     log({"stage": 0, "stage/eval_acc": accs[0]}, f"stage 0: held-out accuracy {accs[0]:.3f}")
     for stage in tqdm(range(1, cfg.stages + 1), desc="stages", unit="stage"):
-        record = run_stage(team, task, cfg, stage, log)
-        line = f"stage {stage}: certificate {record['stage/certificate']:+.4f} turns {record['stage/turns']:.0f} {record['stage/seconds']:.1f}s"
+        record, acc = run_stage(team, task, cfg, stage, log), ""
         if stage in evaluated_stages(cfg):
             accs.append(evaluation.accuracy(team, task, heldout, cfg))
             record.update({"stage/eval_acc": accs[-1], "stage/realized_gain": accs[-1] - accs[-2]})
-            line = f"stage {stage}: held-out accuracy {accs[-1]:.3f} (gain {accs[-1] - accs[-2]:+.3f}) " + line[len(f"stage {stage}: "):]
-        log(record, line)
+            acc = f"held-out accuracy {accs[-1]:.3f} (gain {accs[-1] - accs[-2]:+.3f}) "
+        log(record, f"stage {stage}: {acc}certificate {record['stage/certificate']:+.4f} turns {record['stage/turns']:.0f} "
+                    f"{record['stage/seconds']:.1f}s")
     return accs

@@ -99,3 +99,14 @@ def test_prompts_need_enough_roles(tmp_path):
     path.write_text(json.dumps({"roles": [{"name": "a", "instructions": "x"}], "single": {"name": "s", "instructions": "y"}}))
     with pytest.raises(mathtask.TaskError, match="1 roles, fewer than --agents 2"):
         mathtask.make(task_cfg(prompts=str(path)))
+
+
+def test_gsm8k_gold_is_after_the_hashes_and_parquet_files_load(tmp_path):
+    import datasets
+    rows = datasets.Dataset.from_dict({"problem": [f"Add {i} and {i}." for i in range(40)],
+                                       "answer": [f"{i} + {i} = {2 * i}\n#### {2 * i:,}" for i in range(40)]})
+    qs = mathtask.rows_to_questions(rows, "gsm8k")
+    assert qs[7] == mathtask.Question("Add 7 and 7.", "14") and mathtask.grade(qs[39].answer, "78")
+    rows.to_parquet(tmp_path / "q.parquet")
+    train, held = mathtask.load_questions(f"parquet:{tmp_path / 'q.parquet'}")
+    assert sorted(q.text for q in train + held) == sorted(q.text for q in qs) and held

@@ -1,12 +1,12 @@
 """Generated word problems: the offline math task (`--task words`) of the CPU demonstration.
 
-Two-step problems about a person and things, with whole numbers from 2 to 9, for example:
+One- and two-step problems about a person and things, with whole numbers from 2 to 9, e.g.:
 
     "Mia has 7 apples. She buys 5 more apples and then gives 3 apples to a friend.
      How many apples does Mia have now?"   ->  9
 
-They are easy enough that a 135M-parameter instruct model solves some of them, so a team of it
-has room to learn from the team reward alone; the answer is only reachable through both steps.
+They are easy enough that a 135M-parameter instruct model solves some of them (about one in five,
+greedy), so a team of it has room to learn from the team reward alone.
 Questions are deterministic by seed and distinct; mathtask.split holds a quarter of them out.
 """
 import random

@@ -68,9 +68,8 @@ def is_math_task(name: str) -> bool:
 class MathTask:
     """A question pool with a held-out split, role prompts, and math-verify grading."""
 
-    def __init__(self, train: list, heldout: list, roles: list, max_new_tokens: int):
-        self.pool, self.held, self.roles, self.max_new_tokens = train, heldout, roles, max_new_tokens
-        self.turns = len(roles)
+    def __init__(self, train: list, heldout: list, roles: list, turns: int, max_new_tokens: int):
+        self.pool, self.held, self.roles, self.turns, self.max_new_tokens = train, heldout, roles, turns, max_new_tokens
 
     def train_questions(self, count: int, seed: int) -> list:
         return random.Random(seed).sample(self.pool, count)
@@ -97,12 +96,13 @@ def make(cfg) -> MathTask:
         raise TaskError(f"--task {cfg.task}: no held-out questions (a quarter of a file's questions are held out)")
     if len(train) < cfg.questions:
         raise TaskError(f"--task {cfg.task}: {len(train)} training questions, fewer than --questions {cfg.questions}")
-    n = 1 if cfg.mode == "single" else cfg.agents * cfg.rounds
-    return MathTask(train, heldout, team_roles(cfg.prompts or DEFAULT_PROMPTS, n, cfg.agents), cfg.max_new_tokens or 256)
+    single = cfg.mode == "single"
+    roles = team_roles(cfg.prompts or DEFAULT_PROMPTS, 1 if single else cfg.agents)
+    return MathTask(train, heldout, roles, 1 if single else cfg.agents * cfg.rounds, cfg.max_new_tokens or 256)
 
 
-def team_roles(path: str, turns: int, agents: int) -> list:
-    """The role of each agent (the one-agent prompt when turns == 1), repeated for every round."""
+def team_roles(path: str, agents: int) -> list:
+    """The role of each agent (the one-agent prompt for one agent)."""
     try:
         with open(path) as f:
             prompts = json.load(f)
@@ -111,11 +111,11 @@ def team_roles(path: str, turns: int, agents: int) -> list:
             raise KeyError("every role needs a name and instructions")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TaskError(f"--prompts {path}: not a prompts file ({type(e).__name__}: {e}); see prompts/team.json") from None
-    if turns == 1:
+    if agents == 1:
         return [single]
     if len(roles) < agents:
         raise TaskError(f"--prompts {path}: {len(roles)} roles, fewer than --agents {agents}")
-    return (roles[: agents - 1] + roles[-1:]) * (turns // agents)
+    return roles[: agents - 1] + roles[-1:]
 
 
 def load_questions(spec: str) -> tuple[list, list]:

@@ -38,7 +38,6 @@ solo message "0;8;9" is scored by its last value.
 """
 import random
 import re
-import zlib
 from dataclasses import dataclass
 
 import mathtask
@@ -69,10 +68,6 @@ def normalise(answer: str) -> str:
     """Strip spaces, dollar signs, thousands commas and a trailing '.0' so '1,000.0' == '1000'."""
     answer = answer.strip().strip("$. ").replace(",", "").replace(" ", "")
     return answer[:-2] if answer.endswith(".0") else answer
-
-
-def is_heldout(text: str) -> bool:
-    return zlib.crc32(text.encode()) % 4 == 0
 
 
 class Relay:
@@ -157,7 +152,7 @@ def questions(task, count: int, seed: int, heldout: bool, partial: bool = False)
     rng, seen, out = random.Random(seed), set(), []
     for _ in range(200 * count):
         q = task.question(rng)
-        if is_heldout(q.text) == heldout and q.text not in seen:
+        if mathtask.is_heldout(q.text) == heldout and q.text not in seen:  # the one CRC32 split of every task
             seen.add(q.text)
             out.append(q)
             if len(out) == count:

@@ -110,3 +110,9 @@ def test_gsm8k_gold_is_after_the_hashes_and_parquet_files_load(tmp_path):
     rows.to_parquet(tmp_path / "q.parquet")
     train, held = mathtask.load_questions(f"parquet:{tmp_path / 'q.parquet'}")
     assert sorted(q.text for q in train + held) == sorted(q.text for q in qs) and held
+
+
+def test_roles_belong_to_agents_across_rounds():
+    task = mathtask.make(task_cfg(rounds=2))
+    assert task.turns == 4 and len(task.roles) == 2
+    assert "team of 2" in task.context(task.heldout(1)[0], [], 1)[0]["content"]

@@ -55,13 +55,24 @@ def agent_batch(episodes, agent: int, advantages, pad_id: int, device) -> dict:
 
 
 def token_logprobs(model, batch, rows=slice(None), full: bool = False):
-    """fp32 log pi(token_{p+1} | tokens_<=p) for the selected rows: (S, L-1); with full=True
-    also the whole next-token log-distributions (S, L-1, V)."""
-    ids, attn = batch["ids"][rows], batch["attn"][rows]
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # (S, L-1, V)
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
-    return (logp, logp_all) if full else (logp, None)
+    """fp32 log pi(token_{p+1} | tokens_<=p) for the selected rows: (S, L-1), 0 where mask is 0;
+    with full=True also the whole next-token log-distributions (S, L-1, V).
+
+    Without full, the output layer and the log-softmax run only on the agent's own tokens (mask
+    1): the decoder reads every token, but the (tokens, vocabulary) logits of the prompt, which no
+    loss uses, are never built. On a 49k vocabulary that halves the time and memory of an update.
+    """
+    ids, attn, mask = batch["ids"][rows], batch["attn"][rows], batch["mask"][rows]
+    targets = ids[:, 1:]
+    if full:
+        logp_all = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1)
+        return logp_all.gather(-1, targets[..., None])[..., 0] * mask, logp_all
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+    where = mask.bool()
+    logits = model.get_output_embeddings()(hidden[where]).float()  # (T, V): the agent's tokens only
+    logp = torch.zeros(mask.shape, device=logits.device)
+    logp[where] = logits.log_softmax(-1).gather(-1, targets[where][:, None])[:, 0]
+    return logp, None
 
 
 def masked_mean(x, mask, reduction: str = "token"):

@@ -114,7 +114,20 @@ def load_model(name: str, device: str, dtype: torch.dtype):
     if gguf:  # the weights are plain de-quantised tensors now; unmark them so save_pretrained writes them
         model.hf_quantizer, model.is_quantized = None, False
         del model.config.quantization_config
+    check_output_layer(name, model)
     return model, tokenizer
+
+
+def check_output_layer(name: str, model):
+    """losses.token_logprobs applies the output layer to the decoder's last hidden states itself,
+    on the agent's tokens only; a model whose logits are more than that (Gemma 2's soft-capping, a
+    logit scale) would be scored wrongly, so it is refused here, on a 4-token probe."""
+    ids = torch.arange(1, 5, device=model.device)[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        ours = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)
+    if not torch.allclose(logits, ours, rtol=1e-3, atol=1e-3):
+        raise LoadError(f"--model {name}: its logits are post-processed (soft-capping or a logit scale), which this project does not score")
 
 
 def make_agent(name, model, tokenizer, lr: float, grad_ckpt: bool = False, optimizer: str = "adam") -> Agent:

@@ -66,3 +66,26 @@ def test_sequence_log_ratio_sums_each_episodes_tokens():
     episode = torch.tensor([0, 0, 2])  # episode 0 has two rows (two turns), episode 1 none
     out = losses.sequence_log_ratio(logp, old, mask, episode, 3)
     torch.testing.assert_close(out, torch.tensor([0.5 + 0.5 + 0.5, 0.0, 2.0]))
+
+
+def test_token_logprobs_on_the_agents_tokens_equal_the_full_logits_and_their_gradients(tmp_path):
+    from chat_models import save_chat_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(save_chat_model(tmp_path / "llama"))
+    ids = torch.randint(3, 300, (3, 12), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[2, 9:] = 0  # a right-padded row
+    mask = torch.zeros(3, 11)
+    mask[0, 4:9], mask[1, 2:11], mask[2, 5:8] = 1, 1, 1
+    batch = dict(ids=ids, attn=attn, mask=mask)
+    logp, _ = losses.token_logprobs(model, batch)
+    logp.sum().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1)
+    reference = reference.gather(-1, ids[:, 1:, None])[..., 0] * mask
+    reference.sum().backward()
+    torch.testing.assert_close(logp, reference, atol=1e-6, rtol=0)
+    assert (logp[mask == 0] == 0).all()
+    for got, want in zip(ours, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -4,10 +4,12 @@ import json
 import os
 
 import pytest
-from transformers import ViTConfig
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, ViTConfig
 
+import team
 import train
-from chat_models import save_chat_model
+from chat_models import bpe_tokenizer, save_chat_model
 from test_train_cli import ROOT, run
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
@@ -81,3 +83,13 @@ def test_bad_real_inputs_give_one_line_exit_2_and_write_nothing(tmp_path, models
 def test_eval_on_a_folder_that_is_not_a_run_is_one_line_exit_2(tmp_path):
     out = run("eval.py", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 2 and "run directory" in out.stderr.strip().splitlines()[-1]
+
+
+def test_a_model_with_post_processed_logits_is_refused(tmp_path):
+    tok = bpe_tokenizer()
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.01, eos_token_id=tok.eos_token_id)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(team.LoadError, match="post-processed"):
+        team.load_model(str(tmp_path), "cpu", torch.float32)

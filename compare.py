@@ -19,7 +19,8 @@ runs/<name>/ gets <mode>-n<n>-s<seed>.jsonl (each run's metrics, as in train.py)
 results.json (one record per run), compare.md (the table) and SVG plots: accuracy_n<n>.svg
 (held-out accuracy per stage), tokens_n<n>.svg (accuracy against generated tokens: the
 equal-compute view) and stale_gap.svg (summed stale gap per stage against team size).
-No checkpoints are saved; train one mode with train.py for those.
+No checkpoints are saved; train one mode with train.py for those. results.json is rewritten after
+every run, so `python train.py --resume RUN_DIR` skips the runs that finished and trains the rest.
 """
 import dataclasses
 import itertools
@@ -30,27 +31,35 @@ import time
 
 from tqdm import tqdm
 
+import config
+import runs
 import tasks
 import teamtr
-import train
+import warmup
 
-COLORS = dict(zip(teamtr.MODES, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f"]))  # one per mode
+COLORS = dict(zip(config.MODES, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f"]))  # one per mode
 
 
-def run(cfg: teamtr.Config, sizes: list[int], device, dtype, run_dir: str) -> list[dict]:
-    """Train every mode in cfg.modes for every team size and seed; write the table and plots."""
-    start, results = time.time(), []
+def run(cfg: config.Config, sizes: list[int], device, dtype, run_dir: str, resume: bool = False) -> list[dict]:
+    """Train every mode in cfg.modes for every team size and seed; write the table and plots.
+    resume: keep the runs recorded in run_dir/results.json and train only the others."""
+    start, results = time.time(), finished(run_dir) if resume else []
+    done = {(r["n"], r["seed"], r["mode"]) for r in results}
     for n in sizes:
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+            modes = [m for m in cfg.modes.split(",") if (n, seed, m) not in done]
+            if not modes:
+                continue
             base = dataclasses.replace(cfg, agents=n, seed=seed)
             t0 = time.time()
-            model = train.starting_model(base, device, dtype)
+            model = warmup.starting_model(base, device, dtype)
             warmup_seconds = time.time() - t0
             heldout = tasks.make(base).heldout(cfg.eval_size)  # the same questions for `single`
-            for mode in cfg.modes.split(","):
-                mode_cfg = teamtr.resolve(dataclasses.replace(base, mode=mode, measure_gap=True))
+            for mode in modes:
+                mode_cfg = config.resolve(dataclasses.replace(base, mode=mode, measure_gap=True))
                 result = train_mode(mode_cfg, model, heldout, device, dtype, run_dir)
                 results.append({**result, "warmup_seconds": warmup_seconds})
+                runs.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results))  # what a resume keeps
                 tqdm.write(f"n={n} seed {seed} {mode}: held-out {result['accs'][0]:.3f} -> {result['accs'][-1]:.3f}, "
                            f"{result['tokens'][-1]:,} tokens, {result['seconds']:.0f} s")
     table = write_outputs(results, run_dir)
@@ -59,13 +68,25 @@ def run(cfg: teamtr.Config, sizes: list[int], device, dtype, run_dir: str) -> li
     return results
 
 
-def train_mode(cfg: teamtr.Config, model, heldout, device, dtype, run_dir: str) -> dict:
+def finished(run_dir: str) -> list[dict]:
+    """The runs a compare directory has finished (none if it has no results.json yet)."""
+    path = os.path.join(run_dir, "results.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise runs.RunError(f"--resume {run_dir}: {path} cannot be read ({e})") from None
+
+
+def train_mode(cfg: config.Config, model, heldout, device, dtype, run_dir: str) -> dict:
     """One mode from a copy of the starting model; its metrics go to <mode>-n<n>-s<seed>.jsonl."""
     t0 = time.time()
-    team = train.build_team(cfg, model, device, dtype)
-    path = os.path.join(run_dir, f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}.jsonl")
-    accs, records = train.train_logged(team, tasks.make(cfg), heldout, cfg, path, echo=False)
-    return {"mode": cfg.mode, "n": cfg.agents, "seed": cfg.seed, **summarize(records, accs), "seconds": time.time() - t0}
+    team = warmup.build_team(cfg, model, device, dtype)
+    log = runs.Log(os.path.join(run_dir, f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}.jsonl"))
+    accs = teamtr.train_stages(team, tasks.make(cfg), heldout, cfg, log)
+    return {"mode": cfg.mode, "n": cfg.agents, "seed": cfg.seed, **summarize(log.records, accs), "seconds": time.time() - t0}
 
 
 def summarize(records: list[dict], accs: list[float]) -> dict:
@@ -98,9 +119,7 @@ def spread(values, fmt: str) -> str:
 
 
 def write_outputs(results: list[dict], run_dir: str) -> str:
-    """results.json, compare.md and the plots; returns the table."""
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f)
+    """compare.md and the plots; returns the table."""
     budgets = {}  # (n, seed) -> the smallest total generated tokens of a mode that trained
     for r in results:
         if r["tokens"][-1] > 0:

@@ -11,20 +11,17 @@ chain, or a real task's one-agent prompt): what the team adds over one of its me
 pass@k uses the unbiased estimator of Chen et al. (2021): with n samples of which c are correct,
 pass@k = 1 - C(n - c, k) / C(n, k); avg@k is the mean accuracy over the k samples.
 """
-import argparse
 import dataclasses
-import json
 import os
-import sys
 from math import comb
 
 import torch
 
 import mathtask
 import rollout
+import runs
 import tasks
 import team as team_lib
-import teamtr
 
 
 def correct_counts(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0) -> list[int]:
@@ -54,26 +51,29 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run directory written by train.py")
+    parser = runs.Parser(prog="eval.py", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run directory written by train.py (its trained team, or the last checkpoint of an unfinished run)")
     parser.add_argument("--samples", type=int, default=0, help="sampled episodes per question for avg@k and pass@k (0: greedy only)")
     parser.add_argument("--size", type=int, default=0, help="held-out questions (default: the run's eval_size)")
     args = parser.parse_args(argv)
-    config_path = os.path.join(args.run_dir, "config.json")
-    if not os.path.exists(config_path):
-        parser.error(f"{config_path} not found (is {args.run_dir} a run directory?)")
     if args.samples < 0 or args.size < 0:
-        parser.error("--samples and --size must be at least 0")
-    fields = {f.name for f in dataclasses.fields(teamtr.Config)}
-    cfg = teamtr.Config(**{k: v for k, v in json.load(open(config_path)).items() if k in fields})
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda") else torch.float32
-    paths = sorted((p for p in os.listdir(args.run_dir) if p.startswith("agent") and p[5:].isdigit()), key=lambda p: int(p[5:]))
+        parser.error(f"--samples and --size must be at least 0, got {args.samples} and {args.size}")
     try:
+        cfg = runs.read_config(args.run_dir)[0]
+        if cfg.mode == "compare":
+            raise runs.RunError(f"{args.run_dir} is a --mode compare directory (its runs keep metrics, not teams)")
+        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+        dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda") else torch.float32
+        folder = args.run_dir if os.path.isdir(os.path.join(args.run_dir, "agent0")) else (runs.checkpoints(args.run_dir) or [""])[-1]
+        if not folder:
+            raise runs.RunError(f"{args.run_dir} holds neither a trained team nor a checkpoint")
+        paths = sorted((p for p in os.listdir(folder) if p.startswith("agent") and p[5:].isdigit()), key=lambda p: int(p[5:]))
         task = tasks.make(cfg)
-        team = team_lib.load_team([os.path.join(args.run_dir, p) for p in paths], device, dtype, lr=0.0)
-    except (mathtask.TaskError, team_lib.LoadError) as e:
+        team = team_lib.load_team([os.path.join(folder, p) for p in paths], device, dtype, lr=0.0)
+    except (runs.RunError, mathtask.TaskError, team_lib.LoadError) as e:
         parser.error(str(e))
+    if folder != args.run_dir:
+        print(f"the run did not finish; evaluating its last checkpoint, {os.path.basename(folder)}")
     qs = task.heldout(args.size or cfg.eval_size)
     print(f"greedy held-out accuracy: {accuracy(team, task, qs, cfg):.4f} ({len(qs)} questions, {len(team)} agents)")
     if len(team) > 1:

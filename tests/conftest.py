@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tasks  # noqa: E402
 import team as team_lib  # noqa: E402
-import teamtr  # noqa: E402
+import config  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -25,7 +25,7 @@ def make_team():
 
 @pytest.fixture
 def cfg():
-    return teamtr.resolve(teamtr.Config(agents=3, questions=4, group=4, eval_size=8, minibatch=16, epochs=2, warmup_steps=0))
+    return config.resolve(config.Config(agents=3, questions=4, group=4, eval_size=8, minibatch=16, epochs=2, warmup_steps=0))
 
 
 def random_rewards(episodes, seed=0):

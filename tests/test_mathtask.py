@@ -8,7 +8,7 @@ import pytest
 import mathtask
 import rollout
 import team as team_lib
-import teamtr
+import config
 from chat_models import save_chat_model
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
@@ -37,7 +37,7 @@ def test_final_answer_prefers_the_last_box_then_answer_then_the_last_number():
 
 def task_cfg(**kw):
     base = dict(task=f"jsonl:{FIXTURE}", agents=2, questions=4, model="x", max_new_tokens=8)
-    return teamtr.resolve(teamtr.Config(**{**base, **kw}))
+    return config.resolve(config.Config(**{**base, **kw}))
 
 
 def test_a_local_file_is_split_by_hash_and_eval_size_is_respected():

@@ -4,7 +4,6 @@ import torch
 import losses
 import rollout
 import tasks
-from conftest import random_rewards
 
 
 def uncached_greedy(model, prompt, eos_id, max_new_tokens):

@@ -3,8 +3,8 @@ the warm-up demonstrator with and without the codes of the coordination variant.
 import random
 
 import tasks
-import teamtr
-import train
+import config
+import warmup
 
 
 def test_relay_questions_chain_their_steps_mod_the_modulus():
@@ -41,17 +41,17 @@ def test_p_max_arg_sets_the_share_of_the_largest_operation():
 
 
 def test_the_demonstrator_writes_the_chain_plainly_without_codes():
-    task, cfg = tasks.Relay(3), teamtr.Config(demo_error=0.0)
+    task, cfg = tasks.Relay(3), config.Config(demo_error=0.0)
     q = tasks.questions(task, 1, seed=3, heldout=False)[0]
-    demos = train.demonstration(q, task, tasks.Relay(3, solo=True), cfg, random.Random(0))
+    demos = warmup.demonstration(q, task, tasks.Relay(3, solo=True), cfg, random.Random(0))
     assert demos == [(task.render(q, list(q.steps[:t])), q.steps[t]) for t in range(3)] + [(f"{q.text}=", ";".join(q.steps))]
 
 
 def test_with_codes_the_demonstrator_mirrors_half_the_messages_but_never_the_last():
-    task, cfg, rng = tasks.Relay(4), teamtr.Config(demo_error=0.0, codes=True), random.Random(0)
+    task, cfg, rng = tasks.Relay(4), config.Config(demo_error=0.0, codes=True), random.Random(0)
     mirrored = [[], [], [], []]
     for q in tasks.questions(task, 500, seed=3, heldout=False):
-        demos = train.demonstration(q, task, tasks.Relay(4, solo=True), cfg, rng)
+        demos = warmup.demonstration(q, task, tasks.Relay(4, solo=True), cfg, rng)
         for t, (context, message) in enumerate(demos[:4]):
             assert message in (q.steps[t], str(tasks.mirror(int(q.steps[t]), 10)))  # the true value, in one of two codes
             if t < 3:  # the next context shows this message as it was written

@@ -93,7 +93,7 @@ def test_suffix_resampling_turn_counts(make_team, cfg, update_order, turns):
 def test_update_metrics_have_the_spec_names(make_team, cfg):
     logged = []
     teamtr.run_stage(make_team(3), tasks.Relay(3), cfg, 1, lambda r, line: logged.append(r))
-    for name in ["kl_rev", "kl_k1", "kl_k3", "out_of_region", "clipfrac", "steps", "backtracks", "surrogate", "stale_gap"]:
+    for name in ["kl_rev", "kl_k1", "kl_k3", "out_of_region", "clipfrac", "steps", "skipped_steps", "reverted", "backtracks", "surrogate", "stale_gap"]:
         assert all(f"agent{r['agent']}/{name}" in r for r in logged)
 
 
@@ -128,3 +128,43 @@ def test_measure_gap_in_stale_mode_measures_without_training_on_it(make_team, cf
     gaps = [r[f"agent{r['agent']}/stale_gap"] for r in logged]
     assert gaps[0] == 0.0 and all(g is not None and g >= 0 for g in gaps[1:]) and max(gaps) > 0
     assert record["stage/turns"] == 3  # diagnostic batches are not training compute
+
+
+def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights(make_team, cfg, monkeypatch):
+    team = make_team(2, lr=1e-2)
+    batch, before = played_batch(team, cfg), snapshot(team[0])
+    ppo_loss = losses.ppo_loss
+    monkeypatch.setattr(losses, "ppo_loss", lambda *args: ppo_loss(*args) * float("nan"))
+    stats = teamtr.update_agent(team[0], 0, batch, None, cfg, seed=0)
+    assert stats["steps"] == 0 and stats["skipped_steps"] == cfg.epochs * -(-len(batch) // cfg.minibatch)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(team[0])))
+    assert not team[0].optimizer.state  # no optimiser step was taken
+
+
+def test_a_non_finite_gradient_skips_only_that_step(make_team, cfg):
+    team = make_team(2, lr=1e-2)
+    batch = played_batch(team, cfg)
+    faults = []
+
+    def first_inf(grad):  # the first step's gradient of one tensor becomes non-finite
+        faults.append(grad)
+        return grad * float("inf") if len(faults) == 1 else grad
+    next(team[0].model.parameters()).register_hook(first_inf)
+    stats = teamtr.update_agent(team[0], 0, batch, None, cfg, seed=0)
+    assert stats["skipped_steps"] == 1 and stats["steps"] > 0
+    assert all(torch.isfinite(p).all() for p in team[0].model.parameters())
+
+
+def test_a_non_finite_kl_reverts_the_update(make_team, cfg, monkeypatch):
+    team = make_team(2, lr=1e-2)
+    batch, before = played_batch(team, cfg), snapshot(team[0])
+    mean_kl, calls = teamtr.mean_kl, []
+
+    def faulty(*args):  # the first measurement after a step comes out NaN
+        D, logp, kl_tok = mean_kl(*args)
+        calls.append(1)
+        return (float("nan") if len(calls) == 1 else D), logp, kl_tok
+    monkeypatch.setattr(teamtr, "mean_kl", faulty)
+    stats = teamtr.update_agent(team[0], 0, batch, None, cfg, seed=0)
+    assert stats["reverted"] == 1 and stats["steps"] == 1 and stats["kl_rev"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(team[0])))

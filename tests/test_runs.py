@@ -1,0 +1,163 @@
+"""Run plumbing: determinism, resume after SIGKILL or Ctrl-C, atomic checkpoints, a failed
+checkpoint write, compare resume, and bad run inputs as one line, exit 2, nothing written."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import eval as evaluation
+import runs
+import train
+from test_train_cli import ROOT
+
+RUN = ["--agents", "2", "--stages", "3", "--warmup-steps", "20", "--questions", "32", "--group", "8", "--eval-size", "16", "--threads", "1"]
+UNTIMED = ("stage/seconds", "rollout/tokens_per_second", "perf/")  # timing and memory fields differ between runs
+
+
+def metrics(run_dir) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(UNTIMED)} for r in records]
+
+
+def start(cwd, *args):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_update(run_dir, stage: int, proc):
+    """Block until the run has logged an update of `stage` (so it is in the middle of that stage)."""
+    path = run_dir / "metrics.jsonl"
+    while proc.poll() is None:
+        if path.exists() and any(f'"stage": {stage}, "update"' in line for line in path.read_text().splitlines()):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run ended before stage {stage}: {proc.stderr.read()}")
+
+
+def test_same_seed_same_metrics_and_a_killed_run_resumes_to_them(tmp_path):
+    for name in ("a", "b"):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--name", name], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    runs_dir = tmp_path / "runs"
+    assert metrics(runs_dir / "a") == metrics(runs_dir / "b")  # determinism on one machine
+    assert [p.name for p in (runs_dir / "a").iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-stage3"]
+
+    proc = start(tmp_path, *RUN, "--name", "killed")
+    killed = runs_dir / "killed"
+    wait_for_update(killed, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in killed.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-stage1"]  # mid stage 2
+    (killed / "checkpoint-stage2.tmp").mkdir()  # as if it had also died writing stage 2's checkpoint
+    (killed / "checkpoint-stage2.tmp" / "state.pt").write_bytes(b"half")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(killed)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "resumed after stage 1" in out.stdout
+    assert metrics(killed) == metrics(runs_dir / "a")
+    assert not (killed / "checkpoint-stage2.tmp").exists()
+    for i in range(2):
+        resumed, straight = (killed / f"agent{i}" / "model.safetensors").read_bytes(), (runs_dir / "a" / f"agent{i}" / "model.safetensors").read_bytes()
+        assert resumed == straight
+
+
+def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tmp_path):
+    proc = start(tmp_path, *RUN, "--name", "stopped")
+    wait_for_update(tmp_path / "runs" / "stopped", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].endswith(f"python train.py --resume {os.path.join('runs', 'stopped')}")
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    save = torch.save
+
+    def disk_full_at_stage_2(obj, path, *args, **kwargs):
+        if "checkpoint-stage2" in str(path):
+            raise OSError(28, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(runs.torch, "save", disk_full_at_stage_2)
+    small = ["--agents", "2", "--stages", "2", "--warmup-steps", "2", "--questions", "4", "--group", "2", "--eval-size", "4"]
+    with pytest.raises(SystemExit) as stop:
+        train.main([*small, "--name", "full"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert stop.value.code == 1 and err.startswith("train.py: error: could not write the checkpoint of stage 2 (No space left on device)")
+    assert err.endswith(f"checkpoint-stage1 is intact; python train.py --resume {os.path.join('runs', 'full')}")
+    run_dir = tmp_path / "runs" / "full"
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-stage1"]
+    monkeypatch.setattr(runs.torch, "save", save)
+    train.main(["--resume", str(run_dir)])
+    assert [r["stage"] for r in metrics(run_dir) if "stage/certificate" in r] == [1, 2]
+    assert (run_dir / "agent1" / "model.safetensors").exists()
+
+
+def test_compare_resumes_skipping_the_runs_it_finished(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--mode", "compare", "--modes", "none,teamtr", "--seeds", "1", "--agents", "2", "--stages", "1", "--warmup-steps", "2",
+            "--questions", "4", "--group", "2", "--eval-size", "4", "--name", "cmp"]
+    train_mode, trained = train.compare.train_mode, []
+
+    def interrupted_second(cfg, *rest):
+        trained.append(cfg.mode)
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        return train_mode(cfg, *rest)
+    monkeypatch.setattr(train.compare, "train_mode", interrupted_second)
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    assert stop.value.code == 130 and "--resume" in capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "cmp"
+    assert [r["mode"] for r in json.loads((run_dir / "results.json").read_text())] == ["none"]
+    trained.clear()
+    train.main(["--resume", str(run_dir)])
+    assert trained == ["teamtr"]  # `none` finished before the interruption and is not trained again
+    assert [r["mode"] for r in json.loads((run_dir / "results.json").read_text())] == ["none", "teamtr"]
+    assert "| 2 | teamtr |" in (run_dir / "compare.md").read_text()
+
+
+def bad_run_inputs(tmp):
+    (tmp / "afile").write_text("")
+    (tmp / "notarun").mkdir()
+    broken = tmp / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"mode": "teamtr", "agents": 2}))
+    (broken / "checkpoint-stage1").mkdir()
+    (broken / "checkpoint-stage1" / "state.pt").write_bytes(b"not a checkpoint")
+    return {
+        "out-dir under a file": (["--out-dir", str(tmp / "afile" / "runs")], "is a file, not a folder"),
+        "out-dir not writable": (["--out-dir", "/proc/teamtr-runs"], "cannot write in /proc"),
+        "resume a folder that is not a run": (["--resume", str(tmp / "notarun")], "not a run directory"),
+        "resume a missing folder": (["--resume", str(tmp / "missing")], "not a run directory"),
+        "resume an unreadable checkpoint": (["--resume", str(broken)], "checkpoint-stage1 cannot be read"),
+        "resume with a flag that changes the run": (["--resume", str(broken), "--lr", "0.1"], "drop --lr"),
+    }
+
+
+@pytest.mark.parametrize("case", ["out-dir under a file", "out-dir not writable", "resume a folder that is not a run",
+                                  "resume a missing folder", "resume an unreadable checkpoint", "resume with a flag that changes the run"])
+def test_bad_run_inputs_give_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, case):
+    monkeypatch.chdir(tmp_path)
+    args, expected = bad_run_inputs(tmp_path)[case]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as stop:
+        train.main([*args, "--warmup-steps", "2"] if "--out-dir" in args else args)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("args, expected", [(["--samples", "-1"], "--samples and --size must be at least 0"),
+                                            ([], "not a run directory")])
+def test_eval_bad_inputs_give_one_line_exit_2(tmp_path, capsys, args, expected):
+    with pytest.raises(SystemExit) as stop:
+        evaluation.main([str(tmp_path), *args])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err

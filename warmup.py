@@ -1,0 +1,83 @@
+"""The starting team: tiny agents warmed up on an imperfect demonstrator, or pretrained models.
+
+The tiny agents learn nothing but the relay, so a short supervised phase (warmup) teaches them its
+format and leaves them an imperfect start that RL can improve; then one warmed-up model is copied
+once per agent. --model and --models load Hugging Face models instead, with no warm-up.
+"""
+import random
+
+import torch
+from tqdm import tqdm
+
+import losses
+import rollout
+import tasks
+import team as team_lib
+from config import Config
+
+
+def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[str, str]]:
+    """The demonstrator's (context, message) pairs for one question: every team turn of `task`,
+    then the `solo` format.
+
+    It is imperfect on purpose: on operations beyond +-demo_max_arg it writes the value one too
+    high with probability demo_error. With --codes it also writes each message but the last
+    mirrored (tasks.mirror) with probability 1/2, unmarked: a reader cannot tell which code it
+    reads, so the agents learn to decode and encode both ways and must agree on a convention in RL.
+    """
+    n_ops, m = len(q.ops), task.modulus
+    values = [(int(v) + (abs(int(op)) > cfg.demo_max_arg and rng.random() < cfg.demo_error)) % m for v, op in zip(q.steps, q.ops)]
+    mirrored = [cfg.codes and t < n_ops - 1 and rng.random() < 0.5 for t in range(n_ops)]
+
+    def code(chain):  # a chain of values as the demonstrator writes it
+        return [str(tasks.mirror(int(v), m) if c else int(v)) for v, c in zip(chain, mirrored)]
+    shown, written = code(q.steps), code(values)  # the true chain (what later turns read), its own messages
+    return [(task.render(q, shown[:t]), written[t]) for t in range(n_ops)] + [(solo.render(q, []), ";".join(map(str, values)))]
+
+
+def warmup(model, tokenizer, cfg: Config, batch: int = 64):
+    """Behaviour cloning on the demonstrator's messages (demonstration), every team turn and the
+    solo format. The agents learn its mixture, so they start greedy-wrong where it errs but give
+    the right value real probability, whatever the seed: room that RL can only fill from the
+    team reward. The agent_batch mask trains only the message (and EOS). The warm-up is the same
+    in every mode, so `single` and the teams start from the same model.
+    """
+    task, solo = (tasks.Relay(cfg.agents * cfg.rounds, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg) for s in (False, True))
+    agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
+    eos, device = tokenizer.eos_token_id, next(model.parameters()).device
+    for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step"):
+        rng = random.Random(rollout.derive_seed(cfg.seed, "demonstrator", step))
+        qs = tasks.questions(task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False)
+        episodes = []
+        for q in qs:
+            for context, message in demonstration(q, task, solo, cfg, rng):
+                ids = tokenizer(message, add_special_tokens=False)["input_ids"] + [eos]
+                episodes.append(rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(context), ids, [0.0] * len(ids), "")]))
+        data = losses.agent_batch(episodes, 0, torch.ones(len(episodes)), tokenizer.pad_token_id, device)
+        model.train()
+        loss = -losses.masked_mean(losses.token_logprobs(model, data)[0], data["mask"])
+        agent.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        agent.optimizer.step()
+    model.eval()
+    return model
+
+
+def starting_model(cfg: Config, device, dtype):
+    """(model, tokenizer) that every agent starts as: --model, or a tiny agent after its warm-up.
+    None for --models (a heterogeneous team is loaded agent by agent)."""
+    if cfg.models:
+        return None
+    if cfg.model:
+        return team_lib.load_model(cfg.model, device, dtype)
+    tokenizer = team_lib.char_tokenizer(tasks.CHARS)
+    model = team_lib.tiny_model(tokenizer, cfg.hidden, cfg.layers, seed=cfg.seed).to(device, dtype)
+    return warmup(model, tokenizer, cfg), tokenizer
+
+
+def build_team(cfg: Config, start, device, dtype):
+    """The agents of a run: copies of the starting model (one in `single` mode), or --models."""
+    n = 1 if cfg.mode == "single" else cfg.agents
+    if cfg.models:
+        return team_lib.load_team(cfg.models.split(",")[:n], device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+    return team_lib.clone_team(*start, n, cfg.lr, cfg.grad_ckpt, cfg.optimizer)

@@ -73,6 +73,12 @@ class Config:
     """comma-separated names or paths, one per agent (a heterogeneous team)"""
     grad_ckpt: bool = False
     """gradient checkpointing during updates (for large models on GPU)"""
+    lora_rank: int = 0
+    """LoRA rank r (0: full fine-tuning): one frozen base model shared by the team, one adapter and optimiser per agent (lora.py); not with --models"""
+    lora_alpha: float = 16.0
+    """LoRA scale: an adapter adds (alpha / r) B A to its layer"""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """the linear layers (by name) that get adapters"""
     # tiny agents and their warm-up
     hidden: int = 128
     """width of the tiny agents (128: about 0.4M parameters)"""

@@ -49,28 +49,38 @@ def derive_seed(*parts) -> int:
 
 
 @torch.no_grad()
-def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None):
+def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None, share_prefix=True):
     """Batched sampling with a KV cache. prompts: list of id lists (any lengths).
 
     Left padding with explicit position ids, so padded rows see the same positions as unpadded
-    ones. temperature 0 is greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per prompt
-    (inverse-CDF sampling). Returns per row (tokens, fp32 log-probs of those tokens under the
-    untempered model), each cut after the row's first EOS.
+    ones. Identical prompts (the G samples of a question at its first turn; later, samples whose
+    transcripts coincide) are prefilled once and their KV cache rows copied (share_prefix=False
+    prefills every row: the reference the tests compare with). The prefill computes logits at the
+    last position only. temperature 0 is greedy. uniforms: (B, max_new_tokens) in [0, 1), one
+    row per prompt (inverse-CDF sampling). Returns per row (tokens, fp32 log-probs of those tokens
+    under the untempered model), each cut after the row's first EOS.
     """
     device = next(model.parameters()).device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    for r, p in enumerate(prompts):
+    distinct = list(dict.fromkeys(map(tuple, prompts))) if share_prefix else list(map(tuple, prompts))
+    slot = {p: r for r, p in enumerate(distinct)}
+    expand = torch.tensor([slot[tuple(p)] for p in prompts], device=device)  # (B,): each prompt's prefilled row
+    U, L = len(distinct), max(len(p) for p in prompts)
+    ids = torch.full((U, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((U, L), dtype=torch.long)
+    for r, p in enumerate(distinct):
         ids[r, L - len(p):] = torch.tensor(p)
         attn[r, L - len(p):] = 1
     ids, attn = ids.to(device), attn.to(device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, L)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (U, L)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[expand, -1]
+    if U < len(prompts):
+        cache.reorder_cache(expand)  # every row gets its prompt's keys and values
+    B, attn, pos = len(prompts), attn[expand], pos[expand]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps = [], []
     for s in range(max_new_tokens):
-        logp = out.logits[:, -1].float().log_softmax(-1)  # (B, V), fp32
+        logp = logits.float().log_softmax(-1)  # (B, V), fp32
         nxt = pick(logp, temperature, top_p, None if uniforms is None else uniforms[:, s].to(device))
         tokens.append(nxt)
         logps.append(logp.gather(-1, nxt[:, None])[:, 0])
@@ -79,7 +89,8 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
     tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()  # (B, T)
     cut = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in tokens]
     return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)]

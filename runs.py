@@ -122,15 +122,21 @@ def checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(run_dir, n) for n in sorted(names, key=lambda n: int(n[16:]))]
 
 
-def save_checkpoint(run_dir: str, team, stage: int, records: list[dict]):
-    """checkpoint-stage<stage>/: agent<i>/ (Hugging Face weights and tokenizer), optimizer<i>.pt,
-    and state.pt (the stage, the metrics so far and the RNG states); written atomically."""
+def lora_base(cfg: Config, run_dir: str) -> str:
+    """Where a LoRA run's base model is: --model, or the warmed-up tiny base saved in the run ('' without LoRA)."""
+    return (cfg.model or os.path.join(run_dir, "base")) if cfg.lora_rank else ""
+
+
+def save_checkpoint(run_dir: str, team, stage: int, records: list[dict], base: str = ""):
+    """checkpoint-stage<stage>/: agent<i>/ (Hugging Face weights and tokenizer, or a LoRA team's
+    adapters on `base`), optimizer<i>.pt, and state.pt (the stage, the metrics so far and the RNG
+    states); written atomically."""
     final = os.path.join(run_dir, f"checkpoint-stage{stage}")
     tmp = final + TMP
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
-        team_lib.save_team(team, tmp)
+        team_lib.save_team(team, tmp, base)
         for i, agent in enumerate(team):
             torch.save(agent.optimizer.state_dict(), os.path.join(tmp, f"optimizer{i}.pt"))
         rng = {"python": random.getstate(), "torch": torch.get_rng_state(),

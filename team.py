@@ -21,6 +21,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging as hf_logging
 
 import hub
+import lora
+import rollout
 
 hf_logging.disable_progress_bar()  # a bar per checkpoint written or read would bury the training log
 
@@ -138,8 +140,8 @@ def make_agent(name, model, tokenizer, lr: float, grad_ckpt: bool = False, optim
     for module in model.modules():  # no dropout anywhere: the ratio must be exactly 1 before an update
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    if grad_ckpt:
-        model.gradient_checkpointing_enable()  # only active in train mode; sampling runs in eval mode
+    if grad_ckpt:  # only active in train mode; sampling runs in eval mode. Non-reentrant: a frozen base's inputs need no grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     # adam normalises each parameter's step (about lr per step); sgd steps in proportion to the gradient
@@ -152,17 +154,46 @@ def clone_team(model, tokenizer, n: int, lr: float, grad_ckpt: bool = False, opt
     return [make_agent(f"agent{i}", copy.deepcopy(model), copy.deepcopy(tokenizer), lr, grad_ckpt, optimizer) for i in range(n)]
 
 
+def lora_team(base, tokenizer, n: int, rank: int, alpha: float, targets: list[str], lr: float, grad_ckpt: bool = False,
+              optimizer: str = "adam", seed: int = 0) -> list[Agent]:
+    """n agents on one frozen base: each its own LoRA adapter (lora.py) and an optimiser over it."""
+    try:
+        models = [lora.adapted(base, rank, alpha, targets, rollout.derive_seed(seed, "lora", i)) for i in range(n)]
+    except ValueError as e:
+        raise LoadError(str(e)) from None
+    return [make_agent(f"agent{i}", model, tokenizer, lr, grad_ckpt, optimizer) for i, model in enumerate(models)]
+
+
 def load_team(paths: list[str], device: str, dtype: torch.dtype, lr: float, grad_ckpt: bool = False, optimizer: str = "adam") -> list[Agent]:
-    """One agent per path (a heterogeneous team when the paths differ)."""
-    return [make_agent(f"agent{i}", *load_model(p, device, dtype), lr, grad_ckpt, optimizer) for i, p in enumerate(paths)]
+    """One agent per path (a heterogeneous team when the paths differ); folders of LoRA adapters
+    (adapter_config.json) become a LoRA team on their common base."""
+    if not all(os.path.exists(os.path.join(p, lora.CONFIG)) for p in paths):
+        return [make_agent(f"agent{i}", *load_model(p, device, dtype), lr, grad_ckpt, optimizer) for i, p in enumerate(paths)]
+    try:
+        config = lora.read_config(paths[0])
+        team = lora_team(*load_model(config["base_model_name_or_path"], device, dtype), len(paths), config["r"], config["lora_alpha"],
+                         config["target_modules"], lr, grad_ckpt, optimizer)
+        for agent, path in zip(team, paths):
+            lora.load_adapter(agent.model, path)
+    except (OSError, ValueError, KeyError) as e:
+        raise LoadError(f"{paths[0]}: not a readable LoRA adapter ({type(e).__name__}: {e})") from None
+    return team
 
 
-def save_team(team: list[Agent], run_dir: str) -> list[str]:
-    """Hugging Face checkpoints, one directory per agent: runs/<name>/agent{i}/."""
+def save_model(model, tokenizer, path: str):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def save_team(team: list[Agent], folder: str, base: str = "") -> list[str]:
+    """One directory per agent, folder/agent{i}/: a Hugging Face checkpoint, or for a LoRA team its
+    adapter in the peft format, on the base model `base` (a folder or hub name)."""
     paths = []
     for agent in team:
-        path = os.path.join(run_dir, agent.name)
-        agent.model.save_pretrained(path)
-        agent.tokenizer.save_pretrained(path)
+        path = os.path.join(folder, agent.name)
+        if lora.is_adapted(agent.model):
+            lora.save_adapter(agent.model, path, base)
+        else:
+            save_model(agent.model, agent.tokenizer, path)
         paths.append(path)
     return paths

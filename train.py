@@ -47,9 +47,9 @@ CHOICES = {
 }
 MINIMUM = {"agents": 1, "seeds": 1, "rounds": 1, "modulus": 2, "max_arg": 1, "p_max_arg": 0.0, "hidden": 8, "layers": 1,
            "warmup_steps": 0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "eval_every": 1,
-           "epochs": 1, "minibatch": 1, "threads": 0, "max_backtracks": 0, "max_new_tokens": 0, "temperature": 0.0, "happo_max_weight": 1.0}
+           "epochs": 1, "minibatch": 1, "threads": 0, "lora_rank": 0, "max_backtracks": 0, "max_new_tokens": 0, "temperature": 0.0, "happo_max_weight": 1.0}
 COMPARE_STAGES = 15  # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
-POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm"]
+POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm", "lora_alpha"]
 
 
 def fail(message: str, code: int = 2):
@@ -139,6 +139,10 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
     if kind in mathtask.LOCAL:  # absolute paths in config.json, so eval.py finds them from anywhere
         cfg.task = f"{kind}:{os.path.abspath(path)}"
     cfg.prompts = cfg.prompts and os.path.abspath(cfg.prompts)
+    local = lambda name: os.path.abspath(name) if os.path.exists(name) else name  # a resume may start elsewhere
+    cfg.model, cfg.models = local(cfg.model) if cfg.model else "", ",".join(map(local, cfg.models.split(","))) if cfg.models else ""
+    if cfg.lora_rank and cfg.models:
+        parser.error("--lora-rank puts the team on one shared base model: use --model, not --models")
     if cfg.models and len(cfg.models.split(",")) != cfg.agents:
         parser.error(f"--models names {len(cfg.models.split(','))} models for --agents {cfg.agents}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -182,8 +186,11 @@ def start(cfg: Config, sizes: list[int], resume: str, device, dtype):
             runs.remove_partial(resume)
             return team, done, resume
         runs.check_out_dir(cfg.out_dir)
-        team = warmup.build_team(cfg, warmup.starting_model(cfg, device, dtype), device, dtype)
-        return team, [], runs.create(cfg, sizes)
+        begin = warmup.starting_model(cfg, device, dtype)
+        team, run_dir = warmup.build_team(cfg, begin, device, dtype), runs.create(cfg, sizes)
+        if cfg.lora_rank and not cfg.model:  # the warmed-up tiny base, which the adapters are saved against
+            team_lib.save_model(*begin, runs.lora_base(cfg, run_dir))
+        return team, [], run_dir
     except (runs.RunError, team_lib.LoadError) as e:
         fail(str(e))
 
@@ -209,9 +216,9 @@ def main(argv=None):
     team, done, run_dir = start(cfg, sizes, resume, device, dtype)
     print(f"run directory: {run_dir}" + (f" (resumed after stage {done[-1]['stage']})" if done else ""))
     heldout = task.heldout(cfg.eval_size)
-    log = runs.Log(os.path.join(run_dir, "metrics.jsonl"), done, echo=True)
+    log, base = runs.Log(os.path.join(run_dir, "metrics.jsonl"), done, echo=True), runs.lora_base(cfg, run_dir)
     try:
-        accs = teamtr.train_stages(team, task, heldout, cfg, log, done, lambda stage: runs.save_checkpoint(run_dir, team, stage, log.records))
+        accs = teamtr.train_stages(team, task, heldout, cfg, log, done, lambda stage: runs.save_checkpoint(run_dir, team, stage, log.records, base))
     except rollout.ContextTooLong as e:
         if not runs.checkpoints(run_dir):  # found by the very first sampling: nothing worth keeping was written
             shutil.rmtree(run_dir)
@@ -220,7 +227,7 @@ def main(argv=None):
         fail(str(e), 1)
     except KeyboardInterrupt:
         interrupted(run_dir)
-    team_lib.save_team(team, run_dir)
+    team_lib.save_team(team, run_dir, base)
     seconds = time.time() - began
     write_summary(run_dir, cfg, accs, seconds)
     print(f"held-out accuracy ({len(heldout)} questions): starting team {accs[0]:.3f} -> trained team {accs[-1]:.3f} "

@@ -76,8 +76,12 @@ def starting_model(cfg: Config, device, dtype):
 
 
 def build_team(cfg: Config, start, device, dtype):
-    """The agents of a run: copies of the starting model (one in `single` mode), or --models."""
+    """The agents of a run: copies of the starting model (one in `single` mode), LoRA adapters on
+    it (--lora-rank), or --models."""
     n = 1 if cfg.mode == "single" else cfg.agents
     if cfg.models:
         return team_lib.load_team(cfg.models.split(",")[:n], device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+    if cfg.lora_rank:
+        return team_lib.lora_team(*start, n, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lr, cfg.grad_ckpt,
+                                  cfg.optimizer, cfg.seed)
     return team_lib.clone_team(*start, n, cfg.lr, cfg.grad_ckpt, cfg.optimizer)

@@ -50,6 +50,18 @@ def test_sampler_logprobs_match_teacher_forced_forward(make_team):
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
 
 
+def test_shared_prefix_sampling_equals_prefilling_every_row(make_team):
+    agent = make_team(1, seed=6)[0]
+    tok = agent.tokenizer
+    prompts = [p for p in prompts_of(agent, 3) for _ in range(4)]  # a group of 4 samples per prompt
+    uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(2))
+    shared = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms)
+    each = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, share_prefix=False)
+    assert shared[0] == each[0] and len({tuple(t) for t in shared[0]}) > 3  # the same tokens, and not one per prompt
+    for a, b in zip(shared[1], each[1]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+
+
 def test_tiny_top_p_is_greedy_and_uniforms_make_rows_reproducible(make_team):
     agent = make_team(1, seed=5)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)

@@ -1,0 +1,179 @@
+"""Benchmarks of memory and speed, measured in one run; one line per measure, ending in `ratio R.RRx`.
+
+    python bench.py                  # every measure (about 10 minutes on 2 CPU cores)
+    python bench.py --only sampler   # one group: sampler, suffix, memory or stages
+
+- sampler: tokens per second of rollout.sample against `model.generate` on the same prompts and
+  lengths (every row generates exactly 32 tokens), 64 rows = 8 prompts x 8 samples as in
+  training, on the default tiny agent and on a 135M-parameter Llama built from a config
+  (SmolLM2-135M's shape, random weights: no download).
+- suffix: a fresh-mode stage's sampling time at n = 8 with exact suffix resampling against
+  regenerating every turn after every update (the turn ratio is 43/64 in turn order).
+- memory: peak resident memory of one update in an 8-agent LoRA team of the 135M Llama against
+  one LoRA agent alone, and 8 full copies against one full agent (each measured in a fresh
+  process; it includes the Python and torch runtime, about 0.3 GB here).
+- stages: wall time of one `teamtr` stage of the default relay run at n = 2, 4, 8 (after the
+  default warm-up), against n = 2.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import rollout
+import runs
+import tasks
+import team as team_lib
+import teamtr
+import warmup
+from config import Config, resolve
+
+SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
+TOKENS = 32  # new tokens per row in the sampler measures
+LORA = dict(rank=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def line(what: str, ours: float, theirs: float, unit: str, ratio: float):
+    print(f"{what}: {ours:,.1f} vs {theirs:,.1f} {unit}, ratio {ratio:.2f}x", flush=True)
+
+
+def timed(fn, repeats: int = 2) -> float:
+    """The fastest of `repeats` runs after one warm-up run, in seconds."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def tiny_agent():
+    cfg = resolve(Config())
+    tok = team_lib.char_tokenizer(tasks.CHARS)
+    return cfg, tok, warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers), tok, cfg)
+
+
+def smol_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMOL)).eval()
+
+
+def sampler_vs_generate(name: str, model, prompts: list[list[int]], pad_id: int, new_tokens: int):
+    """Every row generates exactly new_tokens tokens in both (no EOS can end it early)."""
+    group = [p for p in prompts for _ in range(8)]
+    uniforms = torch.rand(len(group), new_tokens, generator=torch.Generator().manual_seed(0))
+    ours = timed(lambda: rollout.sample(model, group, -1, pad_id, new_tokens, 1.0, 1.0, uniforms))
+    L = max(map(len, group))
+    ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in group])
+    attn = (torch.arange(L)[None] >= torch.tensor([L - len(p) for p in group])[:, None]).long()
+    with torch.no_grad():
+        theirs = timed(lambda: model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=None, max_new_tokens=new_tokens,
+                                              min_new_tokens=new_tokens, pad_token_id=pad_id, eos_token_id=None))
+    n = len(group) * new_tokens
+    line(f"sampler vs model.generate, {name}, {len(group)} rows x {new_tokens} tokens (tokens/s)", n / ours, n / theirs, "tokens/s", theirs / ours)
+
+
+def bench_sampler():
+    cfg, tok, model = tiny_agent()
+    task = tasks.Relay(3)
+    agent = team_lib.make_agent("bench", model, tok, 1e-3)
+    prompts = [agent.encode(task.render(q, list(q.steps[: i % 3]))) for i, q in enumerate(tasks.questions(task, 8, seed=0, heldout=False))]
+    sampler_vs_generate("default tiny agent", model, prompts, tok.pad_token_id, TOKENS)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, SMOL["vocab_size"], (120 + 4 * i,), generator=gen).tolist() for i in range(8)]
+    sampler_vs_generate("135M Llama", smol_llama(), prompts, 0, TOKENS)
+
+
+def bench_suffix():
+    """The sampling of one fresh-mode stage at n = 8: the first batch, then after each of the 8
+    updates (weights unchanged here; the cost is the same) the suffix, or every turn again."""
+    cfg = resolve(Config(agents=8, p_max_arg=0.12))
+    tok = team_lib.char_tokenizer(tasks.CHARS)
+    team = team_lib.clone_team(warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers), tok, cfg), tok, 8, cfg.lr)
+    task = tasks.make(cfg)
+    qs = task.train_questions(cfg.questions, 0)
+
+    turns = {}
+
+    def stage(suffix: bool):
+        first = rollout.play(team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), 1.0, 1.0, (0, 0))[0]
+        turns[suffix] = 8
+        for k in range(1, 8):
+            keep = [rollout.first_turn(e, k - 1) for e in first] if suffix else None
+            turns[suffix] += rollout.play(team, task, first, 1.0, 1.0, (0, k), keep)[1] // len(first)
+    suffix, full = timed(lambda: stage(True), 1), timed(lambda: stage(False), 1)
+    line(f"fresh stage sampling at n = 8, suffix vs full resampling ({turns[True]} vs {turns[False]} turns per episode; seconds)",
+         suffix, full, "s", suffix / full)
+
+
+def memory_probe(agents: int, lora_rank: int):
+    """In this process: build the team, run one update of agent 0, print the peak RSS in MB."""
+    tok = team_lib.char_tokenizer(tasks.CHARS)  # only its pad id is used here
+    if lora_rank:
+        team = team_lib.lora_team(smol_llama(), tok, agents, lora_rank, LORA["alpha"], LORA["targets"], 1e-4)
+    else:
+        team = [team_lib.make_agent(f"agent{i}", smol_llama(), tok, 1e-4) for i in range(agents)]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, SMOL["vocab_size"], (8, 160), generator=gen)
+    steps = [rollout.Step(0, row[:120].tolist(), row[120:].tolist(), [0.0] * 40, "") for row in ids]
+    episodes = [rollout.Episode(None, q, 0, [0], [s]) for q, s in enumerate(steps)]
+    for e, r in zip(episodes, torch.randn(8, generator=gen)):
+        e.reward = float(r)
+    cfg = resolve(Config(group=2, minibatch=4, epochs=1))
+    teamtr.update_agent(team[0], 0, episodes, None, cfg, seed=0)
+    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}))
+
+
+def peak_mb(agents: int, lora_rank: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--probe", f"{agents},{lora_rank}"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def bench_memory():
+    one_lora, team_lora = peak_mb(1, LORA["rank"]), peak_mb(8, LORA["rank"])
+    line(f"peak memory, 8-agent LoRA team (rank {LORA['rank']}) vs one LoRA agent, 135M Llama (MB)", team_lora, one_lora, "MB", team_lora / one_lora)
+    one_full, team_full = peak_mb(1, 0), peak_mb(8, 0)
+    line("peak memory, 8 full copies vs one full agent, 135M Llama (MB)", team_full, one_full, "MB", team_full / one_full)
+    line("peak memory, 8-agent LoRA team vs one full agent, 135M Llama (MB)", team_lora, one_full, "MB", team_lora / one_full)
+
+
+def bench_stages():
+    seconds = {}
+    for n in (2, 4, 8):
+        cfg = resolve(Config(agents=n, p_max_arg=0.12 if n == 8 else 0.0))
+        tok = team_lib.char_tokenizer(tasks.CHARS)
+        team = team_lib.clone_team(warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers, seed=cfg.seed), tok, cfg), tok, n, cfg.lr)
+        t0 = time.perf_counter()
+        teamtr.run_stage(team, tasks.make(cfg), cfg, 1, lambda record, text: None)
+        seconds[n] = time.perf_counter() - t0
+        line(f"teamtr stage wall time, default relay run, n = {n} vs n = 2 (seconds)", seconds[n], seconds[2], "s", seconds[n] / seconds[2])
+
+
+GROUPS = {"sampler": bench_sampler, "suffix": bench_suffix, "memory": bench_memory, "stages": bench_stages}
+
+
+def main(argv=None):
+    parser = runs.Parser(prog="bench.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=list(GROUPS), help="run one group of measures")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory measurement in a fresh process
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.probe:
+        return memory_probe(*map(int, args.probe.split(",")))
+    print(f"bench.py on {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32", flush=True)
+    for name, fn in GROUPS.items():
+        if args.only in (None, name):
+            fn()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,9 +4,10 @@
     python bench.py --only sampler   # one group: sampler, suffix, memory or stages
 
 - sampler: tokens per second of rollout.sample against `model.generate` on the same prompts and
-  lengths (every row generates exactly 32 tokens), 64 rows = 8 prompts x 8 samples as in
-  training, on the default tiny agent and on a 135M-parameter Llama built from a config
-  (SmolLM2-135M's shape, random weights: no download).
+  lengths (every row generates exactly as many tokens), 64 rows = 8 prompts x 8 samples as in
+  training: on the default tiny agent at the relay's message length (3 tokens) and at 32, and on
+  a 135M-parameter Llama built from a config (SmolLM2-135M's shape, random weights: no
+  download; 120-148-token prompts) at 32.
 - suffix: a fresh-mode stage's sampling time at n = 8 with exact suffix resampling against
   regenerating every turn after every update (the turn ratio is 43/64 in turn order).
 - memory: peak resident memory of one update in an 8-agent LoRA team of the 135M Llama against
@@ -86,7 +87,8 @@ def bench_sampler():
     task = tasks.Relay(3)
     agent = team_lib.make_agent("bench", model, tok, 1e-3)
     prompts = [agent.encode(task.render(q, list(q.steps[: i % 3]))) for i, q in enumerate(tasks.questions(task, 8, seed=0, heldout=False))]
-    sampler_vs_generate("default tiny agent", model, prompts, tok.pad_token_id, TOKENS)
+    for tokens in (task.max_new_tokens, TOKENS):  # the relay's own message length, as in training, and a long one
+        sampler_vs_generate("default tiny agent", model, prompts, tok.pad_token_id, tokens)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, SMOL["vocab_size"], (120 + 4 * i,), generator=gen).tolist() for i in range(8)]
     sampler_vs_generate("135M Llama", smol_llama(), prompts, 0, TOKENS)

@@ -13,6 +13,16 @@ import team as team_lib  # noqa: E402
 import config  # noqa: E402
 
 torch.set_num_threads(2)
+TORCH_SAVE = torch.save
+
+
+def disk_full_at(stage: int):
+    """A torch.save that fails for checkpoint-stage<stage>, as on a full disk."""
+    def save(obj, path, *args, **kwargs):
+        if f"checkpoint-stage{stage}" in str(path):
+            raise OSError(28, "No space left on device")
+        return TORCH_SAVE(obj, path, *args, **kwargs)
+    return save
 
 
 @pytest.fixture

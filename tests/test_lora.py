@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM
 import eval as evaluation
 import losses
 import rollout
-import runs
 import tasks
 import team as team_lib
 import teamtr
 import train
 from chat_models import save_chat_model
+from conftest import TORCH_SAVE, disk_full_at
 from test_rollout import prompts_of, uncached_greedy
 from test_teamtr import played_batch, snapshot
 
@@ -128,16 +128,10 @@ def test_a_lora_run_checkpoints_adapters_resumes_to_the_same_metrics_and_evaluat
     args = ["--agents", "2", "--stages", "2", "--warmup-steps", "2", "--questions", "4", "--group", "2", "--eval-size", "4",
             "--lora-rank", "4", "--lr", "1e-2"]
     train.main([*args, "--name", "straight"])
-    save = torch.save
-
-    def disk_full_at_stage_2(obj, path, *a, **kw):
-        if "checkpoint-stage2" in str(path):
-            raise OSError(28, "No space left on device")
-        return save(obj, path, *a, **kw)
-    monkeypatch.setattr(runs.torch, "save", disk_full_at_stage_2)
+    monkeypatch.setattr(torch, "save", disk_full_at(2))
     with pytest.raises(SystemExit):
         train.main([*args, "--name", "stopped"])
-    monkeypatch.setattr(runs.torch, "save", save)
+    monkeypatch.setattr(torch, "save", TORCH_SAVE)
     stopped = tmp_path / "runs" / "stopped"
     checkpoint = stopped / "checkpoint-stage1" / "agent0"
     assert sorted(p.name for p in checkpoint.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

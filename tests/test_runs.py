@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import eval as evaluation
-import runs
 import train
+from conftest import TORCH_SAVE, disk_full_at
 from test_train_cli import ROOT
 
 RUN = ["--agents", "2", "--stages", "3", "--warmup-steps", "20", "--questions", "32", "--group", "8", "--eval-size", "16", "--threads", "1"]
@@ -78,13 +78,7 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tmp_path):
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    save = torch.save
-
-    def disk_full_at_stage_2(obj, path, *args, **kwargs):
-        if "checkpoint-stage2" in str(path):
-            raise OSError(28, "No space left on device")
-        return save(obj, path, *args, **kwargs)
-    monkeypatch.setattr(runs.torch, "save", disk_full_at_stage_2)
+    monkeypatch.setattr(torch, "save", disk_full_at(2))
     small = ["--agents", "2", "--stages", "2", "--warmup-steps", "2", "--questions", "4", "--group", "2", "--eval-size", "4"]
     with pytest.raises(SystemExit) as stop:
         train.main([*small, "--name", "full"])
@@ -93,7 +87,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(tm
     assert err.endswith(f"checkpoint-stage1 is intact; python train.py --resume {os.path.join('runs', 'full')}")
     run_dir = tmp_path / "runs" / "full"
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-stage1"]
-    monkeypatch.setattr(runs.torch, "save", save)
+    monkeypatch.setattr(torch, "save", TORCH_SAVE)
     train.main(["--resume", str(run_dir)])
     assert [r["stage"] for r in metrics(run_dir) if "stage/certificate" in r] == [1, 2]
     assert (run_dir / "agent1" / "model.safetensors").exists()

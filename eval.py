@@ -15,8 +15,6 @@ import dataclasses
 import os
 from math import comb
 
-import torch
-
 import mathtask
 import rollout
 import runs
@@ -62,8 +60,7 @@ def main(argv=None):
         cfg = runs.read_config(args.run_dir)[0]
         if cfg.mode == "compare":
             raise runs.RunError(f"{args.run_dir} is a --mode compare directory (its runs keep metrics, not teams)")
-        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
-        dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda") else torch.float32
+        device, dtype = runs.placement(cfg)
         folder = args.run_dir if os.path.isdir(os.path.join(args.run_dir, "agent0")) else (runs.checkpoints(args.run_dir) or [""])[-1]
         if not folder:
             raise runs.RunError(f"{args.run_dir} holds neither a trained team nor a checkpoint")

@@ -45,6 +45,13 @@ class Parser(argparse.ArgumentParser):
         fail(self.prog, message)
 
 
+def placement(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    """The run's device (cuda when asked, or auto with CUDA available) and weight dtype (bf16 when
+    asked, or auto on CUDA; else fp32)."""
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    return device, torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else torch.float32
+
+
 def check_out_dir(out_dir: str):
     """RunError unless a run directory can be created under out_dir. It probes the nearest existing
     folder with a temporary folder it removes at once, so even root on a read-only file system is

@@ -200,8 +200,7 @@ def main(argv=None):
     began = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else torch.float32
+    device, dtype = runs.placement(cfg)
     task = checked_inputs(cfg, sizes)
     if cfg.mode == "compare":
         try:
@@ -211,6 +210,8 @@ def main(argv=None):
         print(f"run directory: {run_dir}")
         try:
             return compare.run(cfg, sizes, device, dtype, run_dir, resume=bool(resume))
+        except runs.RunError as e:  # an unreadable results.json on --resume
+            fail(str(e))
         except KeyboardInterrupt:
             interrupted(run_dir)
     team, done, run_dir = start(cfg, sizes, resume, device, dtype)

@@ -32,6 +32,7 @@ import time
 from tqdm import tqdm
 
 import config
+import parallel
 import runs
 import tasks
 import teamtr
@@ -59,12 +60,13 @@ def run(cfg: config.Config, sizes: list[int], device, dtype, run_dir: str, resum
                 mode_cfg = config.resolve(dataclasses.replace(base, mode=mode, measure_gap=True))
                 result = train_mode(mode_cfg, model, heldout, device, dtype, run_dir)
                 results.append({**result, "warmup_seconds": warmup_seconds})
-                runs.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results))  # what a resume keeps
-                tqdm.write(f"n={n} seed {seed} {mode}: held-out {result['accs'][0]:.3f} -> {result['accs'][-1]:.3f}, "
-                           f"{result['tokens'][-1]:,} tokens, {result['seconds']:.0f} s")
-    table = write_outputs(results, run_dir)
-    print(table)
-    print(f"{len(results)} runs in {time.time() - start:.0f} s; wrote {run_dir}")
+                if parallel.main():  # under torchrun rank 0 writes and prints
+                    runs.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results))  # what a resume keeps
+                    tqdm.write(f"n={n} seed {seed} {mode}: held-out {result['accs'][0]:.3f} -> {result['accs'][-1]:.3f}, "
+                               f"{result['tokens'][-1]:,} tokens, {result['seconds']:.0f} s")
+    if parallel.main():
+        print(write_outputs(results, run_dir))
+        print(f"{len(results)} runs in {time.time() - start:.0f} s; wrote {run_dir}")
     return results
 
 

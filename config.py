@@ -30,6 +30,8 @@ class Config:
     """fp32 or bf16 weights; auto = bf16 on CUDA, fp32 on CPU (log-probs are fp32 either way)"""
     threads: int = 2
     """torch CPU threads (0 = torch's default)"""
+    dist_timeout: float = 600.0
+    """under torchrun: seconds a process waits for the others (a rank that died or hangs) before it ends with an error"""
     # team and task
     agents: int = 3
     """number of agents n (compare: a list such as 2,4,6,8 sweeps team sizes)"""

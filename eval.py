@@ -8,6 +8,9 @@ It works for every task of the run (relay or mathtask.py's). The single-agent co
 the same held-out questions with agent0 alone in the task's one-agent format (the relay's solo
 chain, or a real task's one-agent prompt): what the team adds over one of its members.
 
+Under torchrun (`torchrun --nproc-per-node K eval.py RUN_DIR`) each process plays its block of
+the questions and the counts are summed; rank 0 prints.
+
 pass@k uses the unbiased estimator of Chen et al. (2021): with n samples of which c are correct,
 pass@k = 1 - C(n - c, k) / C(n, k); avg@k is the mean accuracy over the k samples.
 """
@@ -15,7 +18,10 @@ import dataclasses
 import os
 from math import comb
 
+import torch
+
 import mathtask
+import parallel
 import rollout
 import runs
 import tasks
@@ -25,11 +31,12 @@ import team as team_lib
 def correct_counts(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0) -> list[int]:
     """How many of `samples` team episodes per question were correct (temperature 0: greedy)."""
     episodes = rollout.new_episodes(qs, samples, len(team), cfg.rounds, cfg.order, (cfg.seed, "eval"))
+    episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]  # this rank's questions
     played = rollout.play(team, task, episodes, temperature, 1.0, (cfg.seed, "eval"))[0]
-    counts = [0] * len(qs)
+    counts = torch.zeros(len(qs), dtype=torch.long)
     for e in played:
         counts[e.qid] += int(e.reward)
-    return counts
+    return parallel.all_sum(counts).tolist()
 
 
 def accuracy(team, task, qs, cfg) -> float:
@@ -61,6 +68,7 @@ def main(argv=None):
         if cfg.mode == "compare":
             raise runs.RunError(f"{args.run_dir} is a --mode compare directory (its runs keep metrics, not teams)")
         device, dtype = runs.placement(cfg)
+        parallel.init(device, cfg.dist_timeout)
         folder = args.run_dir if os.path.isdir(os.path.join(args.run_dir, "agent0")) else (runs.checkpoints(args.run_dir) or [""])[-1]
         if not folder:
             raise runs.RunError(f"{args.run_dir} holds neither a trained team nor a checkpoint")
@@ -70,16 +78,16 @@ def main(argv=None):
     except (runs.RunError, mathtask.TaskError, team_lib.LoadError) as e:
         parser.error(str(e))
     if folder != args.run_dir:
-        print(f"the run did not finish; evaluating its last checkpoint, {os.path.basename(folder)}")
+        parallel.print0(f"the run did not finish; evaluating its last checkpoint, {os.path.basename(folder)}")
     qs = task.heldout(args.size or cfg.eval_size)
-    print(f"greedy held-out accuracy: {accuracy(team, task, qs, cfg):.4f} ({len(qs)} questions, {len(team)} agents)")
+    parallel.print0(f"greedy held-out accuracy: {accuracy(team, task, qs, cfg):.4f} ({len(qs)} questions, {len(team)} agents)")
     if len(team) > 1:
-        print(f"single agent (agent0 alone, one-agent format): {single_accuracy(team[0], cfg, qs):.4f}")
+        parallel.print0(f"single agent (agent0 alone, one-agent format): {single_accuracy(team[0], cfg, qs):.4f}")
     if args.samples:
         counts = correct_counts(team, task, qs, cfg, args.samples, temperature=1.0)
-        print(f"avg@{args.samples}: {sum(counts) / (len(qs) * args.samples):.4f}")
+        parallel.print0(f"avg@{args.samples}: {sum(counts) / (len(qs) * args.samples):.4f}")
         for k in sorted({1, args.samples // 2, args.samples} - {0}):
-            print(f"pass@{k}: {sum(pass_at_k(args.samples, c, k) for c in counts) / len(qs):.4f}")
+            parallel.print0(f"pass@{k}: {sum(pass_at_k(args.samples, c, k) for c in counts) / len(qs):.4f}")
 
 
 if __name__ == "__main__":

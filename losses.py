@@ -15,8 +15,15 @@ Reductions (named, and chosen by `--reduction`): "token" averages over all of th
 in the batch, so long messages weigh more (a length bias toward long messages); "sequence"
 averages within each message first, then over messages, so every message weighs the same (a bias
 toward short messages per token). The trust-region measurement D is always the token mean.
+
+Under torch.distributed (parallel.py) each rank holds some of the batch's rows: the loss divides
+this rank's sum by the denominator of every rank's rows together (`denominator`, summed by the
+caller), so the gradients summed over ranks are those of the whole batch; `token_mean` sums
+numerator and denominator over ranks before it divides. With one process both are the plain means.
 """
 import torch
+
+import parallel
 
 
 def group_advantages(rewards, group: int, a_max: float, eps: float = 1e-6):
@@ -75,12 +82,27 @@ def token_logprobs(model, batch, rows=slice(None), full: bool = False):
     return logp, None
 
 
-def masked_mean(x, mask, reduction: str = "token"):
-    """Mean of x over mask == 1: over all tokens ("token") or per row, then over rows ("sequence")."""
+def denominator(mask, reduction: str = "token"):
+    """What a mean over mask == 1 divides by: the agent's tokens ("token") or its rows that have
+    any ("sequence")."""
+    return mask.sum() if reduction == "token" else (mask.sum(1) > 0).sum()
+
+
+def masked_mean(x, mask, reduction: str = "token", denom=None):
+    """Mean of x over mask == 1: over all tokens ("token") or per row, then over rows ("sequence").
+    denom: the denominator of the whole batch when these rows are part of it (default: theirs)."""
+    denom = denominator(mask, reduction) if denom is None else denom
     if reduction == "token":
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    per_row = (x * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return per_row[mask.sum(1) > 0].mean()
+        total = (x * mask).sum()
+    else:
+        total = ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()  # a row without tokens adds 0
+    return total / denom.clamp(min=1)
+
+
+def token_mean(x, mask) -> float:
+    """The token mean of x over mask == 1 on every rank's rows: sum and count summed over ranks."""
+    total, count = parallel.all_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    return (total / count.clamp(min=1)).item()
 
 
 def token_kl(logp, logp_old, kind: str, full=None, full_old=None):
@@ -91,17 +113,18 @@ def token_kl(logp, logp_old, kind: str, full=None, full_old=None):
     return log_r.exp() * log_r - log_r.exp() + 1  # reverse KL from behaviour samples: r log r - r + 1
 
 
-def ppo_loss(logp, logp_old, adv, mask, kl_tok, clip_eps: float, beta: float, reduction: str):
-    """-surrogate + beta * KL. Surrogate (PPO clip): min(r A, clip(r, 1-eps, 1+eps) A)."""
+def ppo_loss(logp, logp_old, adv, mask, kl_tok, clip_eps: float, beta: float, reduction: str, denom=None):
+    """-surrogate + beta * KL. Surrogate (PPO clip): min(r A, clip(r, 1-eps, 1+eps) A).
+    denom: the minibatch's denominator over every rank (default: these rows')."""
     ratio = (logp - logp_old).exp()
     a = adv[:, None]  # (S, 1): every token of a message gets its episode's advantage
     clipped = torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
-    return -masked_mean(clipped, mask, reduction) + beta * masked_mean(kl_tok, mask, reduction)
+    return -masked_mean(clipped, mask, reduction, denom) + beta * masked_mean(kl_tok, mask, reduction, denom)
 
 
-def surrogate(logp, logp_old, adv, mask):
+def surrogate(logp, logp_old, adv, mask) -> float:
     """L_hat = token mean of (r - 1) A: the first-order estimate of the improvement."""
-    return masked_mean(((logp - logp_old).exp() - 1) * adv[:, None], mask)
+    return token_mean(((logp - logp_old).exp() - 1) * adv[:, None], mask)
 
 
 def sequence_log_ratio(logp, logp_old, mask, episode, n_episodes: int):
@@ -115,12 +138,12 @@ def update_stats(logp, logp_old, adv, mask, kl_tok, clip_eps: float, delta: floa
     """The per-update metrics of SPEC section 5, all token means over the agent's tokens."""
     log_r = logp - logp_old
     ratio = log_r.exp()
-    mean = lambda x: masked_mean(x, mask).item()
+    mean = lambda x: token_mean(x, mask)
     return {
         "kl_rev": mean(kl_tok),
         "kl_k1": mean(-log_r),  # k1 = -log r
         "kl_k3": mean((ratio - 1) - log_r),  # k3 = (r - 1) - log r (Schulman, 2020)
         "out_of_region": mean((kl_tok > delta).float()),
         "clipfrac": mean(((ratio - 1).abs() > clip_eps).float()),
-        "surrogate": surrogate(logp, logp_old, adv, mask).item(),
+        "surrogate": surrogate(logp, logp_old, adv, mask),
     }

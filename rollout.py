@@ -133,7 +133,7 @@ def play(team, task, episodes, temperature, top_p, seed, keep=None):
     keep = keep or [0] * len(episodes)
     eps = [Episode(e.question, e.qid, e.sample, e.order, e.steps[:k]) for e, k in zip(episodes, keep)]
     turns = tokens = truncated = 0
-    for t in range(max(len(e.order) for e in eps)):
+    for t in range(max((len(e.order) for e in eps), default=0)):
         for a, agent in enumerate(team):
             rows = [e for e in eps if len(e.steps) == t and t < len(e.order) and e.order[t] == a]
             if not rows:

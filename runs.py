@@ -23,6 +23,7 @@ import tempfile
 import torch
 from tqdm import tqdm
 
+import parallel
 import team as team_lib
 from config import Config
 
@@ -34,8 +35,11 @@ class RunError(Exception):
 
 
 def fail(prog: str, message: str, code: int = 2):
-    """A bad input: one line on stderr and exit code 2 (callers make sure nothing was written yet)."""
-    sys.stderr.write(f"{prog}: error: {message}\n")
+    """A bad input: one line on stderr and exit code 2 (callers make sure nothing was written yet).
+    Under torchrun every rank finds a bad input and rank 0 reports it; a failure (any other code)
+    is reported by each rank that meets it, with its rank."""
+    if parallel.main() or code != 2:
+        sys.stderr.write(f"{prog}: error: {'' if parallel.main() else f'rank {parallel.RANK}: '}{message}\n")
     sys.exit(code)
 
 
@@ -101,16 +105,19 @@ def read_config(run_dir: str) -> tuple[Config, list[int]]:
 class Log:
     """metrics.jsonl: every record is written and flushed as it comes (and its line printed with
     echo). A resumed run's log starts again from its checkpoint's records, so it never holds the
-    half stage that a crash interrupted."""
+    half stage that a crash interrupted. Under torchrun rank 0 writes and prints; every rank keeps
+    the records (they are reduced over ranks, so they are the same)."""
 
     def __init__(self, path: str, records=(), echo: bool = False):
-        self.records, self.echo = list(records), echo
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
-        self.file = open(path, "a")
+        self.records, self.echo, self.file = list(records), echo and parallel.main(), None
+        if parallel.main():
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+            self.file = open(path, "a")
 
     def __call__(self, record: dict, line: str):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         self.records.append(record)
         if self.echo:
             tqdm.write(line)

@@ -41,6 +41,7 @@ import re
 from dataclasses import dataclass
 
 import mathtask
+import parallel
 
 CHARS = "0123456789+-|;>="  # the relay alphabet; the character tokenizer is built from it
 HELDOUT_SEED = 1_000_003
@@ -132,7 +133,7 @@ def heldout_set(task, count: int) -> list[Question]:
     question space (two agents) may hold fewer than `count`; then all that were found are used."""
     qs = questions(task, count, seed=HELDOUT_SEED, heldout=True, partial=True)
     if len(qs) < count:
-        print(f"note: the task has only {len(qs)} distinct held-out questions; evaluating on all of them")
+        parallel.print0(f"note: the task has only {len(qs)} distinct held-out questions; evaluating on all of them")
     return qs
 
 

@@ -20,7 +20,8 @@ Updating all agents simultaneously from one batch (MAGRPO-style "joint" training
 computation as `stale`: each agent's loss involves only its own tokens and weights, and the batch
 and advantages do not change between the updates.
 
-Run it through the CLI: `python train.py --agents 3 --mode teamtr`.
+Run it through the CLI: `python train.py --agents 3 --mode teamtr`. Under torchrun each process
+plays its block of the questions and every number below is reduced over processes (parallel.py).
 """
 import math
 import random
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 import eval as evaluation
 import losses
+import parallel
 import rollout
 from config import Config
 
@@ -57,7 +59,7 @@ def mean_kl(model, data, old, old_full, cfg: Config):
     """D: the mean token reverse KL of the agent's current weights against its old ones on its batch."""
     logp, full = batch_logprobs(model, data, cfg.kl == "full", cfg.minibatch)
     kl_tok = losses.token_kl(logp, old, cfg.kl, full, old_full)
-    return losses.masked_mean(kl_tok, data["mask"]).item(), logp, kl_tok
+    return losses.token_mean(kl_tok, data["mask"]), logp, kl_tok
 
 
 def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weights=None) -> dict:
@@ -74,7 +76,7 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weigh
     beta = cfg.beta if trust_region else 0.0
     data, adv_clipped = agent_data(episodes, i, pad, device, cfg, weights)
     old, old_full = batch_logprobs(model, data, full, cfg.minibatch)  # step 3: fp32, weights before the update
-    drift = losses.masked_mean((old - data["sampler_logp"]).abs(), data["mask"]).item()
+    drift = losses.token_mean((old - data["sampler_logp"]).abs(), data["mask"])
     if gap_episodes is not None:
         gap_data = agent_data(gap_episodes, i, pad, device, cfg)[0]
         gap_old = batch_logprobs(model, gap_data, False, cfg.minibatch)[0]
@@ -83,17 +85,23 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weigh
     theta_old = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(rollout.derive_seed(seed, "minibatches"))
     steps, skipped, D, stop, measured = 0, 0, 0.0, False, None  # measured: mean_kl of the current weights
+    first, total = parallel.row_block(len(data["ids"]))  # this rank's rows among every rank's (one process: all)
     for _ in range(cfg.epochs):
-        for rows in torch.randperm(len(data["ids"]), generator=gen).split(cfg.minibatch):
-            model.train()
-            logp, full_new = losses.token_logprobs(model, data, rows, full)
-            kl_tok = losses.token_kl(logp, old[rows], cfg.kl, full_new, old_full[rows] if full else None)
-            loss = losses.ppo_loss(logp, old[rows], data["adv"][rows], data["mask"][rows], kl_tok, cfg.clip_eps, beta, cfg.reduction)
+        for rows in torch.randperm(total, generator=gen).split(cfg.minibatch):
+            rows = rows[(rows >= first) & (rows < first + len(data["ids"]))] - first  # the minibatch's rows on this rank
+            denom = parallel.all_sum(losses.denominator(data["mask"][rows], cfg.reduction))
             agent.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros((), device=device)
+            if len(rows):
+                model.train()
+                logp, full_new = losses.token_logprobs(model, data, rows, full)
+                kl_tok = losses.token_kl(logp, old[rows], cfg.kl, full_new, old_full[rows] if full else None)
+                loss = losses.ppo_loss(logp, old[rows], data["adv"][rows], data["mask"][rows], kl_tok, cfg.clip_eps, beta, cfg.reduction, denom)
+                loss.backward()
+                model.eval()
+            parallel.sum_gradients(params)  # this rank's share of the minibatch's gradient -> the whole gradient
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            model.eval()
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # a fault: skip the step, weights untouched
+            if not (torch.isfinite(parallel.all_sum(loss.detach())) and torch.isfinite(grad_norm)):  # a fault: skip the step, weights untouched
                 skipped += 1
                 continue
             agent.optimizer.step()
@@ -132,7 +140,7 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weigh
     stats["log_ratio"] = losses.sequence_log_ratio(logp, old, data["mask"], data["episode"], len(episodes))
     if gap_episodes is not None:
         gap_logp = batch_logprobs(model, gap_data, False, cfg.minibatch)[0]
-        gap_surrogate = losses.surrogate(gap_logp, gap_old, gap_data["adv"], gap_data["mask"]).item()
+        gap_surrogate = losses.surrogate(gap_logp, gap_old, gap_data["adv"], gap_data["mask"])
         stats["stale_gap"] = abs(gap_surrogate - stats["surrogate"])
     return stats
 
@@ -142,7 +150,12 @@ def agent_data(episodes, i, pad, device, cfg: Config, weights=None):
     (times the HAPPO weights, if given)."""
     rewards = torch.tensor([e.reward for e in episodes])
     adv, clipped = losses.group_advantages(rewards, cfg.group, cfg.adv_max)
-    return losses.agent_batch(episodes, i, adv if weights is None else adv * weights, pad, device), clipped
+    return losses.agent_batch(episodes, i, adv if weights is None else adv * weights, pad, device), global_mean(clipped * len(episodes), len(episodes))
+
+
+def global_mean(total, count) -> float:
+    """total / count, each summed over ranks first."""
+    return (parallel.all_sum(float(total)) / parallel.all_sum(float(count))).item()
 
 
 def happo_weights(log_w, max_weight: float):
@@ -156,6 +169,7 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
     measure = fresh or cfg.measure_gap  # keep rollouts of the intermediate team pi_hat^{k-1}
     qs = task.train_questions(cfg.questions, rollout.derive_seed(cfg.seed, "train", stage))
     episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, stage))
+    episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]  # this rank's questions, with all their samples
     first, turns, tokens, truncated = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0))
     current, sample_s, surrogates, radii = first, time.time() - start, [], []
     log_w = torch.zeros(len(first))  # reweight: sum of the updated agents' sequence log-ratios on B_1
@@ -172,26 +186,27 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
         weights = happo_weights(log_w, cfg.happo_max_weight) if reweight else None
         m = update_agent(team[i], i, batch, other, cfg, (cfg.seed, stage, k), weights)
         if reweight:  # fraction of episodes whose weight was clipped in this update
-            m["weight_clipfrac"] = float((log_w.abs() > math.log(cfg.happo_max_weight)).float().mean())
+            m["weight_clipfrac"] = global_mean((log_w.abs() > math.log(cfg.happo_max_weight)).sum(), len(log_w))
         log_w += m.pop("log_ratio").cpu()
         if measure and k == 0:
             m["stale_gap"] = 0.0  # B_1 is the intermediate team's batch
         surrogates.append(m["surrogate"])
         radii.append(m["kl_rev"])
         gap = "-" if m["stale_gap"] is None else f"{m['stale_gap']:.4f}"
-        reward = sum(e.reward for e in batch) / len(batch)
+        reward = global_mean(sum(e.reward for e in batch), len(batch))
         log({"stage": stage, "update": k + 1, "agent": i, "batch_reward": reward, **{f"agent{i}/{key}": v for key, v in m.items()}},
             f"stage {stage} update {k + 1} agent{i}: reward {reward:.3f} "
             f"kl {m['kl_rev']:.4f} steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} gap {gap}")
         previous = i
-    seconds = time.time() - start
+    seconds, n_episodes = time.time() - start, int(parallel.all_sum(len(first)))
+    turns, tokens, truncated = (int(parallel.all_sum(x)) for x in (turns, tokens, truncated))
     return {
         "stage": stage,
-        "stage/reward": float(sum(e.reward for e in first) / len(first)),
+        "stage/reward": global_mean(sum(e.reward for e in first), len(first)),
         # a conservative proxy of the per-stage lower bound: sum_k L_k - lambda sum_k sqrt(2 D_k),
         # lambda = adv_max (Pinsker: TV <= sqrt(D / 2), times 2 max |A|)
         "stage/certificate": sum(surrogates) - cfg.adv_max * sum((2 * d) ** 0.5 for d in radii),
-        "stage/turns": turns / len(episodes),  # generated turns per episode
+        "stage/turns": turns / n_episodes,  # generated turns per episode
         "stage/tokens": tokens,
         "rollout/truncated": truncated / turns,  # fraction of generated messages cut at max_new_tokens
         "stage/seconds": seconds,
@@ -225,7 +240,8 @@ def train_stages(team, task, heldout, cfg: Config, log, done=(), checkpoint=None
         log({"stage": 0, "stage/eval_acc": accs[0]}, f"stage 0: held-out accuracy {accs[0]:.3f}")
         checkpoint and checkpoint(0)
     first = done[-1]["stage"] + 1 if done else 1
-    for stage in tqdm(range(first, cfg.stages + 1), desc="stages", unit="stage", initial=first - 1, total=cfg.stages):
+    stages = tqdm(range(first, cfg.stages + 1), desc="stages", unit="stage", initial=first - 1, total=cfg.stages, disable=not parallel.main())
+    for stage in stages:
         record, acc = run_stage(team, task, cfg, stage, log), ""
         if stage in evaluated_stages(cfg):
             accs.append(evaluation.accuracy(team, task, heldout, cfg))

@@ -20,10 +20,12 @@ Every flag is a field of config.Config; `python train.py --help` lists them with
 """
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -32,6 +34,7 @@ import torch
 import compare
 import config
 import mathtask
+import parallel
 import rollout
 import runs
 import tasks
@@ -49,7 +52,7 @@ MINIMUM = {"agents": 1, "seeds": 1, "rounds": 1, "modulus": 2, "max_arg": 1, "p_
            "warmup_steps": 0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "eval_every": 1,
            "epochs": 1, "minibatch": 1, "threads": 0, "lora_rank": 0, "max_backtracks": 0, "max_new_tokens": 0, "temperature": 0.0, "happo_max_weight": 1.0}
 COMPARE_STAGES = 15  # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
-POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm", "lora_alpha"]
+POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm", "lora_alpha", "dist_timeout"]
 
 
 def fail(message: str, code: int = 2):
@@ -85,17 +88,18 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
         else:
             kind, default = (team_sizes, [f.default]) if f.name == "agents" else (f.type, f.default)
             parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=docs[f.name])
-    parser.add_argument("--resume", default="", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint, with its saved config (only --threads may be given too)")
+    parser.add_argument("--resume", default="", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint, with its saved config (only --threads and --dist-timeout may be given too)")
     args = vars(parser.parse_args(argv))
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     if resume := args.pop("resume"):
-        if extra := given - {"--resume", "--threads"}:
+        if extra := given - {"--resume", "--threads", "--dist-timeout"}:
             parser.error(f"--resume continues a run with its saved config; drop {', '.join(sorted(extra))}")
         try:
             cfg, sizes = runs.read_config(resume)
         except runs.RunError as e:
             parser.error(str(e))
         cfg.threads = args["threads"] if "--threads" in given else cfg.threads
+        cfg.dist_timeout = args["dist_timeout"] if "--dist-timeout" in given else cfg.dist_timeout
         return cfg, sizes, resume
     sizes = args.pop("agents")
     cfg = Config(agents=sizes[0], **args)
@@ -107,6 +111,8 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
     for name in POSITIVE:
         if not getattr(cfg, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.questions < parallel.WORLD:
+        parser.error(f"--questions {cfg.questions}: fewer than the {parallel.WORLD} processes, and each process plays whole questions")
     if cfg.top_p > 1:
         parser.error(f"--top-p must be at most 1, got {cfg.top_p}")
     if cfg.p_max_arg and not (cfg.p_max_arg <= 1 and cfg.max_arg >= 2):
@@ -173,26 +179,88 @@ def checked_inputs(cfg: Config, sizes: list[int]):
         fail(str(e))
 
 
-def interrupted(run_dir: str):
-    fail(f"interrupted; continue with: python train.py --resume {run_dir}", 130)
+def resume_command(run_dir: str) -> str:
+    launcher = f"torchrun --nproc-per-node {parallel.WORLD} " if parallel.WORLD > 1 else "python "
+    return f"{launcher}train.py --resume {run_dir}"
 
 
 def start(cfg: Config, sizes: list[int], resume: str, device, dtype):
     """(team, records so far, run directory): a resumed run's checkpoint, or a new run's starting
-    team and directory. Bad input ends here in one line, exit 2, before anything is written."""
+    team and directory (created by rank 0). Bad input ends here in one line, exit 2, before
+    anything is written."""
     try:
         if resume:
             team, done = runs.load_checkpoint(resume, cfg, device, dtype)
-            runs.remove_partial(resume)
+            if parallel.main():
+                runs.remove_partial(resume)
             return team, done, resume
         runs.check_out_dir(cfg.out_dir)
         begin = warmup.starting_model(cfg, device, dtype)
-        team, run_dir = warmup.build_team(cfg, begin, device, dtype), runs.create(cfg, sizes)
-        if cfg.lora_rank and not cfg.model:  # the warmed-up tiny base, which the adapters are saved against
+        team = warmup.build_team(cfg, begin, device, dtype)
+        run_dir = parallel.broadcast_object(runs.create(cfg, sizes) if parallel.main() else None)
+        if cfg.lora_rank and not cfg.model and parallel.main():  # the warmed-up tiny base, which the adapters are saved against
             team_lib.save_model(*begin, runs.lora_base(cfg, run_dir))
         return team, [], run_dir
     except (runs.RunError, team_lib.LoadError) as e:
         fail(str(e))
+
+
+def checkpoint(run_dir: str, team, stage: int, log: runs.Log, base: str):
+    """Rank 0 writes the checkpoint; every rank learns whether it could, after checking that the
+    ranks' weights are the same."""
+    parallel.check_identical(team)
+    error = ""
+    if parallel.main():
+        try:
+            runs.save_checkpoint(run_dir, team, stage, log.records, base)
+        except runs.RunError as e:
+            error = str(e)
+    if error := parallel.broadcast_object(error):
+        raise runs.RunError(error)
+
+
+@contextlib.contextmanager
+def stops_cleanly(run_dir: str):
+    """Ctrl-C (or torchrun's SIGTERM) and a lost process end in one line with the resume command."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun may signal again while this one ends
+        fail(f"interrupted; continue with: {resume_command(run_dir)}", 130)
+    except parallel.ProcessLost as e:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        fail(f"another process of this run stopped or stopped answering ({e}); continue with: {resume_command(run_dir)}", 1)
+
+
+def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began: float):
+    """One run (or a compare directory) to the end."""
+    if cfg.mode == "compare":
+        try:
+            run_dir = resume or parallel.broadcast_object(runs.check_out_dir(cfg.out_dir) or (runs.create(cfg, sizes) if parallel.main() else None))
+            parallel.print0(f"run directory: {run_dir}")
+            with stops_cleanly(run_dir):
+                return compare.run(cfg, sizes, device, dtype, run_dir, resume=bool(resume))
+        except runs.RunError as e:  # --out-dir, or an unreadable results.json on --resume
+            fail(str(e))
+    team, done, run_dir = start(cfg, sizes, resume, device, dtype)
+    parallel.print0(f"run directory: {run_dir}" + (f" (resumed after stage {done[-1]['stage']})" if done else ""))
+    heldout = task.heldout(cfg.eval_size)
+    log, base = runs.Log(os.path.join(run_dir, "metrics.jsonl"), done, echo=True), runs.lora_base(cfg, run_dir)
+    try:
+        with stops_cleanly(run_dir):
+            accs = teamtr.train_stages(team, task, heldout, cfg, log, done, lambda stage: checkpoint(run_dir, team, stage, log, base))
+    except rollout.ContextTooLong as e:
+        if parallel.main() and not runs.checkpoints(run_dir):  # found by the very first sampling: nothing worth keeping was written
+            shutil.rmtree(run_dir)
+        fail(str(e))
+    except runs.RunError as e:  # a failed checkpoint write
+        fail(str(e), 1)
+    parallel.check_identical(team)
+    if parallel.main():
+        team_lib.save_team(team, run_dir, base)
+        write_summary(run_dir, cfg, accs, time.time() - began)
+    parallel.print0(f"held-out accuracy ({len(heldout)} questions): starting team {accs[0]:.3f} -> trained team {accs[-1]:.3f} "
+                    f"({100 * (accs[-1] - accs[0]):+.1f} points) in {time.time() - began:.0f} s; wrote {run_dir}")
 
 
 def main(argv=None):
@@ -201,38 +269,12 @@ def main(argv=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, dtype = runs.placement(cfg)
+    parallel.init(device, cfg.dist_timeout)
+    if parallel.WORLD > 1:  # torchrun ends the other processes with SIGTERM when one fails: stop as on Ctrl-C
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     task = checked_inputs(cfg, sizes)
-    if cfg.mode == "compare":
-        try:
-            run_dir = resume or (runs.check_out_dir(cfg.out_dir) or runs.create(cfg, sizes))
-        except runs.RunError as e:
-            fail(str(e))
-        print(f"run directory: {run_dir}")
-        try:
-            return compare.run(cfg, sizes, device, dtype, run_dir, resume=bool(resume))
-        except runs.RunError as e:  # an unreadable results.json on --resume
-            fail(str(e))
-        except KeyboardInterrupt:
-            interrupted(run_dir)
-    team, done, run_dir = start(cfg, sizes, resume, device, dtype)
-    print(f"run directory: {run_dir}" + (f" (resumed after stage {done[-1]['stage']})" if done else ""))
-    heldout = task.heldout(cfg.eval_size)
-    log, base = runs.Log(os.path.join(run_dir, "metrics.jsonl"), done, echo=True), runs.lora_base(cfg, run_dir)
-    try:
-        accs = teamtr.train_stages(team, task, heldout, cfg, log, done, lambda stage: runs.save_checkpoint(run_dir, team, stage, log.records, base))
-    except rollout.ContextTooLong as e:
-        if not runs.checkpoints(run_dir):  # found by the very first sampling: nothing worth keeping was written
-            shutil.rmtree(run_dir)
-        fail(str(e))
-    except runs.RunError as e:
-        fail(str(e), 1)
-    except KeyboardInterrupt:
-        interrupted(run_dir)
-    team_lib.save_team(team, run_dir, base)
-    seconds = time.time() - began
-    write_summary(run_dir, cfg, accs, seconds)
-    print(f"held-out accuracy ({len(heldout)} questions): starting team {accs[0]:.3f} -> trained team {accs[-1]:.3f} "
-          f"({100 * (accs[-1] - accs[0]):+.1f} points) in {seconds:.0f} s; wrote {run_dir}")
+    train(cfg, sizes, resume, device, dtype, task, began)
+    parallel.close()
 
 
 if __name__ == "__main__":

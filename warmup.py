@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 import losses
+import parallel
 import rollout
 import tasks
 import team as team_lib
@@ -45,7 +46,7 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
     task, solo = (tasks.Relay(cfg.agents * cfg.rounds, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg) for s in (False, True))
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
     eos, device = tokenizer.eos_token_id, next(model.parameters()).device
-    for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step"):
+    for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step", disable=not parallel.main()):
         rng = random.Random(rollout.derive_seed(cfg.seed, "demonstrator", step))
         qs = tasks.questions(task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False)
         episodes = []
@@ -77,11 +78,15 @@ def starting_model(cfg: Config, device, dtype):
 
 def build_team(cfg: Config, start, device, dtype):
     """The agents of a run: copies of the starting model (one in `single` mode), LoRA adapters on
-    it (--lora-rank), or --models."""
+    it (--lora-rank), or --models. Under torchrun every rank builds them (each warms up the same
+    tiny model) and then takes rank 0's weights."""
     n = 1 if cfg.mode == "single" else cfg.agents
     if cfg.models:
-        return team_lib.load_team(cfg.models.split(",")[:n], device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
-    if cfg.lora_rank:
-        return team_lib.lora_team(*start, n, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lr, cfg.grad_ckpt,
+        team = team_lib.load_team(cfg.models.split(",")[:n], device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+    elif cfg.lora_rank:
+        team = team_lib.lora_team(*start, n, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lr, cfg.grad_ckpt,
                                   cfg.optimizer, cfg.seed)
-    return team_lib.clone_team(*start, n, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+    else:
+        team = team_lib.clone_team(*start, n, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+    parallel.broadcast_team(team)
+    return team

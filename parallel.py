@@ -1,0 +1,144 @@
+"""Data parallel over questions on torch.distributed: every process holds the whole team, the
+questions of a batch are split across processes, and the numbers are those of one process.
+
+    torchrun --standalone --nproc-per-node 2 train.py --agents 3 --mode teamtr --threads 1
+
+Without torchrun the same code runs as one process (RANK 0 of WORLD 1, every function below a
+no-op). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous):
+  - each rank plays a contiguous block of the batch's questions (`shard`), all G samples of a
+    question on one rank, so group advantages stay local and message text never leaves its rank;
+    the derived per-(question, sample, turn) seeds make a rank sample what one process would;
+  - agent i's update: each rank computes its share of the token-mean loss (its tokens' sum over
+    the global token count), and the gradients are summed across ranks before every optimiser
+    step (`sum_gradients`), so every rank takes the same step;
+  - every number a decision or a log reads (the measured KL, the stop, each backtracking step,
+    rewards, held-out counts) is summed across ranks first (`all_sum`), so all ranks take the
+    same branch and keep identical weights (`check_identical` verifies it at every checkpoint);
+  - rank 0 alone prints, logs and writes; checkpoints are written once and read by every rank.
+
+Unlike DistributedDataParallel, whose gradient hooks fire only through the wrapped module's own
+forward, the gradient sum is one visible all_reduce: an update calls the decoder and the output
+layer separately (losses.token_logprobs) and measures the KL between steps. gloo on CPU; NCCL for
+tensors on GPU, with object messages on a gloo group. A rank that dies or hangs ends the others
+within --dist-timeout seconds (not the 30-minute default) with a one-line error.
+"""
+import datetime
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+DEVICE, OBJECTS = torch.device("cpu"), None  # where reductions run; the group for object messages
+
+
+class ProcessLost(Exception):
+    """A collective failed: another process died, or did not answer within --dist-timeout."""
+
+
+def collective(op, *args, **kwargs):
+    """Run a torch.distributed collective; its failure is ProcessLost, with the backend's first line."""
+    try:
+        return op(*args, **kwargs)
+    except RuntimeError as e:  # gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError)
+        line = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])  # without gloo's source location
+        raise ProcessLost(line.split(". ")[0][:200]) from None
+
+
+def init(device, timeout_s: float):
+    """Join the process group when launched by torchrun (nothing to do for one process)."""
+    global DEVICE, OBJECTS
+    if WORLD == 1 or dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" is this rank's GPU from here on
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    DEVICE = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+    OBJECTS = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
+
+
+def main() -> bool:
+    """Rank 0: the process that prints, logs and writes."""
+    return RANK == 0
+
+
+def print0(*args, **kwargs):
+    if main():
+        print(*args, **kwargs)
+
+
+def shard(n: int) -> range:
+    """This rank's contiguous block of range(n) (blocks differ in size by at most one)."""
+    return range(RANK * n // WORLD, (RANK + 1) * n // WORLD)
+
+
+def all_sum(x) -> torch.Tensor:
+    """x (a tensor or a number) summed over ranks; every rank gets the same bits."""
+    x = torch.as_tensor(x, dtype=torch.float64 if isinstance(x, float) else None)  # Python floats in float64
+    x = x.to(DEVICE, copy=True) if WORLD > 1 else x
+    if WORLD > 1:
+        collective(dist.all_reduce, x)
+    return x
+
+
+def row_block(count: int) -> tuple[int, int]:
+    """(first, total): where this rank's `count` rows start in the ranks' rows laid end to end
+    (rank 0's first), and how many rows all ranks hold."""
+    if WORLD == 1:
+        return 0, count
+    counts = [torch.zeros((), dtype=torch.long, device=DEVICE) for _ in range(WORLD)]
+    collective(dist.all_gather, counts, torch.tensor(count, device=DEVICE))
+    counts = [int(c) for c in counts]
+    return sum(counts[:RANK]), sum(counts)
+
+
+def sum_gradients(params):
+    """Sum every parameter's gradient over ranks, as one flat all_reduce (a missing one is 0)."""
+    if WORLD == 1:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    collective(dist.all_reduce, flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+def unique_parameters(team) -> list:
+    """The team's parameters, each once (a LoRA team's agents share their base tensors)."""
+    return list({p.data_ptr(): p for agent in team for p in agent.model.parameters()}.values())
+
+
+def broadcast_team(team):
+    """Every rank starts from rank 0's weights, whatever each rank's loading or warm-up did."""
+    if WORLD > 1:
+        with torch.no_grad():
+            for p in unique_parameters(team):
+                collective(dist.broadcast, p.data, 0)
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (a run directory, an error message)."""
+    if WORLD == 1:
+        return obj
+    box = [obj]
+    collective(dist.broadcast_object_list, box, 0, group=OBJECTS)
+    return box[0]
+
+
+def check_identical(team):
+    """RuntimeError unless every rank holds the same weights (compared by float64 checksums)."""
+    if WORLD == 1:
+        return
+    sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in unique_parameters(team)])
+    low, high = sums.clone(), sums.clone()
+    collective(dist.all_reduce, low, dist.ReduceOp.MIN)
+    collective(dist.all_reduce, high, dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError("the ranks' weights differ; a collective was skipped or a decision was taken on local values")
+
+
+def close():
+    if dist.is_initialized():
+        dist.destroy_process_group()

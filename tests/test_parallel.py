@@ -1,0 +1,131 @@
+"""Scale-out on torch.distributed (CPU, gloo, one thread per process): two processes write the
+metrics of one, a killed or hung process ends the other in one line, and the run resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from test_runs import UNTIMED, wait_for_update
+from test_train_cli import ROOT
+
+RUN = ["--agents", "3", "--stages", "3", "--warmup-steps", "30", "--questions", "12", "--group", "4", "--minibatch", "8",
+       "--eval-size", "40", "--threads", "1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def launch(cwd, *args, processes=2, **kwargs):
+    command = (TORCHRUN if processes == 2 else [sys.executable]) + [os.path.join(ROOT, "train.py"), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def numbers(path) -> list[dict]:
+    """The records of a metrics file (or a run directory's metrics.jsonl), timing and memory aside."""
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(UNTIMED)} for r in records]
+
+
+def assert_close(a: list[dict], b: list[dict], tol: float = 1e-4):
+    assert len(a) == len(b) and all(ra.keys() == rb.keys() for ra, rb in zip(a, b))
+    for ra, rb in zip(a, b):
+        for key, va in ra.items():
+            vb = rb[key]
+            assert (va is None) == (vb is None), key
+            assert va is None or abs(va - vb) <= tol, (ra["stage"], key, va, vb)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The same run in one process and in two, uninterrupted."""
+    cwd = tmp_path_factory.mktemp("straight")
+    for processes in (1, 2):
+        out = launch(cwd, *RUN, "--name", f"p{processes}", processes=processes)
+        assert out.returncode == 0, out.stderr
+    return cwd / "runs"
+
+
+def test_the_parallel_pieces_equal_their_one_process_values():
+    out = subprocess.run([*TORCHRUN, os.path.join(ROOT, "tests", "parallel_worker.py")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
+
+
+def test_two_processes_write_the_metrics_of_one(straight):
+    one, two = numbers(straight / "p1"), numbers(straight / "p2")
+    assert len([r for r in one if "stage/eval_acc" in r]) == 4  # stages 0-3
+    assert_close(one, two)
+    for i in range(3):  # every checkpoint and the end checked that the ranks agree; rank 0's weights are one process's
+        a, b = load_file(straight / "p1" / f"agent{i}" / "model.safetensors"), load_file(straight / "p2" / f"agent{i}" / "model.safetensors")
+        assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+def test_eval_under_torchrun_prints_what_one_process_prints(straight):
+    evaluate = [os.path.join(ROOT, "eval.py"), str(straight / "p1")]
+    one = subprocess.run([sys.executable, *evaluate], capture_output=True, text=True, timeout=120)
+    two = subprocess.run([*TORCHRUN, *evaluate], capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert "greedy held-out accuracy" in one.stdout and two.stdout == one.stdout
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of one worker process of a torchrun launcher (read from /proc: Linux)."""
+    for pid in open(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read().split():
+        if f"RANK={rank}".encode() in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+            return int(pid)
+    raise AssertionError(f"no rank {rank} under torchrun")
+
+
+def start(cwd, name, *extra):
+    return subprocess.Popen([*TORCHRUN, os.path.join(ROOT, "train.py"), *RUN, "--name", name, *extra], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_killed_process_ends_the_other_and_the_run_resumes_under_torchrun(tmp_path, straight):
+    launcher = start(tmp_path, "killed")
+    wait_for_update(tmp_path / "runs" / "killed", 2, launcher)
+    os.kill(rank_pid(launcher, 1), signal.SIGKILL)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("train.py: error:")]
+    assert len(ours) == 1 and ours[0].endswith("torchrun --nproc-per-node 2 train.py --resume runs/killed"), err[-3000:]
+    assert "[rank0]" not in err  # no traceback from the surviving process (torchrun's own report follows)
+    out = launch(tmp_path, "--resume", "runs/killed")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_close(numbers(tmp_path / "runs" / "killed"), numbers(straight / "p1"))
+
+
+def test_a_hung_process_ends_the_other_within_the_timeout(tmp_path):
+    launcher = start(tmp_path, "hung", "--dist-timeout", "5")
+    wait_for_update(tmp_path / "runs" / "hung", 1, launcher)
+    hung = rank_pid(launcher, 1)
+    os.kill(hung, signal.SIGSTOP)
+    stopped, line = time.time(), ""
+    while "error:" not in line and launcher.poll() is None:
+        line = launcher.stderr.readline()
+    waited = time.time() - stopped
+    os.kill(hung, signal.SIGKILL)
+    launcher.communicate(timeout=120)
+    assert "stopped answering (Timed out" in line and "--resume runs/hung" in line, line
+    assert waited < 60  # gloo's default would wait 30 minutes
+
+
+def test_compare_under_torchrun_trains_every_mode_as_one_process(tmp_path):
+    tiny = ["--mode", "compare", "--agents", "2", "--modes", "teamtr,naive,single", "--seeds", "1", "--stages", "2",
+            "--warmup-steps", "20", "--questions", "8", "--group", "4", "--eval-size", "32", "--threads", "1"]
+    for processes in (1, 2):
+        out = launch(tmp_path, *tiny, "--name", f"p{processes}", processes=processes)
+        assert out.returncode == 0, out.stderr[-3000:]
+    for mode in ("teamtr", "naive", "single"):
+        assert_close(*(numbers(tmp_path / "runs" / name / f"{mode}-n2-s0.jsonl") for name in ("p1", "p2")))
+
+
+def test_fewer_questions_than_processes_is_one_line_exit_2(tmp_path):
+    out = launch(tmp_path, "--questions", "1", "--stages", "1")
+    assert out.returncode != 0 and not (tmp_path / "runs").exists()
+    ours = [line for line in out.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert ours == ["train.py: error: --questions 1: fewer than the 2 processes, and each process plays whole questions"]

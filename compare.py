@@ -16,9 +16,10 @@ per stage; the out-of-region token fraction; generated tokens; and seconds (stag
 evaluations; the shared warm-up is reported once per n and seed).
 
 runs/<name>/ gets <mode>-n<n>-s<seed>.jsonl (each run's metrics, as in train.py),
-results.json (one record per run), compare.md (the table) and SVG plots: accuracy_n<n>.svg
-(held-out accuracy per stage), tokens_n<n>.svg (accuracy against generated tokens: the
-equal-compute view) and stale_gap.svg (summed stale gap per stage against team size).
+results.json (one record per run), compare.md (the table) and PNG plots (matplotlib):
+accuracy_n<n>.png (held-out accuracy per stage), tokens_n<n>.png (accuracy against generated
+tokens: the equal-compute view) and stale_gap.png (summed stale gap per stage against team size,
+log-log).
 No checkpoints are saved; train one mode with train.py for those. results.json is rewritten after
 every run, so `python train.py --resume RUN_DIR` skips the runs that finished and trains the rest.
 """
@@ -29,6 +30,7 @@ import os
 import statistics
 import time
 
+import matplotlib
 from tqdm import tqdm
 
 import config
@@ -37,6 +39,9 @@ import runs
 import tasks
 import teamtr
 import warmup
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 COLORS = dict(zip(config.MODES, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f"]))  # one per mode
 
@@ -154,9 +159,9 @@ def write_plots(groups: dict, run_dir: str):
         return [statistics.mean(vals) for vals in zip(*(r[key] for r in rs))]
     for n in sorted({n for n, _ in groups}):
         modes = {mode: rs for (m, mode), rs in groups.items() if m == n}
-        line_plot(os.path.join(run_dir, f"accuracy_n{n}.svg"), f"held-out accuracy, n = {n}", "stage", "accuracy",
+        line_plot(os.path.join(run_dir, f"accuracy_n{n}.png"), f"held-out accuracy, n = {n}", "stage", "accuracy",
                   {mode: (list(range(len(rs[0]["accs"]))), mean_curve(rs, "accs")) for mode, rs in modes.items()})
-        line_plot(os.path.join(run_dir, f"tokens_n{n}.svg"), f"accuracy against generated tokens, n = {n}",
+        line_plot(os.path.join(run_dir, f"tokens_n{n}.png"), f"accuracy against generated tokens, n = {n}",
                   "generated tokens (cumulative)", "accuracy",
                   {mode: (mean_curve(rs, "tokens"), mean_curve(rs, "accs")) for mode, rs in modes.items()})
     gaps = {}
@@ -166,37 +171,19 @@ def write_plots(groups: dict, run_dir: str):
             gaps.setdefault(mode, ([], []))
             gaps[mode][0].append(n)
             gaps[mode][1].append(statistics.mean(values))
-    line_plot(os.path.join(run_dir, "stale_gap.svg"), "summed stale gap per stage", "agents n", "stale gap", gaps)
+    line_plot(os.path.join(run_dir, "stale_gap.png"), "summed stale gap per stage", "agents n", "stale gap", gaps, log=True)
 
 
-def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict):
-    """A small SVG line plot, so no plotting package is needed. series: {name: (xs, ys)}."""
-    width, height, left, right, top, bottom = 640, 400, 70, 130, 30, 50
-    xs = [x for a, _ in series.values() for x in a] or [0, 1]
-    ys = [y for _, b in series.values() for y in b] + [0.0]
-    (x0, x1), (y0, y1) = (min(xs), max(xs)), (min(ys), max(ys))
-
-    def px(x):
-        return left + (x - x0) / ((x1 - x0) or 1) * (width - left - right)
-
-    def py(y):
-        return height - bottom - (y - y0) / ((y1 - y0) or 1) * (height - top - bottom)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
-           '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{(left + width - right) / 2}" y="18" text-anchor="middle" font-size="14">{title}</text>',
-           f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">{xlabel}</text>',
-           f'<text x="14" y="{(top + height - bottom) / 2}" text-anchor="middle" transform="rotate(-90 14 {(top + height - bottom) / 2})">{ylabel}</text>',
-           f'<polyline fill="none" stroke="black" points="{left},{top} {left},{height - bottom} {width - right},{height - bottom}"/>']
-    for k in range(5):  # ticks
-        x, y = x0 + k * (x1 - x0) / 4, y0 + k * (y1 - y0) / 4
-        out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x:,.3g}</text>')
-        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
-    for k, (name, (a, b)) in enumerate(series.items()):
-        color = COLORS.get(name, "black")
-        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(a, b))
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
-        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in zip(a, b)]
-        out.append(f'<text x="{width - right + 10}" y="{top + 10 + 16 * k}" fill="{color}">{name}</text>')
-    with open(path, "w") as f:
-        f.write("\n".join(out + ["</svg>"]) + "\n")
+def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, log: bool = False):
+    """A PNG line plot, drawn by matplotlib (Agg: files only, no display). series: {name: (xs, ys)};
+    log: both axes logarithmic (a power law is a straight line)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=name, color=COLORS.get(name))
+    if log:
+        ax.set(xscale="log", yscale="log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -4,6 +4,10 @@ One stage updates every agent once, in an update order u_1..u_n. For k = 1..n, w
     1. batch: `fresh` (TeamTR) samples team rollouts of the *intermediate* team pi_hat^{k-1}, the
        team with this stage's earlier updates applied (exactly, by regenerating only the turns
        from the previous updated agent's first turn on); `stale` reuses the stage's first batch.
+       Every batch of a stage draws the first batch's random numbers (common random numbers:
+       the same derived uniforms per question, sample and turn), so a fresh batch differs from
+       the first only where the updated agents now choose differently; each is still an exact
+       sample of its team, and the stale gap between them is not sampling noise.
     2. bounded group-normalised advantages of the final reward, given to every token i wrote;
     3. old log-probs of i's tokens under i's weights before this update, in fp32;
     4. a PPO-clip step on i's tokens only, with a reverse-KL penalty, inside a hard trust
@@ -177,7 +181,7 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
         if k > 0 and measure:  # exact suffix resampling of the intermediate team pi_hat^{k-1}
             t0 = time.time()
             keep = [rollout.first_turn(e, previous) for e in current]
-            current, new_turns, new_tokens, new_cut = rollout.play(team, task, current, cfg.temperature, cfg.top_p, (cfg.seed, stage, k), keep)
+            current, new_turns, new_tokens, new_cut = rollout.play(team, task, current, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0), keep)
             sample_s += time.time() - t0
             if fresh:  # diagnostic batches (--measure-gap) are not training compute
                 turns, tokens, truncated = turns + new_turns, tokens + new_tokens, truncated + new_cut

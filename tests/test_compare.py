@@ -1,12 +1,14 @@
 """compare.py: modes side by side from one warm-up; the table, the results, the plots."""
 import json
-import xml.etree.ElementTree as ET
+import os
+
+import matplotlib.pyplot as plt
 
 import compare
 from test_train_cli import TINY, run
 
 
-def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plots(tmp_path):
+def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plots(tmp_path, monkeypatch):
     out = run("train.py", "--mode", "compare", "--agents", "2,3", "--seeds", "2", "--modes", "teamtr,stale,none",
               "--name", "cmp", *TINY, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -26,10 +28,15 @@ def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plot
     table = (run_dir / "compare.md").read_text()
     assert table.strip() in out.stdout
     assert sum(line.startswith("| 3 | ") for line in table.splitlines()) == 3
-    for name in ("accuracy_n2", "accuracy_n3", "tokens_n2", "tokens_n3", "stale_gap"):
-        svg = ET.parse(run_dir / f"{name}.svg").getroot()
-        curves = [p for p in svg.iter("{http://www.w3.org/2000/svg}polyline") if p.get("stroke") != "black"]
-        assert len(curves) == (2 if name == "stale_gap" else 3)
+    names = ("accuracy_n2", "accuracy_n3", "tokens_n2", "tokens_n3", "stale_gap")
+    for name in names:
+        image = plt.imread(run_dir / f"{name}.png")  # a PNG that matplotlib reads back, not blank
+        assert image.shape[0] > 100 and image[..., :3].min() < 0.5
+    drawn = {}
+    monkeypatch.setattr(compare, "line_plot", lambda path, title, x, y, series, log=False: drawn.update({os.path.basename(path): series}))
+    compare.write_outputs(results, str(tmp_path))
+    assert {name: len(series) for name, series in drawn.items()} == {f"{name}.png": 2 if name == "stale_gap" else 3 for name in names}
+    assert drawn["stale_gap.png"]["teamtr"][0] == [2, 3]  # one point per team size
 
 
 def test_summary_sums_the_gap_per_stage_and_reads_accuracy_at_a_token_budget():

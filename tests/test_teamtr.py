@@ -79,6 +79,25 @@ def test_stale_reuses_the_first_batch_and_fresh_resamples(make_team, cfg, monkey
     assert seen == [c[1] for c in calls] and len({id(b) for b in seen}) == 3
 
 
+def transcripts(episodes):
+    return [[(s.agent, s.tokens) for s in e.steps] for e in episodes]
+
+
+@pytest.mark.parametrize("lr", [0.0, 1e-2])
+def test_fresh_batches_reuse_the_first_batchs_random_numbers(make_team, cfg, monkeypatch, lr):
+    """Common random numbers: with no update in between, a fresh batch is the first batch; once
+    the agents change, it differs only from the first updated agent's first turn on."""
+    calls = count_plays(monkeypatch)
+    teamtr.run_stage(make_team(3, lr=lr), tasks.Relay(3), dataclasses.replace(cfg, resample="fresh", temperature=1.0), 1, lambda r, line: None)
+    first, *fresh = [out for _, out in calls]
+    if lr == 0.0:
+        assert all(transcripts(batch) == transcripts(first) for batch in fresh)
+    else:  # the updated agents changed a few choices; the other tokens repeat (by chance: about 1 in 20)
+        pairs = [(a, b) for e, f in zip(fresh[-1], first) for s, t in zip(e.steps, f.steps) for a, b in zip(s.tokens, t.tokens)]
+        same = sum(a == b for a, b in pairs) / len(pairs)
+        assert transcripts(fresh[-1]) != transcripts(first) and same > 0.8, same
+
+
 @pytest.mark.parametrize("update_order,turns", [("turn", 8 + 8 * 9 // 2 - 1), ("reverse", 8 + 8 * 7 // 2)])
 def test_suffix_resampling_turn_counts(make_team, cfg, update_order, turns):
     cfg = dataclasses.replace(cfg, agents=8, resample="fresh", update_order=update_order, questions=2, group=2, epochs=1)

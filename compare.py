@@ -38,6 +38,7 @@ import parallel
 import runs
 import tasks
 import teamtr
+import theory
 import warmup
 
 matplotlib.use("Agg")
@@ -146,11 +147,31 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
     warmups = {(r["n"], r["seed"]): r["warmup_seconds"] for r in results}
     seeds = sorted({r["seed"] for r in results})
     table = "\n".join(rows) + (f"\n\nseeds {', '.join(map(str, seeds))}; warm-up {statistics.mean(warmups.values()):.0f} s "
-                               f"per team size and seed, shared by the modes\n")
+                               f"per team size and seed, shared by the modes\n") + gap_exponents(groups)
     with open(os.path.join(run_dir, "compare.md"), "w") as f:
         f.write(table)
     write_plots(groups, run_dir)
     return table
+
+
+def gap_curves(groups: dict) -> dict:
+    """{mode: (team sizes, mean summed stale gap per stage at each)} for the modes that measured it."""
+    gaps = {}
+    for (n, mode), rs in sorted(groups.items()):
+        values = [r["stale_gap"] for r in rs if r["stale_gap"] is not None]
+        if values and mode != "single":
+            gaps.setdefault(mode, ([], []))
+            gaps[mode][0].append(n)
+            gaps[mode][1].append(statistics.mean(values))
+    return gaps
+
+
+def gap_exponents(groups: dict) -> str:
+    """A line with each mode's fitted exponent k of stale gap ~ n^k, if it was measured at two
+    team sizes or more."""
+    curves = {mode: c for mode, c in gap_curves(groups).items() if len(c[0]) > 1 and min(c[1]) > 1e-12}
+    fits = ", ".join(f"{mode} k = {theory.fit_slope(*c):.2f} (n = {', '.join(map(str, c[0]))})" for mode, c in curves.items())
+    return f"\nsummed stale gap per stage ~ n^k (log-log least squares): {fits}\n" if curves else ""
 
 
 def write_plots(groups: dict, run_dir: str):
@@ -164,14 +185,7 @@ def write_plots(groups: dict, run_dir: str):
         line_plot(os.path.join(run_dir, f"tokens_n{n}.png"), f"accuracy against generated tokens, n = {n}",
                   "generated tokens (cumulative)", "accuracy",
                   {mode: (mean_curve(rs, "tokens"), mean_curve(rs, "accs")) for mode, rs in modes.items()})
-    gaps = {}
-    for (n, mode), rs in sorted(groups.items()):
-        values = [r["stale_gap"] for r in rs if r["stale_gap"] is not None]
-        if values and mode != "single":
-            gaps.setdefault(mode, ([], []))
-            gaps[mode][0].append(n)
-            gaps[mode][1].append(statistics.mean(values))
-    line_plot(os.path.join(run_dir, "stale_gap.png"), "summed stale gap per stage", "agents n", "stale gap", gaps, log=True)
+    line_plot(os.path.join(run_dir, "stale_gap.png"), "summed stale gap per stage", "agents n", "stale gap", gap_curves(groups), log=True)
 
 
 def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, log: bool = False):

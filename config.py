@@ -90,6 +90,8 @@ class Config:
     """supervised steps on demonstrations before RL"""
     warmup_lr: float = 1e-3
     """learning rate of the warm-up"""
+    warmup_target: float = 0.0
+    """stop the warm-up once the team of copies reaches this greedy accuracy on 256 training-side questions (fewer if the task has fewer) (checked every 25 steps; 0: all --warmup-steps): a start set by the recipe, not by a machine's floating point"""
     demo_error: float = 0.6
     """the demonstrator is wrong (one too high) this often on operations beyond +-demo_max_arg"""
     demo_max_arg: int = 2

@@ -49,7 +49,7 @@ CHOICES = {
     "reduction": ["token", "sequence"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
 MINIMUM = {"agents": 1, "seeds": 1, "rounds": 1, "modulus": 2, "max_arg": 1, "p_max_arg": 0.0, "hidden": 8, "layers": 1,
-           "warmup_steps": 0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "eval_every": 1,
+           "warmup_steps": 0, "warmup_target": 0.0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "eval_every": 1,
            "epochs": 1, "minibatch": 1, "threads": 0, "lora_rank": 0, "max_backtracks": 0, "max_new_tokens": 0, "temperature": 0.0, "happo_max_weight": 1.0}
 COMPARE_STAGES = 15  # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm", "lora_alpha", "dist_timeout"]
@@ -113,8 +113,9 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.questions < parallel.WORLD:
         parser.error(f"--questions {cfg.questions}: fewer than the {parallel.WORLD} processes, and each process plays whole questions")
-    if cfg.top_p > 1:
-        parser.error(f"--top-p must be at most 1, got {cfg.top_p}")
+    for name in ("top_p", "warmup_target"):
+        if getattr(cfg, name) > 1:
+            parser.error(f"--{name.replace('_', '-')} must be at most 1, got {getattr(cfg, name)}")
     if cfg.p_max_arg and not (cfg.p_max_arg <= 1 and cfg.max_arg >= 2):
         parser.error(f"--p-max-arg must be at most 1 and needs --max-arg 2 or more, got {cfg.p_max_arg} with --max-arg {cfg.max_arg}")
     if len(sizes) > 1 and not compare:
@@ -133,8 +134,9 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
             parser.error(f"--modes: unknown mode {mode!r} (choose from {', '.join(config.MODES)})")
     if len(set(modes)) < len(modes):
         parser.error(f"--modes names a mode twice: {cfg.modes}")
-    if cfg.codes and (cfg.model or cfg.models):
-        parser.error("--codes changes the warm-up of the tiny agents; --model/--models are not warmed up")
+    for flag, value in (("--codes", cfg.codes), ("--warmup-target", cfg.warmup_target)):
+        if value and (cfg.model or cfg.models):
+            parser.error(f"{flag} changes the warm-up of the tiny agents; --model/--models are not warmed up")
     if cfg.task != "relay" and not mathtask.is_math_task(cfg.task):
         parser.error(f"--task: unknown task {cfg.task!r} (relay, words, {', '.join(mathtask.HUB)}, jsonl:PATH or parquet:PATH)")
     if cfg.task != "relay" and not (cfg.model or cfg.models):

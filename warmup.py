@@ -9,12 +9,15 @@ import random
 import torch
 from tqdm import tqdm
 
+import eval as evaluation
 import losses
 import parallel
 import rollout
 import tasks
 import team as team_lib
 from config import Config
+
+CHECK_EVERY = 25  # warm-up steps between checks of --warmup-target
 
 
 def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[str, str]]:
@@ -41,12 +44,20 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
     solo format. The agents learn its mixture, so they start greedy-wrong where it errs but give
     the right value real probability, whatever the seed: room that RL can only fill from the
     team reward. The agent_batch mask trains only the message (and EOS). The warm-up is the same
-    in every mode, so `single` and the teams start from the same model.
+    in every mode, so `single` and the teams start from the same model. With --warmup-target it
+    stops at the first check (every CHECK_EVERY steps) where n copies reach that greedy accuracy
+    on training-side questions: the start is then set by the recipe, not by where one machine's
+    floating point lands after a fixed number of steps.
     """
     task, solo = (tasks.Relay(cfg.agents * cfg.rounds, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg) for s in (False, True))
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
     eos, device = tokenizer.eos_token_id, next(model.parameters()).device
+    check = tasks.questions(task, 256, rollout.derive_seed(cfg.seed, "warmup-check"), heldout=False, partial=True) if cfg.warmup_target else []
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step", disable=not parallel.main()):
+        if check and step and step % CHECK_EVERY == 0 and (acc := copies_accuracy(agent, cfg, task, check)) >= cfg.warmup_target:
+            parallel.print0(f"warm-up: stopped after {step} steps, at greedy accuracy {acc:.3f} on {len(check)} training "
+                            f"questions (--warmup-target {cfg.warmup_target})")
+            break
         rng = random.Random(rollout.derive_seed(cfg.seed, "demonstrator", step))
         qs = tasks.questions(task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False)
         episodes = []
@@ -62,6 +73,12 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
         agent.optimizer.step()
     model.eval()
     return model
+
+
+def copies_accuracy(agent, cfg: Config, task, qs) -> float:
+    """Greedy accuracy of a team of n copies of the agent being warmed up (one model, no copy made)."""
+    agent.model.eval()
+    return evaluation.accuracy([agent] * cfg.agents, task, qs, cfg)
 
 
 def starting_model(cfg: Config, device, dtype):

@@ -1,9 +1,11 @@
 """The relay task: its arithmetic, the held-out split, answer extraction, the operation mix, and
-the warm-up demonstrator with and without the codes of the coordination variant."""
+the warm-up demonstrator with and without the codes of the coordination variant, and the
+warm-up's accuracy target."""
 import random
 
-import tasks
 import config
+import tasks
+import team as team_lib
 import warmup
 
 
@@ -61,3 +63,15 @@ def test_with_codes_the_demonstrator_mirrors_half_the_messages_but_never_the_las
     shares = [sum(m) / len(m) for m in mirrored]
     assert shares[3] == 0.0 and all(0.4 < s < 0.6 for s in shares[:3])  # a mirror equals the value only for 4.5 (never)
     assert all(tasks.mirror(tasks.mirror(v, 10), 10) == v for v in range(10))
+
+
+def test_the_warm_up_stops_at_the_first_check_that_reaches_its_target(capsys, monkeypatch):
+    tok = team_lib.char_tokenizer(tasks.CHARS)
+    reached, accuracy = [], warmup.copies_accuracy
+    monkeypatch.setattr(warmup, "copies_accuracy", lambda *args: reached.append(accuracy(*args)) or reached[-1])
+    cfg = config.Config(agents=2, hidden=32, warmup_steps=200, warmup_target=0.05)
+    warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, cfg)
+    assert reached and reached[-1] >= 0.05 and all(a < 0.05 for a in reached[:-1])
+    steps = warmup.CHECK_EVERY * len(reached)
+    assert steps < cfg.warmup_steps
+    assert f"warm-up: stopped after {steps} steps, at greedy accuracy {reached[-1]:.3f}" in capsys.readouterr().out

@@ -194,8 +194,11 @@ def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, log
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", markersize=3, label=name, color=COLORS.get(name))
-    if log:
+    if log:  # ticks at the x values drawn, written plainly
         ax.set(xscale="log", yscale="log")
+        ax.minorticks_off()
+        ticks = sorted({x for xs, _ in series.values() for x in xs})
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)

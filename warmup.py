@@ -71,6 +71,10 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
         agent.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         agent.optimizer.step()
+    else:
+        if check:  # the target was not reached: say where the start is instead
+            parallel.print0(f"warm-up: --warmup-target {cfg.warmup_target} not reached in {cfg.warmup_steps} steps (greedy accuracy "
+                            f"{copies_accuracy(agent, cfg, task, check):.3f} on {len(check)} training questions); raise --warmup-steps")
     model.eval()
     return model
 

@@ -75,3 +75,9 @@ def test_the_warm_up_stops_at_the_first_check_that_reaches_its_target(capsys, mo
     steps = warmup.CHECK_EVERY * len(reached)
     assert steps < cfg.warmup_steps
     assert f"warm-up: stopped after {steps} steps, at greedy accuracy {reached[-1]:.3f}" in capsys.readouterr().out
+
+
+def test_a_warm_up_that_misses_its_target_says_so(capsys):
+    tok = team_lib.char_tokenizer(tasks.CHARS)
+    warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, config.Config(agents=2, hidden=32, warmup_steps=30, warmup_target=0.99))
+    assert "warm-up: --warmup-target 0.99 not reached in 30 steps (greedy accuracy 0." in capsys.readouterr().out

@@ -190,7 +190,9 @@ def write_plots(groups: dict, run_dir: str):
 
 def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, log: bool = False):
     """A PNG line plot, drawn by matplotlib (Agg: files only, no display). series: {name: (xs, ys)};
-    log: both axes logarithmic (a power law is a straight line)."""
+    log: both axes logarithmic (a power law is a straight line), if every value is positive."""
+    values = [v for xs, ys in series.values() for v in (*xs, *ys)]
+    log = log and bool(values) and min(values) > 0
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", markersize=3, label=name, color=COLORS.get(name))

@@ -73,6 +73,12 @@ class Config:
     """Hugging Face name or local path for every agent (default: tiny agents built in code)"""
     models: str = ""
     """comma-separated names or paths, one per agent (a heterogeneous team)"""
+    init: str = ""
+    """a saved run directory whose trained team (or last checkpoint) starts this run instead of a warm-up (replace.py)"""
+    replace: str = ""
+    """with --init: i=PATH swaps agent i for the model at PATH, aligned first (Stage 0; replace.py)"""
+    align_steps: int = 50
+    """with --replace: behaviour-cloning steps of the Stage-0 alignment (0: swap without alignment)"""
     grad_ckpt: bool = False
     """gradient checkpointing during updates (for large models on GPU)"""
     lora_rank: int = 0

@@ -35,6 +35,7 @@ import compare
 import config
 import mathtask
 import parallel
+import replace
 import rollout
 import runs
 import tasks
@@ -49,7 +50,7 @@ CHOICES = {
     "reduction": ["token", "sequence"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
 MINIMUM = {"agents": 1, "seeds": 1, "rounds": 1, "modulus": 2, "max_arg": 1, "p_max_arg": 0.0, "hidden": 8, "layers": 1,
-           "warmup_steps": 0, "warmup_target": 0.0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "eval_every": 1,
+           "warmup_steps": 0, "warmup_target": 0.0, "align_steps": 0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "eval_every": 1,
            "epochs": 1, "minibatch": 1, "threads": 0, "lora_rank": 0, "max_backtracks": 0, "max_new_tokens": 0, "temperature": 0.0, "happo_max_weight": 1.0}
 COMPARE_STAGES = 15  # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm", "lora_alpha", "dist_timeout"]
@@ -149,6 +150,8 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
     cfg.prompts = cfg.prompts and os.path.abspath(cfg.prompts)
     local = lambda name: os.path.abspath(name) if os.path.exists(name) else name  # a resume may start elsewhere
     cfg.model, cfg.models = local(cfg.model) if cfg.model else "", ",".join(map(local, cfg.models.split(","))) if cfg.models else ""
+    if cfg.init or cfg.replace:
+        check_replacement(parser, cfg, compare)
     if cfg.lora_rank and cfg.models:
         parser.error("--lora-rank puts the team on one shared base model: use --model, not --models")
     if cfg.models and len(cfg.models.split(",")) != cfg.agents:
@@ -158,6 +161,22 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
     if cfg.name and os.path.exists(os.path.join(cfg.out_dir, cfg.name)):
         parser.error(f"{os.path.join(cfg.out_dir, cfg.name)} exists; choose another --name (nothing was overwritten)")
     return (cfg if compare else config.resolve(cfg)), sizes, ""
+
+
+def check_replacement(parser, cfg: Config, compare: bool):
+    """--init and --replace: one line, exit 2, for what cannot work."""
+    if compare or cfg.model or cfg.models or cfg.lora_rank:
+        parser.error("--init starts one run from a saved team: not with --mode compare, --model, --models or --lora-rank")
+    if cfg.replace and not cfg.init:
+        parser.error("--replace swaps an agent of a saved team: give the team with --init RUN_DIR")
+    if not os.path.isdir(cfg.init):
+        parser.error(f"--init {cfg.init}: no such run directory")
+    index, _, path = cfg.replace.partition("=")
+    if cfg.replace and not (index.isdigit() and int(index) < cfg.agents and path):
+        parser.error(f"--replace expects i=PATH with 0 <= i < --agents {cfg.agents}, got {cfg.replace!r}")
+    cfg.init = os.path.abspath(cfg.init)
+    if cfg.replace:
+        cfg.replace = f"{index}={os.path.abspath(path) if os.path.exists(path) else path}"
 
 
 def write_summary(run_dir, cfg: Config, accs, seconds):
@@ -174,7 +193,7 @@ def checked_inputs(cfg: Config, sizes: list[int]):
     """The task (its data and prompts loaded), after the models' configs and tokenizers were
     checked: every bad input ends here in one line, exit 2, before anything is written."""
     try:
-        for name in dict.fromkeys(filter(None, [cfg.model, *cfg.models.split(",")])):
+        for name in dict.fromkeys(filter(None, [cfg.model, *cfg.models.split(","), cfg.replace and replace.target(cfg)[1]])):
             team_lib.check_model(name)
         return [tasks.make(dataclasses.replace(cfg, agents=n)) for n in sizes][0]
     except (mathtask.TaskError, team_lib.LoadError) as e:
@@ -197,8 +216,11 @@ def start(cfg: Config, sizes: list[int], resume: str, device, dtype):
                 runs.remove_partial(resume)
             return team, done, resume
         runs.check_out_dir(cfg.out_dir)
-        begin = warmup.starting_model(cfg, device, dtype)
-        team = warmup.build_team(cfg, begin, device, dtype)
+        if cfg.init:  # a saved team; every rank loads the same files
+            team, begin = replace.load_init(cfg, device, dtype), None
+        else:
+            begin = warmup.starting_model(cfg, device, dtype)
+            team = warmup.build_team(cfg, begin, device, dtype)
         run_dir = parallel.broadcast_object(runs.create(cfg, sizes) if parallel.main() else None)
         if cfg.lora_rank and not cfg.model and parallel.main():  # the warmed-up tiny base, which the adapters are saved against
             team_lib.save_model(*begin, runs.lora_base(cfg, run_dir))
@@ -250,6 +272,8 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
     log, base = runs.Log(os.path.join(run_dir, "metrics.jsonl"), done, echo=True), runs.lora_base(cfg, run_dir)
     try:
         with stops_cleanly(run_dir):
+            if cfg.replace and not done:
+                team = replace.swap_and_align(team, task, heldout, cfg, log, device, dtype)
             accs = teamtr.train_stages(team, task, heldout, cfg, log, done, lambda stage: checkpoint(run_dir, team, stage, log, base))
     except rollout.ContextTooLong as e:
         if parallel.main() and not runs.checkpoints(run_dir):  # found by the very first sampling: nothing worth keeping was written

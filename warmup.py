@@ -51,7 +51,6 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
     """
     task, solo = (tasks.Relay(cfg.agents * cfg.rounds, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg) for s in (False, True))
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
-    eos, device = tokenizer.eos_token_id, next(model.parameters()).device
     check = tasks.questions(task, 256, rollout.derive_seed(cfg.seed, "warmup-check"), heldout=False, partial=True) if cfg.warmup_target else []
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step", disable=not parallel.main()):
         if check and step and step % CHECK_EVERY == 0 and (acc := copies_accuracy(agent, cfg, task, check)) >= cfg.warmup_target:
@@ -60,23 +59,35 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
             break
         rng = random.Random(rollout.derive_seed(cfg.seed, "demonstrator", step))
         qs = tasks.questions(task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False)
-        episodes = []
-        for q in qs:
-            for context, message in demonstration(q, task, solo, cfg, rng):
-                ids = tokenizer(message, add_special_tokens=False)["input_ids"] + [eos]
-                episodes.append(rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(context), ids, [0.0] * len(ids), "")]))
-        data = losses.agent_batch(episodes, 0, torch.ones(len(episodes)), tokenizer.pad_token_id, device)
-        model.train()
-        loss = -losses.masked_mean(losses.token_logprobs(model, data)[0], data["mask"])
-        agent.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        agent.optimizer.step()
+        pairs = [(q, context, message) for q in qs for context, message in demonstration(q, task, solo, cfg, rng)]
+        imitation_step(agent, agent.optimizer, imitation_batch(agent, pairs))
     else:
         if check:  # the target was not reached: say where the start is instead
             parallel.print0(f"warm-up: --warmup-target {cfg.warmup_target} not reached in {cfg.warmup_steps} steps (greedy accuracy "
                             f"{copies_accuracy(agent, cfg, task, check):.3f} on {len(check)} training questions); raise --warmup-steps")
     model.eval()
     return model
+
+
+def imitation_batch(agent, pairs) -> dict:
+    """Teacher-forcing rows for the agent to learn to write `message` (then EOS) after `context`,
+    for each (question, context, message); the mask covers the message and EOS only."""
+    eos, device = agent.tokenizer.eos_token_id, next(agent.model.parameters()).device
+    episodes = []
+    for q, context, message in pairs:
+        ids = agent.tokenizer(message, add_special_tokens=False)["input_ids"] + [eos]
+        episodes.append(rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(context), ids, [0.0] * len(ids), "")]))
+    return losses.agent_batch(episodes, 0, torch.ones(len(episodes)), agent.tokenizer.pad_token_id, device)
+
+
+def imitation_step(agent, optimizer, data, rows=slice(None)):
+    """One behaviour-cloning step: maximise the log-likelihood of the masked tokens of `rows`."""
+    agent.model.train()
+    loss = -losses.masked_mean(losses.token_logprobs(agent.model, data, rows)[0], data["mask"][rows])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    agent.model.eval()
 
 
 def copies_accuracy(agent, cfg: Config, task, qs) -> float:

@@ -69,12 +69,9 @@ def main(argv=None):
             raise runs.RunError(f"{args.run_dir} is a --mode compare directory (its runs keep metrics, not teams)")
         device, dtype = runs.placement(cfg)
         parallel.init(device, cfg.dist_timeout)
-        folder = args.run_dir if os.path.isdir(os.path.join(args.run_dir, "agent0")) else (runs.checkpoints(args.run_dir) or [""])[-1]
-        if not folder:
-            raise runs.RunError(f"{args.run_dir} holds neither a trained team nor a checkpoint")
-        paths = sorted((p for p in os.listdir(folder) if p.startswith("agent") and p[5:].isdigit()), key=lambda p: int(p[5:]))
+        folder, paths = runs.saved_team(args.run_dir)
         task = tasks.make(cfg)
-        team = team_lib.load_team([os.path.join(folder, p) for p in paths], device, dtype, lr=0.0)
+        team = team_lib.load_team(paths, device, dtype, lr=0.0)
     except (runs.RunError, mathtask.TaskError, team_lib.LoadError) as e:
         parser.error(str(e))
     if folder != args.run_dir:

@@ -16,7 +16,6 @@ the swap: the shock) and replace/imitated (after step 1); stage 0's evaluation f
 --align-steps 0 swaps without alignment. Unlike re-training the whole team, only the new agent
 moves in Stage 0; every other agent stays bit-identical.
 """
-import os
 
 import torch
 
@@ -38,12 +37,9 @@ def target(cfg: Config) -> tuple[int, str]:
 
 def load_init(cfg: Config, device, dtype) -> list:
     """The --init run's team: its trained agents, or the last checkpoint of a run that did not finish."""
-    folder = cfg.init if os.path.isdir(os.path.join(cfg.init, "agent0")) else (runs.checkpoints(cfg.init) or [""])[-1]
-    if not folder:
-        raise runs.RunError(f"--init {cfg.init}: holds neither a trained team nor a checkpoint")
-    paths = [os.path.join(folder, f"agent{i}") for i in range(cfg.agents)]
-    if not all(os.path.isdir(p) for p in paths) or os.path.isdir(os.path.join(folder, f"agent{cfg.agents}")):
-        raise runs.RunError(f"--init {cfg.init}: its team does not have --agents {cfg.agents} agents")
+    paths = runs.saved_team(cfg.init)[1]
+    if len(paths) != cfg.agents:
+        raise runs.RunError(f"--init {cfg.init}: its team has {len(paths)} agents, not --agents {cfg.agents}")
     return team_lib.load_team(paths, device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
 
 

@@ -136,6 +136,16 @@ def checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(run_dir, n) for n in sorted(names, key=lambda n: int(n[16:]))]
 
 
+def saved_team(run_dir: str) -> tuple[str, list[str]]:
+    """(folder, agent folders) of a run's team: the trained team, or the last checkpoint of a run
+    that did not finish; RunError if it has neither."""
+    folder = run_dir if os.path.isdir(os.path.join(run_dir, "agent0")) else (checkpoints(run_dir) or [""])[-1]
+    if not folder:
+        raise RunError(f"{run_dir} holds neither a trained team nor a checkpoint")
+    names = sorted((n for n in os.listdir(folder) if n.startswith("agent") and n[5:].isdigit()), key=lambda n: int(n[5:]))
+    return folder, [os.path.join(folder, n) for n in names]
+
+
 def lora_base(cfg: Config, run_dir: str) -> str:
     """Where a LoRA run's base model is: --model, or the warmed-up tiny base saved in the run ('' without LoRA)."""
     return (cfg.model or os.path.join(run_dir, "base")) if cfg.lora_rank else ""

@@ -148,8 +148,7 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
     if kind in mathtask.LOCAL:  # absolute paths in config.json, so eval.py finds them from anywhere
         cfg.task = f"{kind}:{os.path.abspath(path)}"
     cfg.prompts = cfg.prompts and os.path.abspath(cfg.prompts)
-    local = lambda name: os.path.abspath(name) if os.path.exists(name) else name  # a resume may start elsewhere
-    cfg.model, cfg.models = local(cfg.model) if cfg.model else "", ",".join(map(local, cfg.models.split(","))) if cfg.models else ""
+    cfg.model, cfg.models = local_path(cfg.model) if cfg.model else "", ",".join(map(local_path, cfg.models.split(","))) if cfg.models else ""
     if cfg.init or cfg.replace:
         check_replacement(parser, cfg, compare)
     if cfg.lora_rank and cfg.models:
@@ -161,6 +160,11 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
     if cfg.name and os.path.exists(os.path.join(cfg.out_dir, cfg.name)):
         parser.error(f"{os.path.join(cfg.out_dir, cfg.name)} exists; choose another --name (nothing was overwritten)")
     return (cfg if compare else config.resolve(cfg)), sizes, ""
+
+
+def local_path(name: str) -> str:
+    """A model given as a local path, made absolute (a resume may start elsewhere); a hub name as it is."""
+    return os.path.abspath(name) if os.path.exists(name) else name
 
 
 def check_replacement(parser, cfg: Config, compare: bool):
@@ -176,7 +180,7 @@ def check_replacement(parser, cfg: Config, compare: bool):
         parser.error(f"--replace expects i=PATH with 0 <= i < --agents {cfg.agents}, got {cfg.replace!r}")
     cfg.init = os.path.abspath(cfg.init)
     if cfg.replace:
-        cfg.replace = f"{index}={os.path.abspath(path) if os.path.exists(path) else path}"
+        cfg.replace = f"{index}={local_path(path)}"
 
 
 def write_summary(run_dir, cfg: Config, accs, seconds):

@@ -138,6 +138,12 @@ class Config:
     """trust-region KL: kl_rev (sample estimate r log r - r + 1) or full (exact over the vocabulary)"""
     reduction: str = "token"
     """loss reduction: token or sequence (see losses.py for the length bias)"""
+    holdout: float = 0.0
+    """fraction of an update's questions (with all their samples) held out of its training; its surrogate on them is logged as heldout_surrogate (0: train on all)"""
+    accept: str = "always"
+    """always, or heldout: keep an update only if its surrogate on the held-out questions is positive, else restore the old weights (needs --holdout)"""
+    reset_optimizer: bool = False
+    """clear an agent's optimiser state (Adam moments) at the start of each of its updates"""
     max_backtracks: int = 10
     """halvings toward the old weights before an update is reverted"""
     max_grad_norm: float = 1.0

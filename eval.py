@@ -28,20 +28,47 @@ import tasks
 import team as team_lib
 
 
-def correct_counts(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0) -> list[int]:
-    """How many of `samples` team episodes per question were correct (temperature 0: greedy)."""
+def play(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0) -> list:
+    """`samples` team episodes per question (temperature 0: greedy), this rank's questions."""
     episodes = rollout.new_episodes(qs, samples, len(team), cfg.rounds, cfg.order, (cfg.seed, "eval"))
     episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]  # this rank's questions
-    played = rollout.play(team, task, episodes, temperature, 1.0, (cfg.seed, "eval"))[0]
+    return rollout.play(team, task, episodes, temperature, 1.0, (cfg.seed, "eval"))[0]
+
+
+def correct_counts(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0) -> list[int]:
+    """How many of `samples` team episodes per question were correct (temperature 0: greedy)."""
     counts = torch.zeros(len(qs), dtype=torch.long)
-    for e in played:
+    for e in play(team, task, qs, cfg, samples, temperature):
         counts[e.qid] += int(e.reward)
     return parallel.all_sum(counts).tolist()
 
 
 def accuracy(team, task, qs, cfg) -> float:
     """Greedy held-out team accuracy."""
-    return sum(correct_counts(team, task, qs, cfg)) / len(qs)
+    return heldout_metrics(team, task, qs, cfg)["eval_acc"]
+
+
+def heldout_metrics(team, task, qs, cfg) -> dict:
+    """Greedy held-out accuracy (eval_acc) and, on tasks with a turn check, each agent's turn
+    accuracy on the same episodes (eval_turn_acc/agent{i})."""
+    played = play(team, task, qs, cfg)
+    correct = parallel.all_sum(float(sum(e.reward for e in played))).item()
+    return {"eval_acc": correct / len(qs)} | {f"eval_{key}": v for key, v in turn_accuracy(task, played, len(team)).items()}
+
+
+def turn_accuracy(task, episodes, n: int) -> dict:
+    """{"turn_acc/agent{i}": the fraction of agent i's messages that were right given what it
+    read} over every rank's episodes, for tasks with a turn check (the relay's; {} otherwise).
+    Team accuracy is the product of a chain of these: where a team fails, they say which link."""
+    if not hasattr(task, "turn_correct") or task.turns == 1:
+        return {}
+    right, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for e in episodes:
+        for step, ok in zip(e.steps, task.turn_correct(e.question, [s.text for s in e.steps])):
+            right[step.agent] += ok
+            count[step.agent] += 1
+    right, count = parallel.all_sum(right), parallel.all_sum(count)
+    return {f"turn_acc/agent{i}": (right[i] / count[i]).item() for i in range(n) if count[i] > 0}
 
 
 def single_accuracy(agent, cfg, qs) -> float:

@@ -116,6 +116,16 @@ class Relay:
     def reward(self, q: Question, final_message: str) -> float:
         return float(extract_answer(final_message) == q.answer)
 
+    def turn_correct(self, q: Question, messages: list[str]) -> list[bool]:
+        """Per message: is it the value its writer's operation gives from the value it read (the
+        previous message, or the start)? A turn after a wrong one can still be right; a turn after
+        a malformed one cannot. The plain code only (--codes messages may be mirrored)."""
+        read, right = q.text[: len(q.text) - len("".join(q.ops))], []
+        for op, message in zip(q.ops, messages):
+            right.append(read.isdigit() and message == str(apply(int(read), op) % self.modulus))
+            read = message
+        return right
+
 
 def make(cfg):
     """The task of a run: the relay with one operation per turn (`single` mode plays it solo), or

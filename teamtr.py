@@ -13,6 +13,8 @@ One stage updates every agent once, in an update order u_1..u_n. For k = 1..n, w
     4. a PPO-clip step on i's tokens only, with a reverse-KL penalty, inside a hard trust
        region: after every optimiser step the mean token reverse KL D is measured on i's batch;
        the update stops once D > delta and backtracks toward the old weights until D <= delta;
+       optionally (--accept heldout) an acceptance test: the update is kept only if its surrogate
+       on questions held out of it is positive, as TRPO's line search checks its surrogate;
     5. log the update's metrics.
 Every other agent's weights stay bit-identical during agent i's update.
 
@@ -73,12 +75,21 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weigh
     gap_episodes: the other batch of the stale gap (fresh mode: the stage's first batch; stale
     with --measure-gap: a fresh one), where the updated agent's surrogate is measured too;
     stale_gap = |L_hat_i(B_1) - L_hat_i(B_fresh)|. weights: (E,) HAPPO weights on the advantages.
+    --holdout F keeps F of the questions out of the update and measures its surrogate there
+    (heldout_surrogate: does the update's direction carry signal beyond its own samples?);
+    --accept heldout then keeps the update only if that estimate is positive.
     """
     model, device = agent.model, next(agent.model.parameters()).device
     pad, full = agent.tokenizer.pad_token_id, cfg.kl == "full"
     trust_region = cfg.trust_region == "on"
     beta = cfg.beta if trust_region else 0.0
     data, adv_clipped = agent_data(episodes, i, pad, device, cfg, weights)
+    if cfg.holdout:  # rows of the questions held out of this update: its improvement is estimated on them
+        is_held = held_out(episodes, cfg.holdout, seed).to(device)[data["episode"]]
+        data, held = ({key: v[rows] for key, v in data.items()} for rows in (~is_held, is_held))
+        held_old = batch_logprobs(model, held, False, cfg.minibatch)[0]
+    if cfg.reset_optimizer:  # no Adam moments from the agent's previous update (an older batch)
+        agent.optimizer.state.clear()
     old, old_full = batch_logprobs(model, data, full, cfg.minibatch)  # step 3: fp32, weights before the update
     drift = losses.token_mean((old - data["sampler_logp"]).abs(), data["mask"])
     if gap_episodes is not None:
@@ -134,19 +145,41 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weigh
     measured = measured or mean_kl(model, data, old, old_full, cfg)  # trust region off: measure once
     reverted = not math.isfinite(measured[0])
     if reverted:  # a fault in the KL measurement: the update is undone
-        with torch.no_grad():
-            for p, p_old in zip(params, theta_old):
-                p.copy_(p_old)
+        restore(params, theta_old)
         measured = mean_kl(model, data, old, old_full, cfg)
+    held_stats = {}
+    if cfg.holdout:  # the improvement estimate on questions the update did not train on
+        held_logp = batch_logprobs(model, held, False, cfg.minibatch)[0]
+        held_stats["heldout_surrogate"] = losses.surrogate(held_logp, held_old, held["adv"], held["mask"])
+        held_stats["rejected"] = int(cfg.accept == "heldout" and not held_stats["heldout_surrogate"] > 0)
+        if held_stats["rejected"]:  # the acceptance test failed: the old weights, bit for bit
+            restore(params, theta_old)
+            measured, held_logp = mean_kl(model, data, old, old_full, cfg), held_old
     D, logp, kl_tok = measured
     stats = losses.update_stats(logp, old, data["adv"], data["mask"], kl_tok, cfg.clip_eps, cfg.delta)
-    stats.update(steps=steps, skipped_steps=skipped, reverted=int(reverted), backtracks=backtracks, adv_clipfrac=adv_clipped, logp_drift=drift, stale_gap=None)
+    stats.update(steps=steps, skipped_steps=skipped, reverted=int(reverted), backtracks=backtracks, adv_clipfrac=adv_clipped, logp_drift=drift, stale_gap=None, **held_stats)
     stats["log_ratio"] = losses.sequence_log_ratio(logp, old, data["mask"], data["episode"], len(episodes))
+    if cfg.holdout:
+        stats["log_ratio"] += losses.sequence_log_ratio(held_logp, held_old, held["mask"], held["episode"], len(episodes))
     if gap_episodes is not None:
         gap_logp = batch_logprobs(model, gap_data, False, cfg.minibatch)[0]
         gap_surrogate = losses.surrogate(gap_logp, gap_old, gap_data["adv"], gap_data["mask"])
         stats["stale_gap"] = abs(gap_surrogate - stats["surrogate"])
     return stats
+
+
+def restore(params, values):
+    with torch.no_grad():
+        for p, value in zip(params, values):
+            p.copy_(value)
+
+
+def held_out(episodes, fraction: float, seed) -> torch.Tensor:
+    """(E,) bool: the episodes of `fraction` of the batch's questions, drawn from the update's
+    seed (every rank draws the same question ids; each holds its own block of them)."""
+    count = int(parallel.all_sum(len({e.qid for e in episodes})))
+    held = set(random.Random(rollout.derive_seed(seed, "holdout")).sample(range(count), round(fraction * count)))
+    return torch.tensor([e.qid in held for e in episodes])
 
 
 def agent_data(episodes, i, pad, device, cfg: Config, weights=None):
@@ -200,13 +233,15 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
         reward = global_mean(sum(e.reward for e in batch), len(batch))
         log({"stage": stage, "update": k + 1, "agent": i, "batch_reward": reward, **{f"agent{i}/{key}": v for key, v in m.items()}},
             f"stage {stage} update {k + 1} agent{i}: reward {reward:.3f} "
-            f"kl {m['kl_rev']:.4f} steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} gap {gap}")
+            f"kl {m['kl_rev']:.4f} steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} gap {gap}"
+            + (f" held-out L {m['heldout_surrogate']:+.4f}{' rejected' * m['rejected']}" if cfg.holdout else ""))
         previous = i
     seconds, n_episodes = time.time() - start, int(parallel.all_sum(len(first)))
     turns, tokens, truncated = (int(parallel.all_sum(x)) for x in (turns, tokens, truncated))
     return {
         "stage": stage,
-        "stage/reward": global_mean(sum(e.reward for e in first), len(first)),
+        "stage/reward": global_mean(sum(e.reward for e in first), len(first)),  # sampled, on the first batch
+        **{f"stage/sampled_{key}": v for key, v in evaluation.turn_accuracy(task, first, len(team)).items()},
         # a conservative proxy of the per-stage lower bound: sum_k L_k - lambda sum_k sqrt(2 D_k),
         # lambda = adv_max (Pinsker: TV <= sqrt(D / 2), times 2 max |A|)
         "stage/certificate": sum(surrogates) - cfg.adv_max * sum((2 * d) ** 0.5 for d in radii),
@@ -219,6 +254,12 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
         "perf/update_seconds": seconds - sample_s,
         "perf/peak_memory_mb": peak_memory_mb(next(team[0].model.parameters()).device),
     }
+
+
+def turns_line(record: dict) -> str:
+    """", turns 0.98 0.91 ..." from a record's per-agent held-out turn accuracies (if any)."""
+    turn = [v for key, v in record.items() if key.startswith("stage/eval_turn_acc/")]
+    return f", turns {' '.join(f'{v:.2f}' for v in turn)}" if turn else ""
 
 
 def peak_memory_mb(device) -> float:
@@ -239,18 +280,21 @@ def train_stages(team, task, heldout, cfg: Config, log, done=(), checkpoint=None
     given, is called after stage 0's evaluation and after every stage. done: the records of a
     resumed run, up to its checkpoint; the loop goes on from the stage after it."""
     accs = [r["stage/eval_acc"] for r in done if r.get("stage/eval_acc") is not None]
+    evaluate = lambda: {f"stage/{key}": v for key, v in evaluation.heldout_metrics(team, task, heldout, cfg).items()}
     if not done:
-        accs = [evaluation.accuracy(team, task, heldout, cfg)]
-        log({"stage": 0, "stage/eval_acc": accs[0]}, f"stage 0: held-out accuracy {accs[0]:.3f}")
+        record = {"stage": 0, **evaluate()}
+        accs = [record["stage/eval_acc"]]
+        log(record, f"stage 0: held-out accuracy {accs[0]:.3f}{turns_line(record)}")
         checkpoint and checkpoint(0)
     first = done[-1]["stage"] + 1 if done else 1
     stages = tqdm(range(first, cfg.stages + 1), desc="stages", unit="stage", initial=first - 1, total=cfg.stages, disable=not parallel.main())
     for stage in stages:
         record, acc = run_stage(team, task, cfg, stage, log), ""
         if stage in evaluated_stages(cfg):
-            accs.append(evaluation.accuracy(team, task, heldout, cfg))
-            record.update({"stage/eval_acc": accs[-1], "stage/realized_gain": accs[-1] - accs[-2]})
-            acc = f"held-out accuracy {accs[-1]:.3f} (gain {accs[-1] - accs[-2]:+.3f}) "
+            record.update(evaluate())
+            accs.append(record["stage/eval_acc"])
+            record["stage/realized_gain"] = accs[-1] - accs[-2]
+            acc = f"held-out accuracy {accs[-1]:.3f} (gain {accs[-1] - accs[-2]:+.3f}){turns_line(record)} "
         log(record, f"stage {stage}: {acc}certificate {record['stage/certificate']:+.4f} turns {record['stage/turns']:.0f} "
                     f"{record['stage/seconds']:.1f}s")
         checkpoint and checkpoint(stage)

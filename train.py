@@ -47,11 +47,11 @@ from config import Config
 CHOICES = {
     "mode": [*config.MODES, "compare"], "resample": ["", "fresh", "stale", "reweight"], "trust_region": ["", "on", "off"],
     "order": ["fixed", "random"], "update_order": ["turn", "reverse", "random"], "kl": ["kl_rev", "full"],
-    "reduction": ["token", "sequence"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
+    "reduction": ["token", "sequence"], "accept": ["always", "heldout"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
 }
 MINIMUM = {"agents": 1, "seeds": 1, "rounds": 1, "modulus": 2, "max_arg": 1, "p_max_arg": 0.0, "hidden": 8, "layers": 1,
            "warmup_steps": 0, "warmup_target": 0.0, "align_steps": 0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "eval_every": 1,
-           "epochs": 1, "minibatch": 1, "threads": 0, "lora_rank": 0, "max_backtracks": 0, "max_new_tokens": 0, "temperature": 0.0, "happo_max_weight": 1.0}
+           "epochs": 1, "minibatch": 1, "threads": 0, "lora_rank": 0, "max_backtracks": 0, "max_new_tokens": 0, "temperature": 0.0, "happo_max_weight": 1.0, "holdout": 0.0}
 COMPARE_STAGES = 15  # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
 POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm", "lora_alpha", "dist_timeout"]
 
@@ -117,6 +117,10 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
     for name in ("top_p", "warmup_target"):
         if getattr(cfg, name) > 1:
             parser.error(f"--{name.replace('_', '-')} must be at most 1, got {getattr(cfg, name)}")
+    if not cfg.holdout < 1:
+        parser.error(f"--holdout must be below 1 (the update trains on the rest), got {cfg.holdout}")
+    if cfg.accept == "heldout" and not cfg.holdout:
+        parser.error("--accept heldout tests each update on held-out questions: give --holdout, e.g. 0.25")
     if cfg.p_max_arg and not (cfg.p_max_arg <= 1 and cfg.max_arg >= 2):
         parser.error(f"--p-max-arg must be at most 1 and needs --max-arg 2 or more, got {cfg.p_max_arg} with --max-arg {cfg.max_arg}")
     if len(sizes) > 1 and not compare:

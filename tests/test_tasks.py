@@ -1,9 +1,11 @@
 """The relay task: its arithmetic, the held-out split, answer extraction, the operation mix, and
 the warm-up demonstrator with and without the codes of the coordination variant, and the
-warm-up's accuracy target."""
+warm-up's accuracy target, and the turn check behind the per-agent turn accuracy."""
 import random
 
 import config
+import eval as evaluation
+import rollout
 import tasks
 import team as team_lib
 import warmup
@@ -81,3 +83,22 @@ def test_a_warm_up_that_misses_its_target_says_so(capsys):
     tok = team_lib.char_tokenizer(tasks.CHARS)
     warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, config.Config(agents=2, hidden=32, warmup_steps=30, warmup_target=0.99))
     assert "warm-up: --warmup-target 0.99 not reached in 30 steps (greedy accuracy 0." in capsys.readouterr().out
+
+
+def test_a_turn_is_right_given_the_value_it_read():
+    q = tasks.Question("7+3-2+1", "9", ("0", "8", "9"), ("+3", "-2", "+1"))
+    relay = tasks.Relay(3)
+    assert relay.turn_correct(q, ["0", "8", "9"]) == [True, True, True]
+    assert relay.turn_correct(q, ["0", "9", "0"]) == [True, False, True]  # 9 + 1 = 0: right after a wrong turn
+    assert relay.turn_correct(q, ["x", "8"]) == [False, False]  # nothing to compute from after a malformed one
+
+
+def test_turn_accuracy_counts_each_agents_messages():
+    q = tasks.Question("7+3-2+1", "9", ("0", "8", "9"), ("+3", "-2", "+1"))
+    played = []
+    for texts in (["0", "8", "9"], ["0", "9", "0"]):
+        e = rollout.Episode(q, 0, 0, [0, 1, 2])
+        e.steps = [rollout.Step(agent, [], [], [], text) for agent, text in enumerate(texts)]
+        played.append(e)
+    assert evaluation.turn_accuracy(tasks.Relay(3), played, 3) == {"turn_acc/agent0": 1.0, "turn_acc/agent1": 0.5, "turn_acc/agent2": 1.0}
+    assert evaluation.turn_accuracy(tasks.Relay(3, solo=True), played, 3) == {}  # one message: no turns to check

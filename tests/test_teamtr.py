@@ -187,3 +187,40 @@ def test_a_non_finite_kl_reverts_the_update(make_team, cfg, monkeypatch):
     stats = teamtr.update_agent(team[0], 0, batch, None, cfg, seed=0)
     assert stats["reverted"] == 1 and stats["steps"] == 1 and stats["kl_rev"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(team[0])))
+
+
+def test_held_out_questions_take_no_part_in_the_update(make_team, cfg):
+    """--holdout: the update equals one on the batch without the held-out questions, and its
+    surrogate on them is measured."""
+    held_cfg = dataclasses.replace(cfg, holdout=0.25)
+    team, other = make_team(3, lr=1e-2), make_team(3, lr=1e-2)
+    batch = played_batch(team, cfg)
+    held = teamtr.held_out(batch, 0.25, seed=0)
+    assert held.sum() == cfg.group  # one question of four, with all its samples
+    stats = teamtr.update_agent(team[1], 1, batch, None, held_cfg, seed=0)
+    teamtr.update_agent(other[1], 1, [e for e, h in zip(batch, held) if not h], None, cfg, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(team[1]), snapshot(other[1])))
+    assert stats["heldout_surrogate"] != 0.0 and stats["rejected"] == 0
+
+
+def test_the_acceptance_test_keeps_only_updates_that_gain_on_held_out_questions(make_team, cfg):
+    cfg = dataclasses.replace(cfg, holdout=0.25, accept="heldout")
+    outcomes = set()
+    for seed in range(6):
+        team = make_team(3, lr=1e-2)
+        before = snapshot(team[1])
+        stats = teamtr.update_agent(team[1], 1, played_batch(team, cfg, seed), None, cfg, seed=seed)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, snapshot(team[1])))
+        assert stats["rejected"] == (stats["heldout_surrogate"] <= 0) == unchanged
+        assert stats["kl_rev"] == 0.0 if unchanged else stats["kl_rev"] > 0.0
+        outcomes.add(unchanged)
+    assert outcomes == {True, False}  # random rewards: some updates pass, some do not
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_reset_optimizer_starts_each_update_without_adam_moments(make_team, cfg, reset):
+    cfg = dataclasses.replace(cfg, reset_optimizer=reset)
+    team = make_team(3, lr=1e-2)
+    steps = [teamtr.update_agent(team[1], 1, played_batch(team, cfg, seed), None, cfg, seed=seed)["steps"] for seed in (0, 1)]
+    counted = team[1].optimizer.state[next(team[1].model.parameters())]["step"].item()
+    assert counted == (steps[1] if reset else sum(steps))

@@ -4,6 +4,10 @@ the single-agent comparison.
     python eval.py runs/teamtr-n3-s0              # greedy held-out accuracy of a saved team
     python eval.py runs/teamtr-n3-s0 --samples 8  # plus avg@8 and pass@k (unbiased estimator)
 
+On the relay it also prints each agent's turn accuracy (its message right given the value it
+read), greedy and sampled, and with --samples K > 1 which messages the team reward favours
+(`credit`): the diagnosis of why large teams stall (README, "Why eight agents did not learn").
+
 It works for every task of the run (relay or mathtask.py's). The single-agent comparison plays
 the same held-out questions with agent0 alone in the task's one-agent format (the relay's solo
 chain, or a real task's one-agent prompt): what the team adds over one of its members.
@@ -20,6 +24,7 @@ from math import comb
 
 import torch
 
+import losses
 import mathtask
 import parallel
 import rollout
@@ -35,10 +40,11 @@ def play(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0) -> lis
     return rollout.play(team, task, episodes, temperature, 1.0, (cfg.seed, "eval"))[0]
 
 
-def correct_counts(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0) -> list[int]:
-    """How many of `samples` team episodes per question were correct (temperature 0: greedy)."""
+def correct_counts(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0, played=None) -> list[int]:
+    """How many of `samples` team episodes per question were correct (temperature 0: greedy);
+    played: those episodes, if they were played already."""
     counts = torch.zeros(len(qs), dtype=torch.long)
-    for e in play(team, task, qs, cfg, samples, temperature):
+    for e in played or play(team, task, qs, cfg, samples, temperature):
         counts[e.qid] += int(e.reward)
     return parallel.all_sum(counts).tolist()
 
@@ -69,6 +75,31 @@ def turn_accuracy(task, episodes, n: int) -> dict:
             count[step.agent] += 1
     right, count = parallel.all_sum(right), parallel.all_sum(count)
     return {f"turn_acc/agent{i}": (right[i] / count[i]).item() for i in range(n) if count[i] > 0}
+
+
+CREDIT = ("read right, wrote the next value", "read right, wrote another", "read wrong, wrote the next value from it",
+          "read wrong, wrote the true value", "read wrong, wrote another")
+
+
+def credit(task, episodes, group: int, adv_max: float) -> dict:
+    """The relay: which messages does the team reward favour? {kind: (mean advantage, count)}: the
+    group-normalised advantage (as in training) of sampled messages, by whether the value the
+    writer read was right and what it wrote: the next value from what it read (the skill the
+    turn check measures), the true value of the chain (repairing an upstream error, which only
+    the question's operations could tell it) or another. Groups: the `group` samples of a question."""
+    advantages = losses.group_advantages(torch.tensor([e.reward for e in episodes]), group, adv_max)[0]
+    total, count = torch.zeros(len(CREDIT), dtype=torch.float64), torch.zeros(len(CREDIT), dtype=torch.float64)
+    for e, a in zip(episodes, advantages.tolist()):
+        texts = [s.text for s in e.steps]
+        for t, (message, next_value) in enumerate(zip(texts, task.turn_correct(e.question, texts))):
+            if t == 0 or texts[t - 1] == e.question.steps[t - 1]:
+                kind = 0 if next_value else 1
+            else:
+                kind = 2 if next_value else 3 if message == e.question.steps[t] else 4
+            total[kind] += a
+            count[kind] += 1
+    total, count = parallel.all_sum(total), parallel.all_sum(count)
+    return {kind: ((total[k] / count[k]).item() if count[k] else 0.0, int(count[k])) for k, kind in enumerate(CREDIT)}
 
 
 def single_accuracy(agent, cfg, qs) -> float:
@@ -108,10 +139,20 @@ def main(argv=None):
     if len(team) > 1:
         parallel.print0(f"single agent (agent0 alone, one-agent format): {single_accuracy(team[0], cfg, qs):.4f}")
     if args.samples:
-        counts = correct_counts(team, task, qs, cfg, args.samples, temperature=1.0)
+        played = play(team, task, qs, cfg, args.samples, temperature=1.0)
+        counts = correct_counts(team, task, qs, cfg, played=played)
         parallel.print0(f"avg@{args.samples}: {sum(counts) / (len(qs) * args.samples):.4f}")
         for k in sorted({1, args.samples // 2, args.samples} - {0}):
             parallel.print0(f"pass@{k}: {sum(pass_at_k(args.samples, c, k) for c in counts) / len(qs):.4f}")
+    if len(team) > 1 and (greedy := turn_accuracy(task, play(team, task, qs, cfg), len(team))):
+        parallel.print0(f"turn accuracy per agent (right given the value it read), greedy: {' '.join(f'{v:.3f}' for v in greedy.values())}")
+        if args.samples:
+            sampled = turn_accuracy(task, played, len(team))
+            parallel.print0(f"turn accuracy per agent, sampled: {' '.join(f'{v:.3f}' for v in sampled.values())}")
+        if args.samples > 1:
+            parallel.print0(f"mean advantage of sampled messages (groups of {args.samples}), by kind:")
+            for kind, (mean, count) in credit(task, played, args.samples, cfg.adv_max).items():
+                parallel.print0(f"  {kind}: {mean:+.3f} ({count} messages)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ the warm-up demonstrator with and without the codes of the coordination variant,
 warm-up's accuracy target, and the turn check behind the per-agent turn accuracy."""
 import random
 
+import pytest
+
 import config
 import eval as evaluation
 import rollout
@@ -102,3 +104,15 @@ def test_turn_accuracy_counts_each_agents_messages():
         played.append(e)
     assert evaluation.turn_accuracy(tasks.Relay(3), played, 3) == {"turn_acc/agent0": 1.0, "turn_acc/agent1": 0.5, "turn_acc/agent2": 1.0}
     assert evaluation.turn_accuracy(tasks.Relay(3, solo=True), played, 3) == {}  # one message: no turns to check
+
+
+def test_credit_sorts_sampled_messages_by_what_was_read_and_written():
+    q = tasks.Question("7+3-2+1", "9", ("0", "8", "9"), ("+3", "-2", "+1"))
+    played = []
+    for texts, reward in ((["0", "8", "9"], 1.0), (["0", "9", "0"], 0.0), (["0", "9", "9"], 1.0), (["5", "3", "4"], 0.0)):
+        e = rollout.Episode(q, 0, len(played), [0, 1, 2], reward=reward)
+        e.steps = [rollout.Step(agent, [], [], [], text) for agent, text in enumerate(texts)]
+        played.append(e)
+    table = evaluation.credit(tasks.Relay(3), played, group=4, adv_max=3.0)  # advantages +1, -1, +1, -1
+    assert [count for _, count in table.values()] == [5, 3, 3, 1, 0]
+    assert [mean for mean, _ in table.values()] == pytest.approx([0.6, -1 / 3, -1.0, 1.0, 0.0], abs=1e-5)

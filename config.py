@@ -138,6 +138,8 @@ class Config:
     """trust-region KL: kl_rev (sample estimate r log r - r + 1) or full (exact over the vocabulary)"""
     reduction: str = "token"
     """loss reduction: token or sequence (see losses.py for the length bias)"""
+    shared_prefix: bool = False
+    """fresh resampling (compare: its fresh modes): before agent i's update, the G samples of each question are played again from one shared prefix (sample 0's turns before agent i's first), so the group-normalised advantage compares only what agent i and the agents after it wrote"""
     holdout: float = 0.0
     """fraction of an update's questions (with all their samples) held out of its training; its surrogate on them is logged as heldout_surrogate (0: train on all)"""
     accept: str = "always"

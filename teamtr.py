@@ -68,6 +68,16 @@ def mean_kl(model, data, old, old_full, cfg: Config):
     return losses.token_mean(kl_tok, data["mask"]), logp, kl_tok
 
 
+def shared_prefixes(episodes, i: int):
+    """(episodes, keep) for rollout.play: every sample of a question given its sample 0's turn
+    order and turns before agent i's first (--shared-prefix). Each is still a sample of the team
+    (the prefix was one); within a group only agent i's turns and later ones differ, so upstream
+    mistakes no longer enter agent i's group-normalised advantages."""
+    leaders = {e.qid: e for e in episodes if e.sample == 0}
+    shared = [rollout.Episode(e.question, e.qid, e.sample, leaders[e.qid].order, leaders[e.qid].steps) for e in episodes]
+    return shared, [rollout.first_turn(e, i) for e in shared]
+
+
 def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weights=None) -> dict:
     """One trust-region update of agent i on its tokens in `episodes`. Returns its metrics, and
     under "log_ratio" the (E,) per-episode sequence log-ratio log pi_new / pi_old of its tokens.
@@ -219,6 +229,12 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
             if fresh:  # diagnostic batches (--measure-gap) are not training compute
                 turns, tokens, truncated = turns + new_turns, tokens + new_tokens, truncated + new_cut
         batch = current if fresh else first  # what agent i trains on
+        if fresh and cfg.shared_prefix and any(rollout.first_turn(e, i) for e in current):  # each group again from its sample 0's prefix
+            t0 = time.time()
+            shared, keep = shared_prefixes(current, i)
+            batch, new_turns, new_tokens, new_cut = rollout.play(team, task, shared, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0), keep)
+            sample_s += time.time() - t0
+            turns, tokens, truncated = turns + new_turns, tokens + new_tokens, truncated + new_cut
         other = None if k == 0 or not measure else (first if fresh else current)  # the stale gap's other batch
         weights = happo_weights(log_w, cfg.happo_max_weight) if reweight else None
         m = update_agent(team[i], i, batch, other, cfg, (cfg.seed, stage, k), weights)

@@ -224,3 +224,20 @@ def test_reset_optimizer_starts_each_update_without_adam_moments(make_team, cfg,
     steps = [teamtr.update_agent(team[1], 1, played_batch(team, cfg, seed), None, cfg, seed=seed)["steps"] for seed in (0, 1)]
     counted = team[1].optimizer.state[next(team[1].model.parameters())]["step"].item()
     assert counted == (steps[1] if reset else sum(steps))
+
+
+def test_shared_prefix_groups_share_everything_before_the_updated_agent(make_team, cfg, monkeypatch):
+    """--shared-prefix: agent i's batch gives the G samples of a question one prefix (sample 0's
+    turns before agent i, from the intermediate team's batch), and the samples differ after it."""
+    seen = []
+    update = teamtr.update_agent
+    monkeypatch.setattr(teamtr, "update_agent", lambda agent, i, eps, *rest: seen.append((i, eps)) or update(agent, i, eps, *rest))
+    calls = count_plays(monkeypatch)
+    teamtr.run_stage(make_team(3, lr=1e-2), tasks.Relay(3), dataclasses.replace(cfg, shared_prefix=True), 1, lambda r, line: None)
+    assert len(calls) == 5  # B_1; then for agents 1 and 2 the intermediate team's batch and its shared-prefix replay
+    for i, batch in seen[1:]:
+        intermediate = calls[2 * i - 1][1]
+        leaders = {e.qid: e for e in intermediate if e.sample == 0}
+        assert all(transcripts([e])[0][:i] == transcripts([leaders[e.qid]])[0][:i] for e in batch)
+        assert transcripts([e for e in batch if e.sample == 0]) == transcripts([e for e in intermediate if e.sample == 0])
+        assert len({tuple(map(tuple, (t for _, t in transcripts([e])[0]))) for e in batch}) > len(leaders)  # samples differ after the prefix

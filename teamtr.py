@@ -8,6 +8,9 @@ One stage updates every agent once, in an update order u_1..u_n. For k = 1..n, w
        the same derived uniforms per question, sample and turn), so a fresh batch differs from
        the first only where the updated agents now choose differently; each is still an exact
        sample of its team, and the stale gap between them is not sampling noise.
+       With --shared-prefix (for large teams) agent i's batch is played once more so that the G
+       samples of a question share one prefix, sample 0's turns before agent i: its advantages
+       then compare only what agent i and the agents after it wrote, not upstream mistakes;
     2. bounded group-normalised advantages of the final reward, given to every token i wrote;
     3. old log-probs of i's tokens under i's weights before this update, in fp32;
     4. a PPO-clip step on i's tokens only, with a reverse-KL penalty, inside a hard trust
@@ -220,21 +223,23 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
     first, turns, tokens, truncated = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0))
     current, sample_s, surrogates, radii = first, time.time() - start, [], []
     log_w = torch.zeros(len(first))  # reweight: sum of the updated agents' sequence log-ratios on B_1
+
+    def replay(episodes, keep, training: bool = True):
+        """play from turn keep[e] on, with the stage's random numbers; timed, and counted if training compute."""
+        nonlocal sample_s, turns, tokens, truncated
+        t0 = time.time()
+        played, new_turns, new_tokens, new_cut = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0), keep)
+        sample_s += time.time() - t0
+        if training:
+            turns, tokens, truncated = turns + new_turns, tokens + new_tokens, truncated + new_cut
+        return played
+
     for k, i in enumerate(update_order(cfg, len(team), stage)):
         if k > 0 and measure:  # exact suffix resampling of the intermediate team pi_hat^{k-1}
-            t0 = time.time()
-            keep = [rollout.first_turn(e, previous) for e in current]
-            current, new_turns, new_tokens, new_cut = rollout.play(team, task, current, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0), keep)
-            sample_s += time.time() - t0
-            if fresh:  # diagnostic batches (--measure-gap) are not training compute
-                turns, tokens, truncated = turns + new_turns, tokens + new_tokens, truncated + new_cut
+            current = replay(current, [rollout.first_turn(e, previous) for e in current], training=fresh)  # --measure-gap: diagnostic only
         batch = current if fresh else first  # what agent i trains on
-        if fresh and cfg.shared_prefix and any(rollout.first_turn(e, i) for e in current):  # each group again from its sample 0's prefix
-            t0 = time.time()
-            shared, keep = shared_prefixes(current, i)
-            batch, new_turns, new_tokens, new_cut = rollout.play(team, task, shared, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0), keep)
-            sample_s += time.time() - t0
-            turns, tokens, truncated = turns + new_turns, tokens + new_tokens, truncated + new_cut
+        if fresh and cfg.shared_prefix and any(rollout.first_turn(e, i) for e in current):
+            batch = replay(*shared_prefixes(current, i))  # each group again from its sample 0's prefix
         other = None if k == 0 or not measure else (first if fresh else current)  # the stale gap's other batch
         weights = happo_weights(log_w, cfg.happo_max_weight) if reweight else None
         m = update_agent(team[i], i, batch, other, cfg, (cfg.seed, stage, k), weights)

@@ -278,9 +278,9 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
 
 
 def turns_line(record: dict) -> str:
-    """", turns 0.98 0.91 ..." from a record's per-agent held-out turn accuracies (if any)."""
+    """", turn accuracy 0.98 0.91 ..." from a record's per-agent held-out turn accuracies (if any)."""
     turn = [v for key, v in record.items() if key.startswith("stage/eval_turn_acc/")]
-    return f", turns {' '.join(f'{v:.2f}' for v in turn)}" if turn else ""
+    return f", turn accuracy {' '.join(f'{v:.2f}' for v in turn)}" if turn else ""
 
 
 def peak_memory_mb(device) -> float:

@@ -33,18 +33,19 @@ import tasks
 import team as team_lib
 
 
-def play(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0) -> list:
-    """`samples` team episodes per question (temperature 0: greedy), this rank's questions."""
-    episodes = rollout.new_episodes(qs, samples, len(team), cfg.rounds, cfg.order, (cfg.seed, "eval"))
+def play(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed=None) -> list:
+    """`samples` team episodes per question (temperature 0: greedy) of this rank's questions,
+    played to the end; seed: their random numbers (default: the run seed's evaluation seed)."""
+    seed = (cfg.seed, "eval") if seed is None else seed
+    episodes = rollout.new_episodes(qs, samples, len(team), cfg.rounds, cfg.order, seed)
     episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]  # this rank's questions
-    return rollout.play(team, task, episodes, temperature, 1.0, (cfg.seed, "eval"))[0]
+    return rollout.play(team, task, episodes, temperature, top_p, seed)[0]
 
 
-def correct_counts(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0, played=None) -> list[int]:
-    """How many of `samples` team episodes per question were correct (temperature 0: greedy);
-    played: those episodes, if they were played already."""
-    counts = torch.zeros(len(qs), dtype=torch.long)
-    for e in played or play(team, task, qs, cfg, samples, temperature):
+def correct_counts(played, count: int) -> list[int]:
+    """How many of each question's episodes were correct, over every rank's episodes (count: questions)."""
+    counts = torch.zeros(count, dtype=torch.long)
+    for e in played:
         counts[e.qid] += int(e.reward)
     return parallel.all_sum(counts).tolist()
 
@@ -58,14 +59,14 @@ def heldout_metrics(team, task, qs, cfg) -> dict:
     """Greedy held-out accuracy (eval_acc) and, on tasks with a turn check, each agent's turn
     accuracy on the same episodes (eval_turn_acc/agent{i})."""
     played = play(team, task, qs, cfg)
-    correct = parallel.all_sum(float(sum(e.reward for e in played))).item()
+    correct = sum(correct_counts(played, len(qs)))
     return {"eval_acc": correct / len(qs)} | {f"eval_{key}": v for key, v in turn_accuracy(task, played, len(team)).items()}
 
 
 def turn_accuracy(task, episodes, n: int) -> dict:
     """{"turn_acc/agent{i}": the fraction of agent i's messages that were right given what it
     read} over every rank's episodes, for tasks with a turn check (the relay's; {} otherwise).
-    Team accuracy is the product of a chain of these: where a team fails, they say which link."""
+    A team is right only if every link of its chain is: where a team fails, these say which link."""
     if not hasattr(task, "turn_correct") or task.turns == 1:
         return {}
     right, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
@@ -135,17 +136,19 @@ def main(argv=None):
     if folder != args.run_dir:
         parallel.print0(f"the run did not finish; evaluating its last checkpoint, {os.path.basename(folder)}")
     qs = task.heldout(args.size or cfg.eval_size)
-    parallel.print0(f"greedy held-out accuracy: {accuracy(team, task, qs, cfg):.4f} ({len(qs)} questions, {len(team)} agents)")
+    greedy = heldout_metrics(team, task, qs, cfg)
+    parallel.print0(f"greedy held-out accuracy: {greedy['eval_acc']:.4f} ({len(qs)} questions, {len(team)} agents)")
     if len(team) > 1:
         parallel.print0(f"single agent (agent0 alone, one-agent format): {single_accuracy(team[0], cfg, qs):.4f}")
     if args.samples:
         played = play(team, task, qs, cfg, args.samples, temperature=1.0)
-        counts = correct_counts(team, task, qs, cfg, played=played)
+        counts = correct_counts(played, len(qs))
         parallel.print0(f"avg@{args.samples}: {sum(counts) / (len(qs) * args.samples):.4f}")
         for k in sorted({1, args.samples // 2, args.samples} - {0}):
             parallel.print0(f"pass@{k}: {sum(pass_at_k(args.samples, c, k) for c in counts) / len(qs):.4f}")
-    if len(team) > 1 and (greedy := turn_accuracy(task, play(team, task, qs, cfg), len(team))):
-        parallel.print0(f"turn accuracy per agent (right given the value it read), greedy: {' '.join(f'{v:.3f}' for v in greedy.values())}")
+    turns = [v for key, v in greedy.items() if key.startswith("eval_turn_acc/")]
+    if len(team) > 1 and turns:
+        parallel.print0(f"turn accuracy per agent (right given the value it read), greedy: {' '.join(f'{v:.3f}' for v in turns)}")
         if args.samples:
             sampled = turn_accuracy(task, played, len(team))
             parallel.print0(f"turn accuracy per agent, sampled: {' '.join(f'{v:.3f}' for v in sampled.values())}")

@@ -20,7 +20,6 @@ moves in Stage 0; every other agent stays bit-identical.
 import torch
 
 import eval as evaluation
-import parallel
 import rollout
 import runs
 import team as team_lib
@@ -55,9 +54,7 @@ def swap_and_align(team, task, heldout, cfg: Config, log, device, dtype) -> list
         imitate(new, pairs, cfg)
         record["replace/imitated"] = evaluation.accuracy(team, task, heldout, cfg)
         qs = task.train_questions(cfg.questions, rollout.derive_seed(cfg.seed, "align"))
-        episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, "align"))
-        episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]  # this rank's questions
-        played = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, "align"))[0]
+        played = evaluation.play(team, task, qs, cfg, cfg.group, cfg.temperature, cfg.top_p, (cfg.seed, "align"))  # this rank's questions
         update = teamtr.update_agent(new, i, played, None, cfg, (cfg.seed, "align"))
         record.update({"replace/kl_rev": update["kl_rev"], "replace/steps": update["steps"], "replace/examples": len(pairs)})
     log(record, f"stage 0: agent{i} replaced by {path}: held-out accuracy {record['replace/before']:.3f} before, "

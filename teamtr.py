@@ -234,6 +234,7 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
             turns, tokens, truncated = turns + new_turns, tokens + new_tokens, truncated + new_cut
         return played
 
+    previous = None  # the agent updated just before
     for k, i in enumerate(update_order(cfg, len(team), stage)):
         if k > 0 and measure:  # exact suffix resampling of the intermediate team pi_hat^{k-1}
             current = replay(current, [rollout.first_turn(e, previous) for e in current], training=fresh)  # --measure-gap: diagnostic only

@@ -9,7 +9,8 @@
   a 135M-parameter Llama built from a config (SmolLM2-135M's shape, random weights: no
   download; 120-148-token prompts) at 32.
 - suffix: a fresh-mode stage's sampling time at n = 8 with exact suffix resampling against
-  regenerating every turn after every update (the turn ratio is 43/64 in turn order).
+  regenerating every turn after every update (the turn ratio is 43/64 in turn order), and the
+  prompt tokens each prefills (suffix resampling regenerates the later turns, the long ones).
 - memory: peak resident memory of one update in an 8-agent LoRA team of the 135M Llama against
   one LoRA agent alone, and 8 full copies against one full agent (each measured in a fresh
   process; it includes the Python and torch runtime, about 0.3 GB here).
@@ -42,7 +43,8 @@ LORA = dict(rank=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj"
 
 
 def line(what: str, ours: float, theirs: float, unit: str, ratio: float):
-    print(f"{what}: {ours:,.1f} vs {theirs:,.1f} {unit}, ratio {ratio:.2f}x", flush=True)
+    number = "{:,}" if isinstance(ours, int) else "{:,.1f}"
+    print(f"{what}: {number.format(ours)} vs {number.format(theirs)} {unit}, ratio {ratio:.2f}x", flush=True)
 
 
 def timed(fn, repeats: int = 2) -> float:
@@ -96,24 +98,35 @@ def bench_sampler():
 
 def bench_suffix():
     """The sampling of one fresh-mode stage at n = 8: the first batch, then after each of the 8
-    updates (weights unchanged here; the cost is the same) the suffix, or every turn again."""
+    updates (weights unchanged here; the cost is the same) the suffix, or every turn again. Also
+    counted: the prompt tokens the sampler prefills (each distinct prompt of a turn once), which
+    is where a stage's sampling time goes on the relay."""
     cfg = resolve(Config(agents=8, p_max_arg=0.12))
     tok = team_lib.char_tokenizer(tasks.CHARS)
     team = team_lib.clone_team(warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers), tok, cfg), tok, 8, cfg.lr)
     task = tasks.make(cfg)
     qs = task.train_questions(cfg.questions, 0)
-
-    turns = {}
+    turns, prefilled = {}, {}
 
     def stage(suffix: bool):
         first = rollout.play(team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), 1.0, 1.0, (0, 0))[0]
-        turns[suffix] = 8
+        turns[suffix], prefilled[suffix] = 8, prompt_tokens(first, [0] * len(first))
         for k in range(1, 8):
-            keep = [rollout.first_turn(e, k - 1) for e in first] if suffix else None
-            turns[suffix] += rollout.play(team, task, first, 1.0, 1.0, (0, k), keep)[1] // len(first)
+            keep = [rollout.first_turn(e, k - 1) for e in first] if suffix else [0] * len(first)
+            played, new_turns = rollout.play(team, task, first, 1.0, 1.0, (0, k), keep)[:2]
+            turns[suffix] += new_turns // len(first)
+            prefilled[suffix] += prompt_tokens(played, keep)
     suffix, full = timed(lambda: stage(True), 1), timed(lambda: stage(False), 1)
     line(f"fresh stage sampling at n = 8, suffix vs full resampling ({turns[True]} vs {turns[False]} turns per episode; seconds)",
          suffix, full, "s", suffix / full)
+    line("fresh stage at n = 8, prompt tokens prefilled, suffix vs full resampling (tokens)",
+         prefilled[True], prefilled[False], "tokens", prefilled[True] / prefilled[False])
+
+
+def prompt_tokens(episodes, keep) -> int:
+    """Tokens of the distinct prompts of each generated turn (the sampler prefills each once)."""
+    distinct = {(t, tuple(s.context)) for e, k in zip(episodes, keep) for t, s in enumerate(e.steps[k:], k)}
+    return sum(len(context) for _, context in distinct)
 
 
 def memory_probe(agents: int, lora_rank: int):

@@ -50,17 +50,17 @@ def correct_counts(played, count: int) -> list[int]:
     return parallel.all_sum(counts).tolist()
 
 
-def accuracy(team, task, qs, cfg) -> float:
-    """Greedy held-out team accuracy."""
-    return heldout_metrics(team, task, qs, cfg)["eval_acc"]
+def accuracy(team, task, qs, cfg, played=None) -> float:
+    """Greedy held-out team accuracy (played: this rank's greedy episodes, if already played)."""
+    played = play(team, task, qs, cfg) if played is None else played
+    return sum(correct_counts(played, len(qs))) / len(qs)
 
 
 def heldout_metrics(team, task, qs, cfg) -> dict:
     """Greedy held-out accuracy (eval_acc) and, on tasks with a turn check, each agent's turn
     accuracy on the same episodes (eval_turn_acc/agent{i})."""
     played = play(team, task, qs, cfg)
-    correct = sum(correct_counts(played, len(qs)))
-    return {"eval_acc": correct / len(qs)} | {f"eval_{key}": v for key, v in turn_accuracy(task, played, len(team)).items()}
+    return {"eval_acc": accuracy(team, task, qs, cfg, played)} | {f"eval_{key}": v for key, v in turn_accuracy(task, played, len(team)).items()}
 
 
 def turn_accuracy(task, episodes, n: int) -> dict:

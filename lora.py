@@ -46,15 +46,21 @@ def adapted(base: torch.nn.Module, rank: int, alpha: float, targets: list[str], 
     shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
     model = copy.deepcopy(base, memo=shared)  # new modules, the same tensors
     generator = torch.Generator().manual_seed(seed)
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
-    if not names:
-        raise ValueError(f"--lora-targets {','.join(targets)}: no linear layer of the model has one of these names")
+    names = target_layers(model, targets)
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
         setattr(owner, child, LoRALinear(getattr(owner, child), rank, alpha, generator))
     model.lora = {"rank": rank, "alpha": alpha, "targets": sorted({n.rsplit(".", 1)[-1] for n in names})}
     return model
+
+
+def target_layers(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """The names of the linear layers whose last name is in `targets`. ValueError if none is."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    if not names:
+        raise ValueError(f"--lora-targets {','.join(targets)}: no linear layer of the model has one of these names")
+    return names
 
 
 def is_adapted(model) -> bool:

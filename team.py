@@ -157,11 +157,17 @@ def clone_team(model, tokenizer, n: int, lr: float, grad_ckpt: bool = False, opt
 def lora_team(base, tokenizer, n: int, rank: int, alpha: float, targets: list[str], lr: float, grad_ckpt: bool = False,
               optimizer: str = "adam", seed: int = 0) -> list[Agent]:
     """n agents on one frozen base: each its own LoRA adapter (lora.py) and an optimiser over it."""
+    check_lora_targets(base, targets)
+    models = [lora.adapted(base, rank, alpha, targets, rollout.derive_seed(seed, "lora", i)) for i in range(n)]
+    return [make_agent(f"agent{i}", model, tokenizer, lr, grad_ckpt, optimizer) for i, model in enumerate(models)]
+
+
+def check_lora_targets(model, targets: list[str]):
+    """A LoadError, before any work is done on the model, if no layer matches --lora-targets."""
     try:
-        models = [lora.adapted(base, rank, alpha, targets, rollout.derive_seed(seed, "lora", i)) for i in range(n)]
+        lora.target_layers(model, targets)
     except ValueError as e:
         raise LoadError(str(e)) from None
-    return [make_agent(f"agent{i}", model, tokenizer, lr, grad_ckpt, optimizer) for i, model in enumerate(models)]
 
 
 def load_team(paths: list[str], device: str, dtype: torch.dtype, lr: float, grad_ckpt: bool = False, optimizer: str = "adam") -> list[Agent]:

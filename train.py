@@ -163,6 +163,8 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
         parser.error(f"--models names {len(cfg.models.split(','))} models for --agents {cfg.agents}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available")
+    if cfg.name and (os.path.basename(cfg.name) != cfg.name or cfg.name in (".", "..")):
+        parser.error(f"--name {cfg.name}: a folder name under --out-dir, not a path")
     if cfg.name and os.path.exists(os.path.join(cfg.out_dir, cfg.name)):
         parser.error(f"{os.path.join(cfg.out_dir, cfg.name)} exists; choose another --name (nothing was overwritten)")
     return (cfg if compare else config.resolve(cfg)), sizes, ""

@@ -105,6 +105,8 @@ def starting_model(cfg: Config, device, dtype):
         return team_lib.load_model(cfg.model, device, dtype)
     tokenizer = team_lib.char_tokenizer(tasks.CHARS)
     model = team_lib.tiny_model(tokenizer, cfg.hidden, cfg.layers, seed=cfg.seed).to(device, dtype)
+    if cfg.lora_rank:  # a bad --lora-targets ends here, not after the warm-up
+        team_lib.check_lora_targets(model, cfg.lora_targets.split(","))
     return warmup(model, tokenizer, cfg), tokenizer
 
 

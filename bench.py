@@ -181,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory measurement in a fresh process
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     if args.probe:
         return memory_probe(*map(int, args.probe.split(",")))

@@ -1,4 +1,6 @@
 """The benchmark's own counting (its timings are printed, never asserted)."""
+import pytest
+
 import bench
 import rollout
 
@@ -14,3 +16,10 @@ def test_prompt_tokens_counts_each_distinct_prompt_of_a_generated_turn_once(caps
     assert bench.prompt_tokens(episodes, [2, 2, 1]) == 5
     bench.line("what", 298008, 367573, "tokens", 298008 / 367573)
     assert capsys.readouterr().out == "what: 298,008 vs 367,573 tokens, ratio 0.81x\n"
+
+
+def test_bad_threads_give_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--threads", "0"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == "bench.py: error: --threads must be at least 1, got 0"

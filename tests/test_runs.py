@@ -65,6 +65,11 @@ def test_same_seed_same_metrics_and_a_killed_run_resumes_to_them(tmp_path):
     for i in range(2):
         resumed, straight = (killed / f"agent{i}" / "model.safetensors").read_bytes(), (runs_dir / "a" / f"agent{i}" / "model.safetensors").read_bytes()
         assert resumed == straight
+    summary = (runs_dir / "a" / "summary.md").read_text()
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(runs_dir / "a")], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "the run is finished" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert (runs_dir / "a" / "summary.md").read_text() == summary  # a finished run is not rewritten
 
 
 def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tmp_path):

@@ -120,7 +120,7 @@ def main(argv=None):
     parser = runs.Parser(prog="eval.py", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run directory written by train.py (its trained team, or the last checkpoint of an unfinished run)")
     parser.add_argument("--samples", type=int, default=0, help="sampled episodes per question for avg@k and pass@k (0: greedy only)")
-    parser.add_argument("--size", type=int, default=0, help="held-out questions (default: the run's eval_size)")
+    parser.add_argument("--size", type=int, default=0, help="held-out questions (0, the default: the run's eval_size)")
     args = parser.parse_args(argv)
     if args.samples < 0 or args.size < 0:
         parser.error(f"--samples and --size must be at least 0, got {args.samples} and {args.size}")

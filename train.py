@@ -193,11 +193,14 @@ def check_replacement(parser, cfg: Config, compare: bool):
         cfg.replace = f"{index}={local_path(path)}"
 
 
-def write_summary(run_dir, cfg: Config, accs, seconds):
+def write_summary(run_dir, cfg: Config, accs, seconds, resumed_after=None):
+    """summary.md; resumed_after: the checkpoint's stage when this process resumed the run (the
+    command is then the resume's, and the seconds those since the resume)."""
     rows = "\n".join(f"| {s} | {a:.3f} |" for s, a in zip(teamtr.evaluated_stages(cfg), accs))
+    since = "" if resumed_after is None else f" since the resume after stage {resumed_after} (the run's config is in config.json)"
     text = (f"# {os.path.basename(run_dir)}\n\n`python train.py {' '.join(sys.argv[1:])}`\n\n"
             f"mode {cfg.mode} (resample {cfg.resample}, trust region {cfg.trust_region}), {cfg.agents} agents, seed {cfg.seed}\n\n"
-            f"held-out accuracy: {accs[0]:.3f} -> {accs[-1]:.3f} ({100 * (accs[-1] - accs[0]):+.1f} points), {seconds:.0f} s\n\n"
+            f"held-out accuracy: {accs[0]:.3f} -> {accs[-1]:.3f} ({100 * (accs[-1] - accs[0]):+.1f} points), {seconds:.0f} s{since}\n\n"
             f"| stage | held-out accuracy |\n|---|---|\n{rows}\n")
     with open(os.path.join(run_dir, "summary.md"), "w") as f:
         f.write(text)
@@ -298,7 +301,7 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
     parallel.check_identical(team)
     if parallel.main():
         team_lib.save_team(team, run_dir, base)
-        write_summary(run_dir, cfg, accs, time.time() - began)
+        write_summary(run_dir, cfg, accs, time.time() - began, done[-1]["stage"] if done else None)
     parallel.print0(f"held-out accuracy ({len(heldout)} questions): starting team {accs[0]:.3f} -> trained team {accs[-1]:.3f} "
                     f"({100 * (accs[-1] - accs[0]):+.1f} points) in {time.time() - began:.0f} s; wrote {run_dir}")
 

@@ -60,6 +60,7 @@ def test_same_seed_same_metrics_and_a_killed_run_resumes_to_them(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "resumed after stage 1" in out.stdout
+    assert "since the resume after stage 1" in (killed / "summary.md").read_text()  # not the whole run's time
     assert metrics(killed) == metrics(runs_dir / "a")
     assert not (killed / "checkpoint-stage2.tmp").exists()
     for i in range(2):

@@ -24,11 +24,12 @@ Two starting teams: `random` (N(0, 1) logits: the message chain forgets quickly)
 `happo_surrogate` is the HAPPO-style correction (stale trajectories reweighted by the product of
 the already-updated agents' sequence ratios), checked in tests to equal the intermediate surrogate.
 """
-import argparse
 import itertools
 import time
 
 import numpy as np
+
+import runs
 
 
 def softmax(x):
@@ -153,11 +154,13 @@ def fit_slope(ns, errors):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The exact testbed: stale vs intermediate occupancy.")
+    parser = runs.Parser(prog="theory.py", description="The exact testbed: stale vs intermediate occupancy.")
     parser.add_argument("--delta", type=float, default=0.01, help="KL size of every update")
     parser.add_argument("--seeds", type=int, default=5, help="random teams averaged per n")
     parser.add_argument("--stages", type=int, default=15, help="stages of the J curves")
     args = parser.parse_args(argv)
+    if not (args.delta > 0 and args.seeds >= 1 and args.stages >= 0):
+        parser.error(f"--delta must be positive, --seeds at least 1, --stages at least 0; got {args.delta}, {args.seeds}, {args.stages}")
     start, ns = time.time(), [2, 4, 8, 16, 32]
     print(f"summed surrogate error per stage, delta = {args.delta}, mean over {args.seeds} teams (Q = 3, M = 4)")
     print("paper's bounds: stale O(n^2), intermediate O(n)\n")

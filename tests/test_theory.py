@@ -63,3 +63,10 @@ def test_stale_error_grows_faster_in_n_than_intermediate():
             assert max(errors["intermediate"]) < 1e-12 and slopes["intermediate"] is None
         else:
             assert slopes["stale"] > slopes["intermediate"]
+
+
+@pytest.mark.parametrize("args", [["--seeds", "0"], ["--delta", "-1"], ["--stages", "-1"], ["--bogus"]])
+def test_bad_flags_give_one_line_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as stop:
+        theory.main(args)
+    assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

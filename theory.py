@@ -24,12 +24,11 @@ Two starting teams: `random` (N(0, 1) logits: the message chain forgets quickly)
 `happo_surrogate` is the HAPPO-style correction (stale trajectories reweighted by the product of
 the already-updated agents' sequence ratios), checked in tests to equal the intermediate surrogate.
 """
+import argparse
 import itertools
 import time
 
 import numpy as np
-
-import runs
 
 
 def softmax(x):
@@ -154,7 +153,8 @@ def fit_slope(ns, errors):
 
 
 def main(argv=None):
-    parser = runs.Parser(prog="theory.py", description="The exact testbed: stale vs intermediate occupancy.")
+    parser = argparse.ArgumentParser(prog="theory.py", description="The exact testbed: stale vs intermediate occupancy.",
+                                     usage=argparse.SUPPRESS)  # errors in one line; numpy only, no torch to import
     parser.add_argument("--delta", type=float, default=0.01, help="KL size of every update")
     parser.add_argument("--seeds", type=int, default=5, help="random teams averaged per n")
     parser.add_argument("--stages", type=int, default=15, help="stages of the J curves")

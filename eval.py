@@ -1,8 +1,5 @@
 """Team evaluation of a saved run: held-out accuracy, avg@k and pass@k, one agent alone.
 
-Greedy held-out accuracy, avg@k / pass@k from k samples per question, and the single-agent
-comparison.
-
     python eval.py runs/teamtr-n3-s0              # greedy held-out accuracy of a saved team
     python eval.py runs/teamtr-n3-s0 --samples 8  # plus avg@8 and pass@k (unbiased estimator)
 

@@ -135,6 +135,10 @@ def make(cfg):
         return mathtask.make(cfg)
     relay = Relay(cfg.agents * cfg.rounds, cfg.mode == "single", cfg.modulus, cfg.max_arg, cfg.p_max_arg)
     relay.max_new_tokens = cfg.max_new_tokens or relay.max_new_tokens
+    found = len(questions(relay, cfg.questions, 0, heldout=False, partial=True))  # a short chain has few questions
+    if found < cfg.questions:
+        raise mathtask.TaskError(f"--questions {cfg.questions}: the relay has only {found} distinct training questions at --agents {cfg.agents}, "
+                                 f"--rounds {cfg.rounds}, --max-arg {cfg.max_arg}; lower --questions, or raise --rounds or --max-arg")
     return relay
 
 

@@ -58,7 +58,7 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
                             f"questions (--warmup-target {cfg.warmup_target})")
             break
         rng = random.Random(rollout.derive_seed(cfg.seed, "demonstrator", step))
-        qs = tasks.questions(task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False)
+        qs = tasks.questions(task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False, partial=True)  # a short chain has fewer
         pairs = [(q, context, message) for q in qs for context, message in demonstration(q, task, solo, cfg, rng)]
         imitation_step(agent, agent.optimizer, imitation_batch(agent, pairs))
     else:

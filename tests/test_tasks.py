@@ -1,12 +1,14 @@
 """The relay task: its arithmetic, the held-out split, answer extraction, the operation mix, and
 the warm-up demonstrator with and without the codes of the coordination variant, and the
-warm-up's accuracy target, and the turn check behind the per-agent turn accuracy."""
+warm-up's accuracy target, the turn check behind the per-agent turn accuracy, and a one-operation
+relay's few questions."""
 import random
 
 import pytest
 
 import config
 import eval as evaluation
+import mathtask
 import rollout
 import tasks
 import team as team_lib
@@ -116,3 +118,12 @@ def test_credit_sorts_sampled_messages_by_what_was_read_and_written():
     table = evaluation.credit(tasks.Relay(3), played, group=4, adv_max=3.0)  # advantages +1, -1, +1, -1
     assert [count for _, count in table.values()] == [5, 3, 3, 1, 0]
     assert [mean for mean, _ in table.values()] == pytest.approx([0.6, -1 / 3, -1.0, 1.0, 0.0], abs=1e-5)
+
+
+def test_a_one_operation_relay_warms_up_on_all_its_questions_and_refuses_too_many():
+    cfg = config.Config(agents=1, hidden=32, warmup_steps=2)
+    tok = team_lib.char_tokenizer(tasks.CHARS)
+    warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, cfg)  # 45 training questions, fewer than a warm-up batch
+    assert len(tasks.make(config.Config(agents=1, questions=45)).train_questions(45, seed=3)) == 45
+    with pytest.raises(mathtask.TaskError, match="--questions 46: the relay has only 45 distinct training questions at --agents 1"):
+        tasks.make(config.Config(agents=1, questions=46))

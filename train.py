@@ -152,6 +152,8 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
         parser.error(f"--task {cfg.task} needs pretrained agents: pass --model or --models (the tiny agents only learn the relay)")
     if cfg.codes and cfg.task != "relay":
         parser.error("--codes is a variant of the relay task")
+    if cfg.prompts and cfg.task == "relay":
+        parser.error("--prompts gives the roles of a real task's agents; the relay has none")
     kind, _, path = cfg.task.partition(":")
     if kind in mathtask.LOCAL:  # absolute paths in config.json, so eval.py finds them from anywhere
         cfg.task = f"{kind}:{os.path.abspath(path)}"

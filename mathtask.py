@@ -114,7 +114,8 @@ def team_roles(path: str, agents: int) -> list:
     if agents == 1:
         return [single]
     if len(roles) < agents:
-        raise TaskError(f"--prompts {path}: {len(roles)} roles, fewer than --agents {agents}")
+        raise TaskError(f"--prompts {path}: {len(roles)} roles, fewer than --agents {agents}; give a file with {agents} or more "
+                        f"(a team takes the first n - 1 roles and the last)")
     return roles[: agents - 1] + roles[-1:]
 
 

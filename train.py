@@ -99,7 +99,7 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
             cfg, sizes = runs.read_config(resume)
         except runs.RunError as e:
             parser.error(str(e))
-        if cfg.mode != "compare" and os.path.exists(os.path.join(resume, "summary.md")):
+        if os.path.exists(os.path.join(resume, "summary.md")):  # written last, by a finished run (compare writes none)
             parser.error(f"--resume {resume}: the run is finished (its summary.md is written); nothing to resume")
         cfg.threads = args["threads"] if "--threads" in given else cfg.threads
         cfg.dist_timeout = args["dist_timeout"] if "--dist-timeout" in given else cfg.dist_timeout

@@ -71,9 +71,9 @@ def smol_llama():
 
 def sampler_vs_generate(name: str, model, prompts: list[list[int]], pad_id: int, new_tokens: int):
     """Every row generates exactly new_tokens tokens in both (no EOS can end it early)."""
-    group = [p for p in prompts for _ in range(8)]
+    group, qids = [p for p in prompts for _ in range(8)], [q for q in range(len(prompts)) for _ in range(8)]
     uniforms = torch.rand(len(group), new_tokens, generator=torch.Generator().manual_seed(0))
-    ours = timed(lambda: rollout.sample(model, group, -1, pad_id, new_tokens, 1.0, 1.0, uniforms))
+    ours = timed(lambda: rollout.sample(model, group, -1, pad_id, new_tokens, 1.0, 1.0, uniforms, qids))
     L = max(map(len, group))
     ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in group])
     attn = (torch.arange(L)[None] >= torch.tensor([L - len(p) for p in group])[:, None]).long()
@@ -99,7 +99,7 @@ def bench_sampler():
 def bench_suffix():
     """The sampling of one fresh-mode stage at n = 8: the first batch, then after each of the 8
     updates (weights unchanged here; the cost is the same) the suffix, or every turn again. Also
-    counted: the prompt tokens the sampler prefills (each distinct prompt of a turn once), which
+    counted: the prompt tokens the sampler prefills (shared prefixes and distinct tails once), which
     is where a stage's sampling time goes on the relay."""
     cfg = resolve(Config(agents=8, p_max_arg=0.12))
     tok = team_lib.char_tokenizer(tasks.CHARS)
@@ -124,9 +124,17 @@ def bench_suffix():
 
 
 def prompt_tokens(episodes, keep) -> int:
-    """Tokens of the distinct prompts of each generated turn (the sampler prefills each once)."""
-    distinct = {(t, tuple(s.context)) for e, k in zip(episodes, keep) for t, s in enumerate(e.steps[k:], k)}
-    return sum(len(context) for _, context in distinct)
+    """Tokens the sampler prefills for the generated turns: in each call (a turn's rows of one agent),
+    each question's shared prefix once and each distinct prompt's own tail once (rollout.split_prompts)."""
+    calls = {}
+    for e, k in zip(episodes, keep):
+        for t, s in enumerate(e.steps[k:], k):
+            calls.setdefault((t, s.agent), []).append((s.context, e.qid))
+    count = 0
+    for rows in calls.values():
+        unique = rollout.dedup(rollout.split_prompts(*zip(*rows)))[0]
+        count += sum(len(tail) for _, tail in unique) + sum(map(len, {head for head, _ in unique}))
+    return count
 
 
 def memory_probe(agents: int, lora_rank: int):

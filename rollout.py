@@ -18,6 +18,7 @@ untempered model, which tests compare with a teacher-forced forward (the ratio i
 update). Sampling runs in eval mode: gradient checkpointing in train mode turns the cache off.
 """
 import hashlib
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -49,34 +50,40 @@ def derive_seed(*parts) -> int:
 
 
 @torch.no_grad()
-def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None, share_prefix=True):
+def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None, groups=None, share_prefix=True):
     """Batched sampling with a KV cache. prompts: list of id lists (any lengths).
 
     Left padding with explicit position ids, so padded rows see the same positions as unpadded
-    ones. Identical prompts (the G samples of a question at its first turn; later, samples whose
-    transcripts coincide) are prefilled once and their KV cache rows copied (share_prefix=False
-    prefills every row: the reference the tests compare with). The prefill computes logits at the
-    last position only. temperature 0 is greedy. uniforms: (B, max_new_tokens) in [0, 1), one
-    row per prompt (inverse-CDF sampling). Returns per row (tokens, fp32 log-probs of those tokens
-    under the untempered model), each cut after the row's first EOS.
+    ones. The prefill shares work in two parts: rows of one group (groups[r]: the G samples of a
+    question; default one group) share their longest common prefix, prefilled once; then each
+    distinct prompt's own tail is prefilled on top of its prefix's KV-cache rows, and those rows
+    are copied to the samples that read it (share_prefix=False prefills every row whole: the
+    reference the tests compare with). The prefill computes logits at the last position only.
+    temperature 0 is greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per prompt
+    (inverse-CDF sampling). Returns per row (tokens, fp32 log-probs of those tokens under the
+    untempered model), each cut after the row's first EOS.
     """
     device = next(model.parameters()).device
-    distinct = list(dict.fromkeys(map(tuple, prompts))) if share_prefix else list(map(tuple, prompts))
-    slot = {p: r for r, p in enumerate(distinct)}
-    expand = torch.tensor([slot[tuple(p)] for p in prompts], device=device)  # (B,): each prompt's prefilled row
-    U, L = len(distinct), max(len(p) for p in prompts)
-    ids = torch.full((U, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((U, L), dtype=torch.long)
-    for r, p in enumerate(distinct):
-        ids[r, L - len(p):] = torch.tensor(p)
-        attn[r, L - len(p):] = 1
-    ids, attn = ids.to(device), attn.to(device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (U, L)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    rows = split_prompts(prompts, groups) if share_prefix else [((), tuple(p)) for p in prompts]
+    unique, expand = dedup(rows) if share_prefix else (rows, list(range(len(rows))))  # each distinct prompt prefilled once
+    heads, head_of = dedup(head for head, _ in unique)
+    cache, head_attn = None, torch.zeros((len(unique), 0), dtype=torch.long, device=device)
+    if max(map(len, heads)) > 0:  # part 1: the shared prefixes
+        ids, attn = left_pad(heads, pad_id, device)
+        cache = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=True).past_key_values
+        head_of = torch.tensor(head_of, device=device)
+        cache.reorder_cache(head_of)  # each distinct prompt gets its prefix's keys and values
+        head_attn = attn[head_of]
+    ids, attn = left_pad([tail for _, tail in unique], pad_id, device)  # part 2: each prompt's own tail
+    attn = torch.cat([head_attn, attn], dim=1)  # (U, prefix + tail)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)[:, -ids.shape[1]:],
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    expand = torch.tensor(expand, device=device)  # (B,): each prompt's prefilled row
     cache, logits = out.past_key_values, out.logits[expand, -1]
-    if U < len(prompts):
+    if len(unique) < len(prompts):
         cache.reorder_cache(expand)  # every row gets its prompt's keys and values
-    B, attn, pos = len(prompts), attn[expand], pos[expand]
+    B, attn = len(prompts), attn[expand]
+    pos = positions(attn)[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps = [], []
     for s in range(max_new_tokens):
@@ -88,12 +95,43 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
         if done.all() or s == max_new_tokens - 1:
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-        pos = pos[:, -1:] + 1
+        pos = pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
     tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()  # (B, T)
     cut = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in tokens]
     return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)]
+
+
+def split_prompts(prompts, groups=None) -> list[tuple[tuple, tuple]]:
+    """Each prompt as (its group's shared prefix, its own tail). A group shares its longest common
+    prefix, short of the shortest prompt's last token (every tail keeps one token to predict from)."""
+    groups = [0] * len(prompts) if groups is None else groups
+    members = {}
+    for p, g in zip(prompts, groups):
+        members.setdefault(g, []).append(p)
+    cut = {g: min(len(os.path.commonprefix(ps)), min(map(len, ps)) - 1) for g, ps in members.items()}  # works on id lists
+    return [(tuple(p[:cut[g]]), tuple(p[cut[g]:])) for p, g in zip(prompts, groups)]
+
+
+def dedup(items) -> tuple[list, list]:
+    """(the distinct items in first-seen order, each item's index among them)."""
+    first = {}
+    index = [first.setdefault(item, len(first)) for item in items]
+    return list(first), index
+
+
+def left_pad(rows, pad_id, device):
+    """(ids, attention mask), both (len(rows), longest row), padded on the left."""
+    L = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (L - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
+    attn = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, attn
+
+
+def positions(attn):
+    """Position ids from an attention mask: real tokens count from 0; padding gets 0."""
+    return (attn.cumsum(-1) - 1).clamp(min=0)
 
 
 def pick(logp, temperature, top_p, u):
@@ -143,7 +181,8 @@ def play(team, task, episodes, temperature, top_p, seed, keep=None):
             uniforms = torch.stack([torch.rand(task.max_new_tokens, generator=torch.Generator().manual_seed(
                 derive_seed(seed, e.qid, e.sample, t))) for e in rows])
             tok = agent.tokenizer
-            outs, logps = sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, task.max_new_tokens, temperature, top_p, uniforms)
+            outs, logps = sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, task.max_new_tokens, temperature, top_p, uniforms,
+                                 [e.qid for e in rows])
             for e, p, o, lp in zip(rows, prompts, outs, logps):
                 cut = o[-1] != tok.eos_token_id
                 e.steps.append(Step(a, p, o, lp, agent.decode(o), cut))

@@ -52,14 +52,24 @@ def test_sampler_logprobs_match_teacher_forced_forward(make_team):
 
 def test_shared_prefix_sampling_equals_prefilling_every_row(make_team):
     agent = make_team(1, seed=6)[0]
-    tok = agent.tokenizer
-    prompts = [p for p in prompts_of(agent, 3) for _ in range(4)]  # a group of 4 samples per prompt
+    tok, task = agent.tokenizer, tasks.Relay(3)
+    qs = tasks.questions(task, 3, seed=1, heldout=False)
+    # a group per question: its prompts share the question and differ in the messages after it,
+    # and some repeat (samples whose transcripts coincide)
+    prompts = [agent.encode(task.render(q, list(q.steps[:k]))) for q in qs for k in (0, 1, 1, 2, 2, 2)]
+    prompts += [p[4:] for p in prompts[:6]]  # and a group with a shorter prefix (left padding in both parts)
+    groups = [g for g in range(4) for _ in range(6)]
+    heads = {head for head, _ in rollout.split_prompts(prompts, groups)}
+    assert len(heads) == 4 and min(map(len, heads)) > 3 and len(set(map(len, heads))) > 1  # a real shared prefix per group
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(2))
-    shared = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms)
+    shared = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, groups)
     each = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, share_prefix=False)
-    assert shared[0] == each[0] and len({tuple(t) for t in shared[0]}) > 3  # the same tokens, and not one per prompt
+    assert shared[0] == each[0] and len({tuple(t) for t in shared[0]}) > 12  # the same tokens, and not one per prompt
     for a, b in zip(shared[1], each[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    greedy, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0, groups=groups)
+    for p, g in zip(prompts, greedy):
+        assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
 
 
 def test_tiny_top_p_is_greedy_and_uniforms_make_rows_reproducible(make_team):

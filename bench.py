@@ -116,7 +116,7 @@ def bench_suffix():
             played, new_turns = rollout.play(team, task, first, 1.0, 1.0, (0, k), keep)[:2]
             turns[suffix] += new_turns // len(first)
             prefilled[suffix] += prompt_tokens(played, keep)
-    suffix, full = timed(lambda: stage(True), 1), timed(lambda: stage(False), 1)
+    suffix, full = timed(lambda: stage(True), 3), timed(lambda: stage(False), 3)
     line(f"fresh stage sampling at n = 8, suffix vs full resampling ({turns[True]} vs {turns[False]} turns per episode; seconds)",
          suffix, full, "s", suffix / full)
     line("fresh stage at n = 8, prompt tokens prefilled, suffix vs full resampling (tokens)",

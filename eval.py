@@ -155,6 +155,7 @@ def main(argv=None):
             parallel.print0(f"mean advantage of sampled messages (groups of {args.samples}), by kind:")
             for kind, (mean, count) in credit(task, played, args.samples, cfg.adv_max).items():
                 parallel.print0(f"  {kind}: {mean:+.3f} ({count} messages)")
+    parallel.close()
 
 
 if __name__ == "__main__":

@@ -140,5 +140,8 @@ def check_identical(team):
 
 
 def close():
+    """Leave the process group together: a process that tears down gloo while another is still
+    writing its files was seen to abort at exit ("terminate called without an active exception")."""
     if dist.is_initialized():
+        collective(dist.barrier)
         dist.destroy_process_group()

@@ -130,7 +130,8 @@ def left_pad(rows, pad_id, device):
 
 
 def positions(attn):
-    """Position ids from an attention mask: real tokens count from 0; padding gets 0."""
+    """Position ids from an attention mask: real tokens count from 0; padding repeats the position
+    before it (0 at the start), which no real token attends to."""
     return (attn.cumsum(-1) - 1).clamp(min=0)
 
 

@@ -125,15 +125,15 @@ def bench_suffix():
 
 def prompt_tokens(episodes, keep) -> int:
     """Tokens the sampler prefills for the generated turns: in each call (a turn's rows of one agent),
-    each question's shared prefix once and each distinct prompt's own tail once (rollout.split_prompts)."""
+    each question's shared prefix once and each distinct prompt's own tail once (rollout.prefill_plan)."""
     calls = {}
     for e, k in zip(episodes, keep):
         for t, s in enumerate(e.steps[k:], k):
             calls.setdefault((t, s.agent), []).append((s.context, e.qid))
     count = 0
     for rows in calls.values():
-        unique = rollout.dedup(rollout.split_prompts(*zip(*rows)))[0]
-        count += sum(len(tail) for _, tail in unique) + sum(map(len, {head for head, _ in unique}))
+        unique, _, heads, _ = rollout.prefill_plan(*zip(*rows))
+        count += sum(len(tail) for _, tail in unique) + sum(map(len, heads))
     return count
 
 

@@ -64,9 +64,7 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
     untempered model), each cut after the row's first EOS.
     """
     device = next(model.parameters()).device
-    rows = split_prompts(prompts, groups) if share_prefix else [((), tuple(p)) for p in prompts]
-    unique, expand = dedup(rows) if share_prefix else (rows, list(range(len(rows))))  # each distinct prompt prefilled once
-    heads, head_of = dedup(head for head, _ in unique)
+    unique, expand, heads, head_of = prefill_plan(prompts, groups, share_prefix)
     cache, head_attn = None, torch.zeros((len(unique), 0), dtype=torch.long, device=device)
     if max(map(len, heads)) > 0:  # part 1: the shared prefixes
         ids, attn = left_pad(heads, pad_id, device)
@@ -101,6 +99,15 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
     tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()  # (B, T)
     cut = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in tokens]
     return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)]
+
+
+def prefill_plan(prompts, groups=None, share_prefix=True):
+    """What the prefill computes: the distinct (shared prefix, own tail) rows, each prompt's row
+    among them, the distinct prefixes, and each row's prefix among those."""
+    rows = split_prompts(prompts, groups) if share_prefix else [((), tuple(p)) for p in prompts]
+    unique, expand = dedup(rows) if share_prefix else (rows, list(range(len(rows))))  # each distinct prompt prefilled once
+    heads, head_of = dedup(head for head, _ in unique)
+    return unique, expand, heads, head_of
 
 
 def split_prompts(prompts, groups=None) -> list[tuple[tuple, tuple]]:

@@ -16,6 +16,9 @@
   process; it includes the Python and torch runtime, about 0.3 GB here).
 - stages: wall time of one `teamtr` stage of the default relay run at n = 2, 4, 8 (after the
   default warm-up), against n = 2.
+
+Each timing is the fastest of a few runs, alternating between the two things compared, so a slow
+spell of the machine falls on both; counting happens outside the timed runs.
 """
 import argparse
 import json
@@ -47,14 +50,17 @@ def line(what: str, ours: float, theirs: float, unit: str, ratio: float):
     print(f"{what}: {number.format(ours)} vs {number.format(theirs)} {unit}, ratio {ratio:.2f}x", flush=True)
 
 
-def timed(fn, repeats: int = 2) -> float:
-    """The fastest of `repeats` runs after one warm-up run, in seconds."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed(*fns, repeats: int = 2) -> list[float]:
+    """The fastest of `repeats` runs of each fn after one warm-up run of each, in seconds. The runs
+    alternate between the fns, so a slow spell of the machine falls on all of them alike."""
+    best = [float("inf")] * len(fns)
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - t0)
+    for _ in range(repeats):
+        for j, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[j] = min(best[j], time.perf_counter() - t0)
     return best
 
 
@@ -73,13 +79,15 @@ def sampler_vs_generate(name: str, model, prompts: list[list[int]], pad_id: int,
     """Every row generates exactly new_tokens tokens in both (no EOS can end it early)."""
     group, qids = [p for p in prompts for _ in range(8)], [q for q in range(len(prompts)) for _ in range(8)]
     uniforms = torch.rand(len(group), new_tokens, generator=torch.Generator().manual_seed(0))
-    ours = timed(lambda: rollout.sample(model, group, -1, pad_id, new_tokens, 1.0, 1.0, uniforms, qids))
     L = max(map(len, group))
     ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in group])
     attn = (torch.arange(L)[None] >= torch.tensor([L - len(p) for p in group])[:, None]).long()
-    with torch.no_grad():
-        theirs = timed(lambda: model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=None, max_new_tokens=new_tokens,
-                                              min_new_tokens=new_tokens, pad_token_id=pad_id, eos_token_id=None))
+
+    def generate():
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=None, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, pad_token_id=pad_id, eos_token_id=None)
+    ours, theirs = timed(lambda: rollout.sample(model, group, -1, pad_id, new_tokens, 1.0, 1.0, uniforms, qids), generate)
     n = len(group) * new_tokens
     line(f"sampler vs model.generate, {name}, {len(group)} rows x {new_tokens} tokens (tokens/s)", n / ours, n / theirs, "tokens/s", theirs / ours)
 
@@ -106,17 +114,19 @@ def bench_suffix():
     team = team_lib.clone_team(warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers), tok, cfg), tok, 8, cfg.lr)
     task = tasks.make(cfg)
     qs = task.train_questions(cfg.questions, 0)
-    turns, prefilled = {}, {}
-
-    def stage(suffix: bool):
-        first = rollout.play(team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), 1.0, 1.0, (0, 0))[0]
-        turns[suffix], prefilled[suffix] = 8, prompt_tokens(first, [0] * len(first))
+    def stage(suffix: bool, count=lambda played, turns, keep: None):
+        first, turns = rollout.play(team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), 1.0, 1.0, (0, 0))[:2]
+        count(first, turns, [0] * len(first))
         for k in range(1, 8):
             keep = [rollout.first_turn(e, k - 1) for e in first] if suffix else [0] * len(first)
-            played, new_turns = rollout.play(team, task, first, 1.0, 1.0, (0, k), keep)[:2]
-            turns[suffix] += new_turns // len(first)
-            prefilled[suffix] += prompt_tokens(played, keep)
-    suffix, full = timed(lambda: stage(True), 3), timed(lambda: stage(False), 3)
+            count(*rollout.play(team, task, first, 1.0, 1.0, (0, k), keep)[:2], keep)
+    suffix, full = timed(lambda: stage(True), lambda: stage(False), repeats=3)
+    turns, prefilled = {True: 0, False: 0}, {True: 0, False: 0}
+    for mode in (True, False):  # once more, counted (outside the timing)
+        def count(played, new_turns, keep):
+            turns[mode] += new_turns // len(played)
+            prefilled[mode] += prompt_tokens(played, keep)
+        stage(mode, count)
     line(f"fresh stage sampling at n = 8, suffix vs full resampling ({turns[True]} vs {turns[False]} turns per episode; seconds)",
          suffix, full, "s", suffix / full)
     line("fresh stage at n = 8, prompt tokens prefilled, suffix vs full resampling (tokens)",

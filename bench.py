@@ -114,6 +114,7 @@ def bench_suffix():
     team = team_lib.clone_team(warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers), tok, cfg), tok, 8, cfg.lr)
     task = tasks.make(cfg)
     qs = task.train_questions(cfg.questions, 0)
+
     def stage(suffix: bool, count=lambda played, turns, keep: None):
         first, turns = rollout.play(team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), 1.0, 1.0, (0, 0))[:2]
         count(first, turns, [0] * len(first))

@@ -115,7 +115,7 @@ def bench_suffix():
     task = tasks.make(cfg)
     qs = task.train_questions(cfg.questions, 0)
 
-    def stage(suffix: bool, count=lambda played, turns, keep: None):
+    def stage(suffix: bool, count=lambda played, turns, keep: None):  # a callback: a timed stage keeps no more episodes than a real one
         first, turns = rollout.play(team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), 1.0, 1.0, (0, 0))[:2]
         count(first, turns, [0] * len(first))
         for k in range(1, 8):

@@ -106,45 +106,55 @@ def bench_sampler():
 
 def bench_suffix():
     """The sampling of one fresh-mode stage at n = 8: the first batch, then after each of the 8
-    updates (weights unchanged here; the cost is the same) the suffix, or every turn again. Also
-    counted: the prompt tokens the sampler prefills (shared prefixes and distinct tails once), which
-    is where a stage's sampling time goes on the relay."""
+    updates the suffix, or every turn again. Weights are unchanged here (the cost is the same), but
+    each update raises its agent's weights version as a real one does, so --reuse-kv does not reuse
+    that agent's caches. Suffix resampling is timed with and without --reuse-kv. Also counted: the
+    prompt tokens the sampler prefills, which is where a stage's sampling time goes on the relay."""
     cfg = resolve(Config(agents=8, p_max_arg=0.12))
     tok = team_lib.char_tokenizer(tasks.CHARS)
     team = team_lib.clone_team(warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers), tok, cfg), tok, 8, cfg.lr)
     task = tasks.make(cfg)
     qs = task.train_questions(cfg.questions, 0)
 
-    def stage(suffix: bool, count=lambda played, turns, keep: None):  # a callback: a timed stage keeps no more episodes than a real one
-        first, turns = rollout.play(team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), 1.0, 1.0, (0, 0))[:2]
-        count(first, turns, [0] * len(first))
+    def stage(mode: str) -> int:
+        """One stage's plays, as run_stage plays them; returns its generated turns per episode."""
+        episodes, turns = rollout.play(team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), 1.0, 1.0, (0, 0),
+                                       reuse_kv=mode == "reuse")[:2]
         for k in range(1, 8):
-            keep = [rollout.first_turn(e, k - 1) for e in first] if suffix else [0] * len(first)
-            count(*rollout.play(team, task, first, 1.0, 1.0, (0, k), keep)[:2], keep)
-    suffix, full = timed(lambda: stage(True), lambda: stage(False), repeats=3)
-    turns, prefilled = {True: 0, False: 0}, {True: 0, False: 0}
-    for mode in (True, False):  # once more, counted (outside the timing)
-        def count(played, new_turns, keep):
-            turns[mode] += new_turns // len(played)
-            prefilled[mode] += prompt_tokens(played, keep)
-        stage(mode, count)
-    line(f"fresh stage sampling at n = 8, suffix vs full resampling ({turns[True]} vs {turns[False]} turns per episode; seconds)",
-         suffix, full, "s", suffix / full)
-    line("fresh stage at n = 8, prompt tokens prefilled, suffix vs full resampling (tokens)",
-         prefilled[True], prefilled[False], "tokens", prefilled[True] / prefilled[False])
+            team[k - 1].version += 1  # as its update would
+            keep = [rollout.first_turn(e, k - 1) for e in episodes] if mode != "full" else [0] * len(episodes)
+            episodes, new_turns = rollout.play(team, task, episodes, 1.0, 1.0, (0, k), keep, mode == "reuse")[:2]
+            turns += new_turns
+        return turns // len(episodes)
+    modes = ("reuse", "suffix", "full")
+    seconds = dict(zip(modes, timed(*(lambda mode=mode: stage(mode) for mode in modes), repeats=3)))
+    turns, tokens = {}, {}
+    for mode in modes:  # once more, counted (outside the timing)
+        tokens[mode] = prefilled(team, lambda: turns.setdefault(mode, stage(mode)))
+    what = f"fresh stage sampling at n = 8, suffix {{}}vs full resampling ({turns['suffix']} vs {turns['full']} turns per episode; seconds)"
+    line(what.format("resampling with --reuse-kv "), seconds["reuse"], seconds["full"], "s", seconds["reuse"] / seconds["full"])
+    line(what.format("resampling without it "), seconds["suffix"], seconds["full"], "s", seconds["suffix"] / seconds["full"])
+    for mode, name in (("reuse", "with --reuse-kv"), ("suffix", "without it")):
+        line(f"fresh stage at n = 8, prompt tokens prefilled, suffix resampling {name} vs full resampling (tokens)",
+             tokens[mode], tokens["full"], "tokens", tokens[mode] / tokens["full"])
 
 
-def prompt_tokens(episodes, keep) -> int:
-    """Tokens the sampler prefills for the generated turns: in each call (a turn's rows of one agent),
-    each question's shared prefix once and each distinct prompt's own tail once (rollout.prefill_plan)."""
-    calls = {}
-    for e, k in zip(episodes, keep):
-        for t, s in enumerate(e.steps[k:], k):
-            calls.setdefault((t, s.agent), []).append((s.context, e.qid))
+def prefilled(team, fn) -> int:
+    """Runs fn; returns the prompt tokens the team's models were fed in the sampler's prefill
+    (forwards without a cache: shared prefixes; or with logits_to_keep: the tails), padding and
+    decoding steps not counted."""
     count = 0
-    for rows in calls.values():
-        unique, _, heads, _ = rollout.prefill_plan(*zip(*rows))
-        count += sum(len(tail) for _, tail in unique) + sum(map(len, heads))
+
+    def hook(module, args, kwargs):
+        nonlocal count
+        if kwargs.get("past_key_values") is None or "logits_to_keep" in kwargs:
+            count += int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum())
+    handles = [agent.model.register_forward_pre_hook(hook, with_kwargs=True) for agent in team]
+    try:
+        fn()
+    finally:
+        for handle in handles:
+            handle.remove()
     return count
 
 

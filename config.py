@@ -140,6 +140,8 @@ class Config:
     """loss reduction: token or sequence (see losses.py for the length bias)"""
     shared_prefix: bool = False
     """fresh resampling (compare: its fresh modes): before agent i's update, the G samples of each question are played again from one shared prefix (sample 0's turns before agent i's first), so the group-normalised advantage compares only what agent i and the agents after it wrote"""
+    reuse_kv: bool = False
+    """fresh resampling: keep each turn's KV cache, so that suffix resampling prefills only what the kept turns' contexts did not hold (the same samples, faster; memory: about two plays' KV caches, small for tiny agents, gigabytes for LLM teams)"""
     holdout: float = 0.0
     """fraction of an update's questions (with all their samples) held out of its training; its surrogate on them is logged as heldout_surrogate (0: train on all)"""
     accept: str = "always"

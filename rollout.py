@@ -23,6 +23,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Step:
     logprobs: list  # sampler's fp32 log pi(token | context)
     text: str  # the message other agents read
     truncated: bool = False  # cut at max_new_tokens (no EOS)
+    kv: tuple | None = None  # (its sampler call's KV, its row there, the agent's weights version), if kept
 
 
 @dataclass
@@ -50,7 +52,8 @@ def derive_seed(*parts) -> int:
 
 
 @torch.no_grad()
-def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None, groups=None, share_prefix=True):
+def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None, groups=None, share_prefix=True,
+           past=None):
     """Batched sampling with a KV cache. prompts: list of id lists (any lengths).
 
     Left padding with explicit position ids, so padded rows see the same positions as unpadded
@@ -58,20 +61,26 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
     question; default one group) share their longest common prefix, prefilled once; then each
     distinct prompt's own tail is prefilled on top of its prefix's KV-cache rows, and those rows
     are copied to the samples that read it (share_prefix=False prefills every row whole: the
-    reference the tests compare with). The prefill computes logits at the last position only.
-    temperature 0 is greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per prompt
-    (inverse-CDF sampling). Returns per row (tokens, fp32 log-probs of those tokens under the
-    untempered model), each cut after the row's first EOS.
+    reference the tests compare with). past instead gives each row an earlier call's KV-cache row
+    by the same weights (past[r] = (KV, row)); its prompt's prefix in common with that row's prompt
+    is taken from there, and only the rest is prefilled. The prefill computes logits at the last
+    position only. temperature 0 is greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per
+    prompt (inverse-CDF sampling). Returns per row (tokens, fp32 log-probs of those tokens under
+    the untempered model), each cut after the row's first EOS, and the call's KV cache at its end
+    (a later call's past; None where the cache dropped positions, as a sliding window does).
     """
     device = next(model.parameters()).device
-    unique, expand, heads, head_of = prefill_plan(prompts, groups, share_prefix)
-    cache, head_attn = None, torch.zeros((len(unique), 0), dtype=torch.long, device=device)
-    if max(map(len, heads)) > 0:  # part 1: the shared prefixes
-        ids, attn = left_pad(heads, pad_id, device)
-        cache = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=True).past_key_values
-        head_of = torch.tensor(head_of, device=device)
-        cache.reorder_cache(head_of)  # each distinct prompt gets its prefix's keys and values
-        head_attn = attn[head_of]
+    if past is not None:  # part 1 from earlier calls
+        unique, expand, cache, head_attn = reuse(past, prompts, model.config)
+    else:
+        unique, expand, heads, head_of = prefill_plan(prompts, groups, share_prefix)
+        cache, head_attn = None, torch.zeros((len(unique), 0), dtype=torch.long, device=device)
+        if max(map(len, heads)) > 0:  # part 1: the shared prefixes
+            ids, attn = left_pad(heads, pad_id, device)
+            cache = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=True).past_key_values
+            head_of = torch.tensor(head_of, device=device)
+            cache.reorder_cache(head_of)  # each distinct prompt gets its prefix's keys and values
+            head_attn = attn[head_of]
     ids, attn = left_pad([tail for _, tail in unique], pad_id, device)  # part 2: each prompt's own tail
     attn = torch.cat([head_attn, attn], dim=1)  # (U, prefix + tail)
     out = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)[:, -ids.shape[1]:],
@@ -98,7 +107,47 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
         cache, logits = out.past_key_values, out.logits[:, -1]
     tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()  # (B, T)
     cut = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in tokens]
-    return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)]
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    kv = KV(layers, attn.bool(), prompts) if all(k.shape[2] == attn.shape[1] for k, _ in layers) else None
+    return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)], kv
+
+
+@dataclass
+class KV:
+    """A sampler call's KV cache at its end: per layer (keys, values), each (B, heads, L, dim);
+    which of the L positions hold each row's real tokens (B, L); and the rows' prompts, whose
+    keys and values come first among the real positions."""
+    layers: list
+    real: torch.Tensor
+    prompts: list
+
+
+def reuse(past, prompts, config):
+    """Part 1 of the prefill from earlier calls (past[r] = (KV, row)): each prompt's longest prefix
+    in common with its past row's prompt, short of its last token, whose keys and values are
+    gathered from there, left-padded into one cache. Returns (rows as (prefix, tail), each prompt's
+    row, the cache or None if every prefix is empty, its attention mask)."""
+    n = [min(len(os.path.commonprefix([kv.prompts[r], p])), len(p) - 1) for (kv, r), p in zip(past, prompts)]
+    rows = [(tuple(p[:m]), tuple(p[m:])) for p, m in zip(prompts, n)]
+    device, N = past[0][0].real.device, max(n)
+    n = torch.tensor(n, device=device)
+    attn = (torch.arange(N, device=device) >= N - n[:, None]).long()
+    layers = [(k.new_zeros(len(prompts), k.shape[1], N, k.shape[3]), v.new_zeros(len(prompts), v.shape[1], N, v.shape[3]))
+              for k, v in past[0][0].layers]
+    sources = {}  # the rows from each earlier call, gathered at once
+    for i, (kv, r) in enumerate(past):
+        _, mine, theirs = sources.setdefault(id(kv), (kv, [], []))
+        mine.append(i)
+        theirs.append(r)
+    for kv, mine, theirs in sources.values():
+        mine, theirs = torch.tensor(mine, device=device), torch.tensor(theirs, device=device)
+        real = kv.real[theirs]
+        rank = real.cumsum(-1) - 1  # each position's index among its row's real tokens
+        row, col = (real & (rank < n[mine, None])).nonzero(as_tuple=True)  # the prefixes' positions there
+        dest = N - n[mine[row]] + rank[row, col]  # and here, left-padded
+        for (k, v), (K, V) in zip(kv.layers, layers):
+            K[mine[row], :, dest], V[mine[row], :, dest] = k[theirs[row], :, col], v[theirs[row], :, col]
+    return rows, list(range(len(prompts))), DynamicCache(layers, config=config) if N else None, attn
 
 
 def prefill_plan(prompts, groups=None, share_prefix=True):
@@ -170,8 +219,13 @@ def new_episodes(qs, group: int, n_agents: int, rounds: int, order: str, seed) -
     return episodes
 
 
-def play(team, task, episodes, temperature, top_p, seed, keep=None):
+def play(team, task, episodes, temperature, top_p, seed, keep=None, reuse_kv=False):
     """Play every episode to the end, keeping the first keep[e] turns of episode e (default 0).
+
+    reuse_kv: each new turn keeps its sampler call's KV cache, and a turn that replaces one made
+    by the same agent's same weights (agent.version) prefills only the part of its prompt that
+    the replaced turn's prompt did not have (the kept turns of suffix resampling). Memory: a
+    play's KV caches, held as long as its episodes are.
 
     Returns (new episodes, generated turns, generated tokens, generated messages cut at the
     task's max_new_tokens). Inputs are not modified.
@@ -181,19 +235,21 @@ def play(team, task, episodes, temperature, top_p, seed, keep=None):
     turns = tokens = truncated = 0
     for t in range(max((len(e.order) for e in eps), default=0)):
         for a, agent in enumerate(team):
-            rows = [e for e in eps if len(e.steps) == t and t < len(e.order) and e.order[t] == a]
+            rows = [i for i, e in enumerate(eps) if len(e.steps) == t and t < len(e.order) and e.order[t] == a]
             if not rows:
                 continue
-            prompts = [agent.encode(task.context(e.question, e.steps, a)) for e in rows]
+            prompts = [agent.encode(task.context(eps[i].question, eps[i].steps, a)) for i in rows]
             check_length(agent, max(map(len, prompts)) + task.max_new_tokens)
             uniforms = torch.stack([torch.rand(task.max_new_tokens, generator=torch.Generator().manual_seed(
-                derive_seed(seed, e.qid, e.sample, t))) for e in rows])
+                derive_seed(seed, eps[i].qid, eps[i].sample, t))) for i in rows])
+            replaced = [episodes[i].steps[t] if t < len(episodes[i].steps) else None for i in rows]
+            past = [s.kv[:2] for s in replaced] if reuse_kv and all(s and s.agent == a and s.kv and s.kv[2] == agent.version for s in replaced) else None
             tok = agent.tokenizer
-            outs, logps = sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, task.max_new_tokens, temperature, top_p, uniforms,
-                                 [e.qid for e in rows])
-            for e, p, o, lp in zip(rows, prompts, outs, logps):
+            outs, logps, kv = sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, task.max_new_tokens, temperature, top_p, uniforms,
+                                     [eps[i].qid for i in rows], past=past)
+            for r, (i, p, o, lp) in enumerate(zip(rows, prompts, outs, logps)):
                 cut = o[-1] != tok.eos_token_id
-                e.steps.append(Step(a, p, o, lp, agent.decode(o), cut))
+                eps[i].steps.append(Step(a, p, o, lp, agent.decode(o), cut, (kv, r, agent.version) if reuse_kv else None))
                 truncated += cut
             turns, tokens = turns + len(rows), tokens + sum(map(len, outs))
     for e in eps:

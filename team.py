@@ -33,6 +33,7 @@ class Agent:
     model: torch.nn.Module
     tokenizer: object
     optimizer: torch.optim.Optimizer
+    version: int = 0  # counts updates of the weights: a KV cache is reused only by the version that made it
 
     def encode(self, context) -> list[int]:
         """Prompt ids for a context: a rendered string (relay), or chat messages (a real task's

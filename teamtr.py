@@ -101,6 +101,7 @@ def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weigh
         is_held = held_out(episodes, cfg.holdout, seed).to(device)[data["episode"]]
         data, held = ({key: v[rows] for key, v in data.items()} for rows in (~is_held, is_held))
         held_old = batch_logprobs(model, held, False, cfg.minibatch)[0]
+    agent.version += 1  # its weights change: KV caches of earlier versions are not reused (rollout.play)
     if cfg.reset_optimizer:  # no Adam moments from the agent's previous update (an older batch)
         agent.optimizer.state.clear()
     old, old_full = batch_logprobs(model, data, full, cfg.minibatch)  # step 3: fp32, weights before the update
@@ -220,7 +221,8 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
     qs = task.train_questions(cfg.questions, rollout.derive_seed(cfg.seed, "train", stage))
     episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, stage))
     episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]  # this rank's questions, with all their samples
-    first, turns, tokens, truncated = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0))
+    reuse_kv = cfg.reuse_kv and measure
+    first, turns, tokens, truncated = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0), reuse_kv=reuse_kv)
     current, sample_s, surrogates, radii = first, time.time() - start, [], []
     log_w = torch.zeros(len(first))  # reweight: sum of the updated agents' sequence log-ratios on B_1
 
@@ -228,7 +230,7 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
         """play from turn keep[e] on, with the stage's random numbers; timed, and counted if training compute."""
         nonlocal sample_s, turns, tokens, truncated
         t0 = time.time()
-        played, new_turns, new_tokens, new_cut = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0), keep)
+        played, new_turns, new_tokens, new_cut = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0), keep, reuse_kv)
         sample_s += time.time() - t0
         if training:
             turns, tokens, truncated = turns + new_turns, tokens + new_tokens, truncated + new_cut

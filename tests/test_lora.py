@@ -76,10 +76,10 @@ def test_fresh_adapters_give_the_base_models_logprobs(cfg):
 def test_sampler_equivalences_hold_with_adapters():
     agent = lora_team(1, seed=3, perturbed=True)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
-    got, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0)
+    got, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0)
     assert got == [uncached_greedy(agent.model, p, tok.eos_token_id, 8) for p in prompts]
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(0))
-    toks, logps = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms)
+    toks, logps, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms)
     eps = [rollout.Episode(None, i, 0, [0], [rollout.Step(0, p, t, lp, "")]) for i, (p, t, lp) in enumerate(zip(prompts, toks, logps))]
     data = losses.agent_batch(eps, 0, torch.zeros(len(eps)), tok.pad_token_id, "cpu")
     with torch.no_grad():

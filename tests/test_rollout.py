@@ -28,7 +28,7 @@ def test_greedy_sampler_matches_uncached_argmax(make_team):
     agent = make_team(1, seed=3)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
-    got, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0)
+    got, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0)
     for p, g in zip(prompts, got):
         assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
 
@@ -37,7 +37,7 @@ def test_sampler_logprobs_match_teacher_forced_forward(make_team):
     agent = make_team(1, seed=4)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(0))
-    toks, logps = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms)
+    toks, logps, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms)
     steps = [rollout.Step(0, p, t, lp, "") for p, t, lp in zip(prompts, toks, logps)]
     eps = [rollout.Episode(None, i, 0, [0], [s]) for i, s in enumerate(steps)]
     data = losses.agent_batch(eps, 0, torch.zeros(len(eps)), tok.pad_token_id, "cpu")
@@ -67,7 +67,7 @@ def test_shared_prefix_sampling_equals_prefilling_every_row(make_team):
     assert shared[0] == each[0] and len({tuple(t) for t in shared[0]}) > 12  # the same tokens, and not one per prompt
     for a, b in zip(shared[1], each[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
-    greedy, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0, groups=groups)
+    greedy, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0, groups=groups)
     for p, g in zip(prompts, greedy):
         assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
 
@@ -75,12 +75,12 @@ def test_shared_prefix_sampling_equals_prefilling_every_row(make_team):
 def test_tiny_top_p_is_greedy_and_uniforms_make_rows_reproducible(make_team):
     agent = make_team(1, seed=5)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
-    greedy, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, temperature=0.0)
+    greedy, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, temperature=0.0)
     u = torch.rand(len(prompts), 6, generator=torch.Generator().manual_seed(1))
-    nucleus, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1e-6, u)
+    nucleus, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1e-6, u)
     assert nucleus == greedy
-    full, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u)
-    alone, _ = rollout.sample(agent.model, prompts[2:3], tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u[2:3])
+    full, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u)
+    alone, _, _ = rollout.sample(agent.model, prompts[2:3], tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u[2:3])
     assert alone[0] == full[2]  # a row samples the same tokens whatever batch it is in
 
 
@@ -109,3 +109,50 @@ def test_suffix_resampling_keeps_prefix_and_regenerates_exactly_the_suffix(make_
     assert all(len(a.steps) == 3 for a in again) and all(len(b.steps) == 3 for b in first)  # inputs untouched
     # the suffix is a fresh draw: with a changed seed some messages differ
     assert any(a.steps[1].tokens != b.steps[1].tokens for a, b in zip(again, first))
+
+
+def test_sampling_on_an_earlier_calls_kv_cache_equals_prefilling_every_row(make_team):
+    agent = make_team(1, seed=7)[0]
+    tok, task = agent.tokenizer, tasks.Relay(3)
+    qs = tasks.questions(task, 3, seed=1, heldout=False)
+    encode = lambda q, k: agent.encode(task.render(q, list(q.steps[:k])))  # noqa: E731
+    u = torch.rand(3, 8, generator=torch.Generator().manual_seed(3))
+    _, _, turn0 = rollout.sample(agent.model, [encode(q, 0) for q in qs], tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u)
+    _, _, turn1 = rollout.sample(agent.model, [encode(q, 1) for q in qs], tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u)
+    # later prompts, each with an earlier row: its own question's (from two earlier calls), another
+    # question's (a short common prefix), and its own prompt again (all but the last token reused)
+    prompts = [encode(qs[0], 2), encode(qs[1], 2), encode(qs[2], 1), encode(qs[1], 0), encode(qs[0], 1)]
+    past = [(turn1, 0), (turn0, 1), (turn0, 2), (turn1, 2), (turn1, 0)]
+    reused = [len(head) for head, _ in rollout.reuse(past, prompts, agent.model.config)[0]]
+    assert min(reused[:3]) > 6 and reused[3] < 3 and reused[4] == len(prompts[4]) - 1
+    u = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(4))
+    again = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u, past=past)
+    whole = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u, share_prefix=False)
+    assert again[0] == whole[0]
+    for a, b in zip(again[1], whole[1]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    greedy, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0, past=past)
+    for p, g in zip(prompts, greedy):
+        assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
+
+
+def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team, monkeypatch):
+    team, task = make_team(3), tasks.Relay(3)
+    qs = tasks.questions(task, 4, seed=0, heldout=False)
+    first = rollout.play(team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, (0, 0), reuse_kv=True)[0]
+    with torch.no_grad():  # agent 1 is updated: its earlier caches are stale
+        for p in team[1].model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    team[1].version += 1
+    calls = []
+    monkeypatch.setattr(rollout, "reuse", lambda *args: calls.append(args[1]) or REUSE(*args))
+    keep = [rollout.first_turn(e, 1) for e in first]
+    again = rollout.play(team, task, first, 1.0, 1.0, (0, 1), keep, reuse_kv=True)[0]
+    assert calls == [[s.context for s in (e.steps[2] for e in again)]]  # agent 2's turn only, not agent 1's
+    plain = rollout.play(team, task, first, 1.0, 1.0, (0, 1), keep)[0]
+    assert [[s.tokens for s in e.steps] for e in again] == [[s.tokens for s in e.steps] for e in plain]
+    torch.testing.assert_close(torch.tensor([s.logprobs[0] for e in again for s in e.steps]),
+                               torch.tensor([s.logprobs[0] for e in plain for s in e.steps]), atol=1e-5, rtol=0)
+
+
+REUSE = rollout.reuse

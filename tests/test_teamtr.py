@@ -241,3 +241,18 @@ def test_shared_prefix_groups_share_everything_before_the_updated_agent(make_tea
         assert all(transcripts([e])[0][:i] == transcripts([leaders[e.qid]])[0][:i] for e in batch)
         assert transcripts([e for e in batch if e.sample == 0]) == transcripts([e for e in intermediate if e.sample == 0])
         assert len({tuple(map(tuple, (t for _, t in transcripts([e])[0]))) for e in batch}) > len(leaders)  # samples differ after the prefix
+
+
+def test_reusing_kv_caches_plays_the_same_stage(make_team, cfg, monkeypatch):
+    """--reuse-kv changes where suffix resampling's keys and values come from, not the samples:
+    the stage plays the same transcripts, and an updated agent does not reuse its old caches."""
+    reuse, reused = rollout.reuse, []
+    monkeypatch.setattr(rollout, "reuse", lambda past, *rest: reused.append(len(past)) or reuse(past, *rest))
+    calls, played = count_plays(monkeypatch), {}
+    for flag in (False, True):
+        before = len(calls)
+        teamtr.run_stage(make_team(3, lr=1e-2), tasks.Relay(3), dataclasses.replace(cfg, reuse_kv=flag), 1, lambda r, line: None)
+        played[flag] = [transcripts(out) for _, out in calls[before:]]
+    assert played[True] == played[False] and len(played[True]) == 3
+    episodes = cfg.questions * cfg.group
+    assert reused == [episodes] * 3  # after agent 0's update agents 1 and 2's turns, after agent 1's agent 2's

@@ -46,7 +46,7 @@ def test_every_mode_runs(tmp_path, mode):
                                   ["--agents", "2,4"], ["--seeds", "2"], ["--mode", "compare", "--modes", "teamtr,bogus"],
                                   ["--mode", "compare", "--modes", "stale,stale"],
                                   ["--codes", "--model", "some/model"], ["--accept", "heldout"], ["--holdout", "1"],
-                                  ["--mode", "naive", "--shared-prefix"], ["--name", "../elsewhere"], ["--prompts", "roles.json"],
+                                  ["--mode", "naive", "--shared-prefix"], ["--mode", "stale", "--reuse-kv"], ["--name", "../elsewhere"], ["--prompts", "roles.json"],
                                   ["--lora-rank", "2", "--lora-targets", "zzz"]])
 def test_bad_flags_give_one_line_exit_2_and_write_nothing(tmp_path, args):
     out = run("train.py", *args, cwd=tmp_path)

@@ -8,9 +8,10 @@
   training: on the default tiny agent at the relay's message length (3 tokens) and at 32, and on
   a 135M-parameter Llama built from a config (SmolLM2-135M's shape, random weights: no
   download; 120-148-token prompts) at 32.
-- suffix: a fresh-mode stage's sampling time at n = 8 with exact suffix resampling against
-  regenerating every turn after every update (the turn ratio is 43/64 in turn order), and the
-  prompt tokens each prefills (suffix resampling regenerates the later turns, the long ones).
+- suffix: a fresh-mode stage's sampling time at n = 8 with exact suffix resampling, with and
+  without --reuse-kv, against regenerating every turn after every update (the turn ratio is
+  43/64 in turn order), and the prompt tokens each prefills (suffix resampling regenerates the
+  later turns, the long ones; --reuse-kv takes the kept turns' keys and values from the last play).
 - memory: peak resident memory of one update in an 8-agent LoRA team of the 135M Llama against
   one LoRA agent alone, and 8 full copies against one full agent (each measured in a fresh
   process; it includes the Python and torch runtime, about 0.3 GB here).
@@ -18,7 +19,7 @@
   default warm-up), against n = 2.
 
 Each timing is the fastest of a few runs, alternating between the two things compared, so a slow
-spell of the machine falls on both; counting happens outside the timed runs.
+spell of the machine falls on all; counting happens outside the timed runs.
 """
 import argparse
 import json

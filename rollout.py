@@ -7,7 +7,9 @@ reads that text with its own tokenizer. The task scores the final message.
 Exact suffix resampling: after agent i is updated, only the turns from agent i's first turn on
 change distribution. `play(..., keep=...)` keeps each episode's earlier turns and regenerates the
 rest, which gives exact samples of the new intermediate team at about half the cost of
-resampling everything (SPEC section 3; counted in `turns` and `tokens`).
+resampling everything (SPEC section 3; counted in `turns` and `tokens`). With `reuse_kv` the
+regenerated turns also take the keys and values of their kept prefix from the last play's KV
+caches, where the same agent's same weights computed them, and prefill only the rest.
 
 Randomness is derived, not global: each (episode, turn) draws its uniforms from a generator
 seeded by (run seed, stage, update, question, sample, turn), so a row samples the same tokens
@@ -35,6 +37,16 @@ class Step:
     text: str  # the message other agents read
     truncated: bool = False  # cut at max_new_tokens (no EOS)
     kv: tuple | None = None  # (its sampler call's KV, its row there, the agent's weights version), if kept
+
+
+@dataclass
+class KV:
+    """A sampler call's KV cache at its end: per layer (keys, values), each (B, heads, L, dim);
+    which of the L positions hold each row's real tokens (B, L); and the rows' prompts, whose
+    keys and values come first among the real positions."""
+    layers: list
+    real: torch.Tensor
+    prompts: list
 
 
 @dataclass
@@ -110,16 +122,6 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     kv = KV(layers, attn.bool(), prompts) if all(k.shape[2] == attn.shape[1] for k, _ in layers) else None
     return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)], kv
-
-
-@dataclass
-class KV:
-    """A sampler call's KV cache at its end: per layer (keys, values), each (B, heads, L, dim);
-    which of the L positions hold each row's real tokens (B, L); and the rows' prompts, whose
-    keys and values come first among the real positions."""
-    layers: list
-    real: torch.Tensor
-    prompts: list
 
 
 def reuse(past, prompts, config):
@@ -242,14 +244,14 @@ def play(team, task, episodes, temperature, top_p, seed, keep=None, reuse_kv=Fal
             check_length(agent, max(map(len, prompts)) + task.max_new_tokens)
             uniforms = torch.stack([torch.rand(task.max_new_tokens, generator=torch.Generator().manual_seed(
                 derive_seed(seed, eps[i].qid, eps[i].sample, t))) for i in rows])
-            replaced = [episodes[i].steps[t] if t < len(episodes[i].steps) else None for i in rows]
-            past = [s.kv[:2] for s in replaced] if reuse_kv and all(s and s.agent == a and s.kv and s.kv[2] == agent.version for s in replaced) else None
+            replaced = [episodes[i].steps[t] if t < len(episodes[i].steps) else None for i in rows]  # the turns these replace
+            reusable = reuse_kv and all(s and s.agent == a and s.kv and s.kv[2] == agent.version for s in replaced)
             tok = agent.tokenizer
             outs, logps, kv = sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, task.max_new_tokens, temperature, top_p, uniforms,
-                                     [eps[i].qid for i in rows], past=past)
+                                     [eps[i].qid for i in rows], past=[s.kv[:2] for s in replaced] if reusable else None)
             for r, (i, p, o, lp) in enumerate(zip(rows, prompts, outs, logps)):
                 cut = o[-1] != tok.eos_token_id
-                eps[i].steps.append(Step(a, p, o, lp, agent.decode(o), cut, (kv, r, agent.version) if reuse_kv else None))
+                eps[i].steps.append(Step(a, p, o, lp, agent.decode(o), cut, (kv, r, agent.version) if reuse_kv and kv else None))
                 truncated += cut
             turns, tokens = turns + len(rows), tokens + sum(map(len, outs))
     for e in eps:

@@ -1,5 +1,6 @@
 """The sampler against uncached references; team rollouts; exact suffix resampling."""
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import losses
 import rollout
@@ -153,6 +154,15 @@ def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team,
     assert [[s.tokens for s in e.steps] for e in again] == [[s.tokens for s in e.steps] for e in plain]
     torch.testing.assert_close(torch.tensor([s.logprobs[0] for e in again for s in e.steps]),
                                torch.tensor([s.logprobs[0] for e in plain for s in e.steps]), atol=1e-5, rtol=0)
+
+
+def test_a_sliding_window_cache_is_not_kept_for_reuse():
+    """A sliding window drops keys and values of early positions: there is no prefix to reuse."""
+    for window, kept in ((True, False), (False, True)):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             num_key_value_heads=1, use_sliding_window=window, sliding_window=4, max_window_layers=0))
+        assert (rollout.sample(model.eval(), [[2, 3, 4, 5, 6, 7], [2, 3]], 1, 0, 4)[2] is not None) == kept
 
 
 REUSE = rollout.reuse

@@ -132,10 +132,11 @@ def bench_suffix():
     turns, tokens = {}, {}
     for mode in modes:  # once more, counted (outside the timing)
         tokens[mode] = prefilled(team, lambda: turns.setdefault(mode, stage(mode)))
-    what = f"fresh stage sampling at n = 8, suffix {{}}vs full resampling ({turns['suffix']} vs {turns['full']} turns per episode; seconds)"
-    line(what.format("resampling with --reuse-kv "), seconds["reuse"], seconds["full"], "s", seconds["reuse"] / seconds["full"])
-    line(what.format("resampling without it "), seconds["suffix"], seconds["full"], "s", seconds["suffix"] / seconds["full"])
-    for mode, name in (("reuse", "with --reuse-kv"), ("suffix", "without it")):
+    names = {"reuse": "with --reuse-kv", "suffix": "without it"}
+    for mode, name in names.items():
+        line(f"fresh stage sampling at n = 8, suffix resampling {name} vs full resampling ({turns[mode]} vs {turns['full']} turns per episode; seconds)",
+             seconds[mode], seconds["full"], "s", seconds[mode] / seconds["full"])
+    for mode, name in names.items():
         line(f"fresh stage at n = 8, prompt tokens prefilled, suffix resampling {name} vs full resampling (tokens)",
              tokens[mode], tokens["full"], "tokens", tokens[mode] / tokens["full"])
 

@@ -144,7 +144,7 @@ def reuse(past, prompts, config):
     for kv, mine, theirs in sources.values():
         mine, theirs = torch.tensor(mine, device=device), torch.tensor(theirs, device=device)
         real = kv.real[theirs]
-        rank = real.cumsum(-1) - 1  # each position's index among its row's real tokens
+        rank = positions(real)  # each real token's index among its row's
         row, col = (real & (rank < n[mine, None])).nonzero(as_tuple=True)  # the prefixes' positions there
         dest = N - n[mine[row]] + rank[row, col]  # and here, left-padded
         for (k, v), (K, V) in zip(kv.layers, layers):

@@ -119,9 +119,10 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
     for name in ("top_p", "warmup_target"):
         if getattr(cfg, name) > 1:
             parser.error(f"--{name.replace('_', '-')} must be at most 1, got {getattr(cfg, name)}")
-    if cfg.shared_prefix and not compare and (cfg.resample or config.MODES[cfg.mode][0]) != "fresh":
+    fresh = compare or (cfg.resample or config.MODES[cfg.mode][0]) == "fresh"  # compare: checked for its fresh modes
+    if cfg.shared_prefix and not fresh:
         parser.error("--shared-prefix plays each agent's batch again from shared prefixes: it needs fresh resampling (--mode teamtr or fresh-no-tr)")
-    if cfg.reuse_kv and not compare and (cfg.resample or config.MODES[cfg.mode][0]) != "fresh" and not cfg.measure_gap:
+    if cfg.reuse_kv and not fresh and not cfg.measure_gap:
         parser.error("--reuse-kv speeds up suffix resampling: it needs fresh resampling (--mode teamtr or fresh-no-tr) or --measure-gap")
     if not cfg.holdout < 1:
         parser.error(f"--holdout must be below 1 (the update trains on the rest), got {cfg.holdout}")

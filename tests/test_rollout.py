@@ -145,8 +145,8 @@ def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team,
         for p in team[1].model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
     team[1].version += 1
-    calls = []
-    monkeypatch.setattr(rollout, "reuse", lambda *args: calls.append(args[1]) or REUSE(*args))
+    reuse, calls = rollout.reuse, []
+    monkeypatch.setattr(rollout, "reuse", lambda *args: calls.append(args[1]) or reuse(*args))
     keep = [rollout.first_turn(e, 1) for e in first]
     again = rollout.play(team, task, first, 1.0, 1.0, (0, 1), keep, reuse_kv=True)[0]
     assert calls == [[s.context for s in (e.steps[2] for e in again)]]  # agent 2's turn only, not agent 1's
@@ -163,6 +163,3 @@ def test_a_sliding_window_cache_is_not_kept_for_reuse():
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                              num_key_value_heads=1, use_sliding_window=window, sliding_window=4, max_window_layers=0))
         assert (rollout.sample(model.eval(), [[2, 3, 4, 5, 6, 7], [2, 3]], 1, 0, 4)[2] is not None) == kept
-
-
-REUSE = rollout.reuse

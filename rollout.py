@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+import decode
+
 
 @dataclass
 class Step:
@@ -76,7 +78,8 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
     reference the tests compare with). past instead gives each row an earlier call's KV-cache row
     by the same weights (past[r] = (KV, row)); its prompt's prefix in common with that row's prompt
     is taken from there, and only the rest is prefilled. The prefill computes logits at the last
-    position only. temperature 0 is greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per
+    position only. The decode loop runs decode.Cache.step for Llama and Qwen2 models (a step
+    written out, on a cache allocated once), the model's forward otherwise. temperature 0 is greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per
     prompt (inverse-CDF sampling). Returns per row (tokens, fp32 log-probs of those tokens under
     the untempered model), each cut after the row's first EOS, and the call's KV cache at its end
     (a later call's past; None where the cache dropped positions, as a sliding window does).
@@ -99,8 +102,12 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     expand = torch.tensor(expand, device=device)  # (B,): each prompt's prefilled row
     cache, logits = out.past_key_values, out.logits[expand, -1]
-    if len(unique) < len(prompts):
-        cache.reorder_cache(expand)  # every row gets its prompt's keys and values
+    del out  # the prefill's cache lives on only as `cache`
+    written = decode.supported(model)  # decoding steps written out, on a cache allocated once (decode.py)
+    if written:
+        cache = decode.Cache(cache, expand, max_new_tokens - 1)  # every row gets its prompt's keys and values
+    elif len(unique) < len(prompts):
+        cache.reorder_cache(expand)
     B, attn = len(prompts), attn[expand]
     pos = positions(attn)[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -115,11 +122,14 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         pos = pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        if written:
+            logits = cache.step(model, nxt[:, None], pos, attn)
+        else:
+            out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
     tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()  # (B, T)
     cut = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in tokens]
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    layers = cache.filled() if written else [(layer.keys, layer.values) for layer in cache.layers]
     kv = KV(layers, attn.bool(), prompts) if all(k.shape[2] == attn.shape[1] for k, _ in layers) else None
     return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)], kv
 

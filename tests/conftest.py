@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import decode  # noqa: E402
 import tasks  # noqa: E402
 import team as team_lib  # noqa: E402
 import config  # noqa: E402
@@ -31,6 +32,14 @@ def make_team():
         tok = team_lib.char_tokenizer(tasks.CHARS)
         return team_lib.clone_team(team_lib.tiny_model(tok, hidden=32, seed=seed), tok, n, lr)
     return make
+
+
+@pytest.fixture(params=["written step", "model forward"])
+def decoding(request, monkeypatch):
+    """Runs a test with each of the sampler's two decoding paths (decode.py, or the model's forward)."""
+    if request.param == "model forward":
+        monkeypatch.setattr(decode, "supported", lambda model: False)
+    return request.param
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def test_fresh_adapters_give_the_base_models_logprobs(cfg):
             assert torch.equal(losses.token_logprobs(agent.model, data)[0], want)
 
 
-def test_sampler_equivalences_hold_with_adapters():
+def test_sampler_equivalences_hold_with_adapters(decoding):
     agent = lora_team(1, seed=3, perturbed=True)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
     got, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0)

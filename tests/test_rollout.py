@@ -25,7 +25,7 @@ def prompts_of(agent, n=6):
     return [agent.encode(task.render(q, list(q.steps[: i % 3]))) for i, q in enumerate(qs)]  # varied lengths
 
 
-def test_greedy_sampler_matches_uncached_argmax(make_team):
+def test_greedy_sampler_matches_uncached_argmax(make_team, decoding):
     agent = make_team(1, seed=3)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
@@ -34,7 +34,7 @@ def test_greedy_sampler_matches_uncached_argmax(make_team):
         assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
 
 
-def test_sampler_logprobs_match_teacher_forced_forward(make_team):
+def test_sampler_logprobs_match_teacher_forced_forward(make_team, decoding):
     agent = make_team(1, seed=4)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(0))
@@ -51,7 +51,7 @@ def test_sampler_logprobs_match_teacher_forced_forward(make_team):
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
 
 
-def test_shared_prefix_sampling_equals_prefilling_every_row(make_team):
+def test_shared_prefix_sampling_equals_prefilling_every_row(make_team, decoding):
     agent = make_team(1, seed=6)[0]
     tok, task = agent.tokenizer, tasks.Relay(3)
     qs = tasks.questions(task, 3, seed=1, heldout=False)
@@ -112,7 +112,7 @@ def test_suffix_resampling_keeps_prefix_and_regenerates_exactly_the_suffix(make_
     assert any(a.steps[1].tokens != b.steps[1].tokens for a, b in zip(again, first))
 
 
-def test_sampling_on_an_earlier_calls_kv_cache_equals_prefilling_every_row(make_team):
+def test_sampling_on_an_earlier_calls_kv_cache_equals_prefilling_every_row(make_team, decoding):
     agent = make_team(1, seed=7)[0]
     tok, task = agent.tokenizer, tasks.Relay(3)
     qs = tasks.questions(task, 3, seed=1, heldout=False)

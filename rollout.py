@@ -79,10 +79,11 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
     by the same weights (past[r] = (KV, row)); its prompt's prefix in common with that row's prompt
     is taken from there, and only the rest is prefilled. The prefill computes logits at the last
     position only. The decode loop runs decode.Cache.step for Llama and Qwen2 models (a step
-    written out, on a cache allocated once), the model's forward otherwise. temperature 0 is greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per
-    prompt (inverse-CDF sampling). Returns per row (tokens, fp32 log-probs of those tokens under
-    the untempered model), each cut after the row's first EOS, and the call's KV cache at its end
-    (a later call's past; None where the cache dropped positions, as a sliding window does).
+    written out, on a cache allocated once), the model's forward otherwise. temperature 0 is
+    greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per prompt (inverse-CDF sampling).
+    Returns per row (tokens, fp32 log-probs of those tokens under the untempered model), each cut
+    after the row's first EOS, and the call's KV cache at its end (a later call's past; None where
+    the cache dropped positions, as a sliding window does).
     """
     device = next(model.parameters()).device
     if past is not None:  # part 1 from earlier calls

@@ -6,9 +6,10 @@ attention kernel, and on a small model that costs more than the arithmetic: on t
 CPU the default tiny agent's forward calls alone ran at 1.25x `model.generate` over 32 tokens
 (timed by forward hooks in a bench.py run before this file), so no sampler calling that forward
 could reach 1.5x. `Cache.step` is the same computation as the Hugging Face forward of Llama and
-Qwen2 models, written out: the model's own modules (embedding, rotary embedding, projections, norms, MLP, output layer, and so
-LoRA layers too) around attention as matmul, softmax, matmul over keys and values that are
-allocated once per sampler call and written in place (as nanochat's engine does). A test checks
+Qwen2 models, written out: the model's own modules (embedding, rotary embedding, projections,
+norms, MLP, output layer, and so LoRA layers too) around attention as matmul, softmax, matmul
+over keys and values that are allocated once per sampler call and written in place (as
+nanochat's engine does). A test checks
 its logits against the model's forward. Other architectures (Qwen3's query and key norms,
 Gemma's scaled embeddings, sliding windows) go through the model's forward: `supported` is False.
 """

@@ -9,9 +9,9 @@ could reach 1.5x. `Cache.step` is the same computation as the Hugging Face forwa
 Qwen2 models, written out: the model's own modules (embedding, rotary embedding, projections,
 norms, MLP, output layer, and so LoRA layers too) around attention as matmul, softmax, matmul
 over keys and values that are allocated once per sampler call and written in place (as
-nanochat's engine does). A test checks
-its logits against the model's forward. Other architectures (Qwen3's query and key norms,
-Gemma's scaled embeddings, sliding windows) go through the model's forward: `supported` is False.
+nanochat's engine does). A test checks its logits against the model's forward. Other
+architectures (Qwen3's query and key norms, Gemma's scaled embeddings, sliding windows) go
+through the model's forward: `supported` is False.
 """
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2's is the same function

@@ -21,6 +21,7 @@
 Each timing is the fastest of a few runs, alternating between the two things compared, so a slow
 spell of the machine falls on all; counting happens outside the timed runs.
 """
+
 import argparse
 import json
 import os
@@ -40,10 +41,21 @@ import teamtr
 import warmup
 from config import Config, resolve
 
-SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-            num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
-TOKENS = 32  # new tokens per row in the sampler measures
-LORA = dict(rank=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+SMOL = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+# new tokens per row in the sampler measures
+TOKENS = 32
+LORA = dict(
+    rank=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+)
 
 
 def line(what: str, ours: float, theirs: float, unit: str, ratio: float):
@@ -86,19 +98,40 @@ def sampler_vs_generate(name: str, model, prompts: list[list[int]], pad_id: int,
 
     def generate():
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=None, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, pad_token_id=pad_id, eos_token_id=None)
-    ours, theirs = timed(lambda: rollout.sample(model, group, -1, pad_id, new_tokens, 1.0, 1.0, uniforms, qids), generate)
+            model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                top_k=None,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=None,
+            )
+
+    ours, theirs = timed(
+        lambda: rollout.sample(model, group, -1, pad_id, new_tokens, 1.0, 1.0, uniforms, qids), generate
+    )
     n = len(group) * new_tokens
-    line(f"sampler vs model.generate, {name}, {len(group)} rows x {new_tokens} tokens (tokens/s)", n / ours, n / theirs, "tokens/s", theirs / ours)
+    line(
+        f"sampler vs model.generate, {name}, {len(group)} rows x {new_tokens} tokens (tokens/s)",
+        n / ours,
+        n / theirs,
+        "tokens/s",
+        theirs / ours,
+    )
 
 
 def bench_sampler():
     cfg, tok, model = tiny_agent()
     task = tasks.Relay(3)
     agent = team_lib.make_agent("bench", model, tok, 1e-3)
-    prompts = [agent.encode(task.render(q, list(q.steps[: i % 3]))) for i, q in enumerate(tasks.questions(task, 8, seed=0, heldout=False))]
-    for tokens in (task.max_new_tokens, TOKENS):  # the relay's own message length, as in training, and a long one
+    prompts = [
+        agent.encode(task.render(q, list(q.steps[: i % 3])))
+        for i, q in enumerate(tasks.questions(task, 8, seed=0, heldout=False))
+    ]
+    # the relay's own message length, as in training, and a long one
+    for tokens in (task.max_new_tokens, TOKENS):
         sampler_vs_generate("default tiny agent", model, prompts, tok.pad_token_id, tokens)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, SMOL["vocab_size"], (120 + 4 * i,), generator=gen).tolist() for i in range(8)]
@@ -113,32 +146,56 @@ def bench_suffix():
     prompt tokens the sampler prefills, which is where a stage's sampling time goes on the relay."""
     cfg = resolve(Config(agents=8, p_max_arg=0.12))
     tok = team_lib.char_tokenizer(tasks.CHARS)
-    team = team_lib.clone_team(warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers), tok, cfg), tok, 8, cfg.lr)
+    team = team_lib.clone_team(
+        warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers), tok, cfg), tok, 8, cfg.lr
+    )
     task = tasks.make(cfg)
     qs = task.train_questions(cfg.questions, 0)
 
     def stage(mode: str) -> int:
         """One stage's plays, as run_stage plays them; returns its generated turns per episode."""
-        episodes, turns = rollout.play(team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), 1.0, 1.0, (0, 0),
-                                       reuse_kv=mode == "reuse")[:2]
+        episodes, turns = rollout.play(
+            team,
+            task,
+            rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0),
+            1.0,
+            1.0,
+            (0, 0),
+            reuse_kv=mode == "reuse",
+        )[:2]
         for k in range(1, 8):
-            team[k - 1].version += 1  # as its update would
+            # as its update would
+            team[k - 1].version += 1
             keep = [rollout.first_turn(e, k - 1) for e in episodes] if mode != "full" else [0] * len(episodes)
-            episodes, new_turns = rollout.play(team, task, episodes, 1.0, 1.0, (0, k), keep, mode == "reuse")[:2]
+            episodes, new_turns = rollout.play(team, task, episodes, 1.0, 1.0, (0, k), keep, mode == "reuse")[
+                :2
+            ]
             turns += new_turns
         return turns // len(episodes)
+
     modes = ("reuse", "suffix", "full")
     seconds = dict(zip(modes, timed(*(lambda mode=mode: stage(mode) for mode in modes), repeats=3)))
     turns, tokens = {}, {}
-    for mode in modes:  # once more, counted (outside the timing)
+    # once more, counted (outside the timing)
+    for mode in modes:
         tokens[mode] = prefilled(team, lambda: turns.setdefault(mode, stage(mode)))
     names = {"reuse": "with --reuse-kv", "suffix": "without it"}
     for mode, name in names.items():
-        line(f"fresh stage sampling at n = 8, suffix resampling {name} vs full resampling ({turns[mode]} vs {turns['full']} turns per episode; seconds)",
-             seconds[mode], seconds["full"], "s", seconds[mode] / seconds["full"])
+        line(
+            f"fresh stage sampling at n = 8, suffix resampling {name} vs full resampling ({turns[mode]} vs {turns['full']} turns per episode; seconds)",
+            seconds[mode],
+            seconds["full"],
+            "s",
+            seconds[mode] / seconds["full"],
+        )
     for mode, name in names.items():
-        line(f"fresh stage at n = 8, prompt tokens prefilled, suffix resampling {name} vs full resampling (tokens)",
-             tokens[mode], tokens["full"], "tokens", tokens[mode] / tokens["full"])
+        line(
+            f"fresh stage at n = 8, prompt tokens prefilled, suffix resampling {name} vs full resampling (tokens)",
+            tokens[mode],
+            tokens["full"],
+            "tokens",
+            tokens[mode] / tokens["full"],
+        )
 
 
 def prefilled(team, fn) -> int:
@@ -150,7 +207,8 @@ def prefilled(team, fn) -> int:
     def hook(module, args, kwargs):
         nonlocal count
         if kwargs.get("past_key_values") is None or "logits_to_keep" in kwargs:
-            count += int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum())
+            count += int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1] :].sum())
+
     handles = [agent.model.register_forward_pre_hook(hook, with_kwargs=True) for agent in team]
     try:
         fn()
@@ -162,7 +220,8 @@ def prefilled(team, fn) -> int:
 
 def memory_probe(agents: int, lora_rank: int):
     """In this process: build the team, run one update of agent 0, print the peak RSS in MB."""
-    tok = team_lib.char_tokenizer(tasks.CHARS)  # only its pad id is used here
+    # only its pad id is used here
+    tok = team_lib.char_tokenizer(tasks.CHARS)
     if lora_rank:
         team = team_lib.lora_team(smol_llama(), tok, agents, lora_rank, LORA["alpha"], LORA["targets"], 1e-4)
     else:
@@ -179,16 +238,39 @@ def memory_probe(agents: int, lora_rank: int):
 
 
 def peak_mb(agents: int, lora_rank: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--probe", f"{agents},{lora_rank}"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--probe", f"{agents},{lora_rank}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
 def bench_memory():
     one_lora, team_lora = peak_mb(1, LORA["rank"]), peak_mb(8, LORA["rank"])
-    line(f"peak memory, 8-agent LoRA team (rank {LORA['rank']}) vs one LoRA agent, 135M Llama (MB)", team_lora, one_lora, "MB", team_lora / one_lora)
+    line(
+        f"peak memory, 8-agent LoRA team (rank {LORA['rank']}) vs one LoRA agent, 135M Llama (MB)",
+        team_lora,
+        one_lora,
+        "MB",
+        team_lora / one_lora,
+    )
     one_full, team_full = peak_mb(1, 0), peak_mb(8, 0)
-    line("peak memory, 8 full copies vs one full agent, 135M Llama (MB)", team_full, one_full, "MB", team_full / one_full)
-    line("peak memory, 8-agent LoRA team vs one full agent, 135M Llama (MB)", team_lora, one_full, "MB", team_lora / one_full)
+    line(
+        "peak memory, 8 full copies vs one full agent, 135M Llama (MB)",
+        team_full,
+        one_full,
+        "MB",
+        team_full / one_full,
+    )
+    line(
+        "peak memory, 8-agent LoRA team vs one full agent, 135M Llama (MB)",
+        team_lora,
+        one_full,
+        "MB",
+        team_lora / one_full,
+    )
 
 
 def bench_stages():
@@ -196,11 +278,22 @@ def bench_stages():
     for n in (2, 4, 8):
         cfg = resolve(Config(agents=n, p_max_arg=0.12 if n == 8 else 0.0))
         tok = team_lib.char_tokenizer(tasks.CHARS)
-        team = team_lib.clone_team(warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers, seed=cfg.seed), tok, cfg), tok, n, cfg.lr)
+        team = team_lib.clone_team(
+            warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers, seed=cfg.seed), tok, cfg),
+            tok,
+            n,
+            cfg.lr,
+        )
         t0 = time.perf_counter()
         teamtr.run_stage(team, tasks.make(cfg), cfg, 1, lambda record, text: None)
         seconds[n] = time.perf_counter() - t0
-        line(f"teamtr stage wall time, default relay run, n = {n} vs n = 2 (seconds)", seconds[n], seconds[2], "s", seconds[n] / seconds[2])
+        line(
+            f"teamtr stage wall time, default relay run, n = {n} vs n = 2 (seconds)",
+            seconds[n],
+            seconds[2],
+            "s",
+            seconds[n] / seconds[2],
+        )
 
 
 GROUPS = {"sampler": bench_sampler, "suffix": bench_suffix, "memory": bench_memory, "stages": bench_stages}
@@ -210,14 +303,18 @@ def main(argv=None):
     parser = runs.Parser(prog="bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=list(GROUPS), help="run one group of measures")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory measurement in a fresh process
+    # internal: one memory measurement in a fresh process
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     if args.probe:
         return memory_probe(*map(int, args.probe.split(",")))
-    print(f"bench.py on {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32", flush=True)
+    print(
+        f"bench.py on {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32",
+        flush=True,
+    )
     for name, fn in GROUPS.items():
         if args.only in (None, name):
             fn()

@@ -23,6 +23,7 @@ log-log).
 No checkpoints are saved; train one mode with train.py for those. results.json is rewritten after
 every run, so `python train.py --resume RUN_DIR` skips the runs that finished and trains the rest.
 """
+
 import dataclasses
 import itertools
 import json
@@ -44,10 +45,15 @@ import warmup
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
-COLORS = dict(zip(config.MODES, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f"]))  # one per mode
+# one per mode
+COLORS = dict(
+    zip(config.MODES, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f"])
+)
 
 
-def run(cfg: config.Config, sizes: list[int], device, dtype, run_dir: str, resume: bool = False) -> list[dict]:
+def run(
+    cfg: config.Config, sizes: list[int], device, dtype, run_dir: str, resume: bool = False
+) -> list[dict]:
     """Train every mode in cfg.modes for every team size and seed; write the table and plots.
     resume: keep the runs recorded in run_dir/results.json and train only the others."""
     start, results = time.time(), finished(run_dir) if resume else []
@@ -61,15 +67,20 @@ def run(cfg: config.Config, sizes: list[int], device, dtype, run_dir: str, resum
             t0 = time.time()
             model = warmup.starting_model(base, device, dtype)
             warmup_seconds = time.time() - t0
-            heldout = tasks.make(base).heldout(cfg.eval_size)  # the same questions for `single`
+            # the same questions for `single`
+            heldout = tasks.make(base).heldout(cfg.eval_size)
             for mode in modes:
                 mode_cfg = config.resolve(dataclasses.replace(base, mode=mode, measure_gap=True))
                 result = train_mode(mode_cfg, model, heldout, device, dtype, run_dir)
                 results.append({**result, "warmup_seconds": warmup_seconds})
-                if parallel.main():  # under torchrun rank 0 writes and prints
-                    runs.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results))  # what a resume keeps
-                    tqdm.write(f"n={n} seed {seed} {mode}: held-out {result['accs'][0]:.3f} -> {result['accs'][-1]:.3f}, "
-                               f"{result['tokens'][-1]:,} tokens, {result['seconds']:.0f} s")
+                # under torchrun rank 0 writes and prints
+                if parallel.main():
+                    # what a resume keeps
+                    runs.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results))
+                    tqdm.write(
+                        f"n={n} seed {seed} {mode}: held-out {result['accs'][0]:.3f} -> {result['accs'][-1]:.3f}, "
+                        f"{result['tokens'][-1]:,} tokens, {result['seconds']:.0f} s"
+                    )
     if parallel.main():
         print(write_outputs(results, run_dir))
         print(f"{len(results)} runs in {time.time() - start:.0f} s; wrote {run_dir}")
@@ -94,7 +105,13 @@ def train_mode(cfg: config.Config, model, heldout, device, dtype, run_dir: str) 
     team = warmup.build_team(cfg, model, device, dtype)
     log = runs.Log(os.path.join(run_dir, f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}.jsonl"))
     accs = teamtr.train_stages(team, tasks.make(cfg), heldout, cfg, log)
-    return {"mode": cfg.mode, "n": cfg.agents, "seed": cfg.seed, **summarize(log.records, accs), "seconds": time.time() - t0}
+    return {
+        "mode": cfg.mode,
+        "n": cfg.agents,
+        "seed": cfg.seed,
+        **summarize(log.records, accs),
+        "seconds": time.time() - t0,
+    }
 
 
 def summarize(records: list[dict], accs: list[float]) -> dict:
@@ -107,9 +124,13 @@ def summarize(records: list[dict], accs: list[float]) -> dict:
             gaps[r["stage"]] = gaps.get(r["stage"], 0.0) + gap
     return {
         "accs": accs,
-        "tokens": list(itertools.accumulate([r["stage/tokens"] for r in records if "stage/tokens" in r], initial=0)),
+        "tokens": list(
+            itertools.accumulate([r["stage/tokens"] for r in records if "stage/tokens" in r], initial=0)
+        ),
         "stale_gap": statistics.mean(gaps.values()) if gaps else None,
-        "out_of_region": statistics.mean(r[f"agent{r['agent']}/out_of_region"] for r in updates) if updates else None,
+        "out_of_region": statistics.mean(r[f"agent{r['agent']}/out_of_region"] for r in updates)
+        if updates
+        else None,
     }
 
 
@@ -123,12 +144,15 @@ def spread(values, fmt: str) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return format(statistics.mean(values), fmt) + (f" ± {statistics.stdev(values):{fmt.lstrip('+')}}" if len(values) > 1 else "")
+    return format(statistics.mean(values), fmt) + (
+        f" ± {statistics.stdev(values):{fmt.lstrip('+')}}" if len(values) > 1 else ""
+    )
 
 
 def write_outputs(results: list[dict], run_dir: str) -> str:
     """compare.md and the plots; returns the table."""
-    budgets = {}  # (n, seed) -> the smallest total generated tokens of a mode that trained
+    # (n, seed) -> the smallest total generated tokens of a mode that trained
+    budgets = {}
     for r in results:
         if r["tokens"][-1] > 0:
             key = (r["n"], r["seed"])
@@ -136,18 +160,32 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
     groups = {}
     for r in results:
         groups.setdefault((r["n"], r["mode"]), []).append(r)
-    rows = ["| n | mode | held-out accuracy | gain (points) | accuracy at equal tokens | stale gap / stage "
-            "| out-of-region | generated tokens | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| n | mode | held-out accuracy | gain (points) | accuracy at equal tokens | stale gap / stage "
+        "| out-of-region | generated tokens | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (n, mode), rs in groups.items():
-        cells = [spread((r["accs"][-1] for r in rs), ".3f"), spread((100 * (r["accs"][-1] - r["accs"][0]) for r in rs), "+.1f"),
-                 spread((at_budget(r, budgets.get((n, r["seed"]), 0)) for r in rs), ".3f"),
-                 spread((r["stale_gap"] for r in rs), ".4f"), spread((r["out_of_region"] for r in rs), ".3f"),
-                 spread((r["tokens"][-1] for r in rs), ",.0f"), spread((r["seconds"] for r in rs), ".0f")]
+        cells = [
+            spread((r["accs"][-1] for r in rs), ".3f"),
+            spread((100 * (r["accs"][-1] - r["accs"][0]) for r in rs), "+.1f"),
+            spread((at_budget(r, budgets.get((n, r["seed"]), 0)) for r in rs), ".3f"),
+            spread((r["stale_gap"] for r in rs), ".4f"),
+            spread((r["out_of_region"] for r in rs), ".3f"),
+            spread((r["tokens"][-1] for r in rs), ",.0f"),
+            spread((r["seconds"] for r in rs), ".0f"),
+        ]
         rows.append(f"| {n} | {mode} | " + " | ".join(cells) + " |")
     warmups = {(r["n"], r["seed"]): r["warmup_seconds"] for r in results}
     seeds = sorted({r["seed"] for r in results})
-    table = "\n".join(rows) + (f"\n\nseeds {', '.join(map(str, seeds))}; warm-up {statistics.mean(warmups.values()):.0f} s "
-                               f"per team size and seed, shared by the modes\n") + gap_exponents(groups)
+    table = (
+        "\n".join(rows)
+        + (
+            f"\n\nseeds {', '.join(map(str, seeds))}; warm-up {statistics.mean(warmups.values()):.0f} s "
+            f"per team size and seed, shared by the modes\n"
+        )
+        + gap_exponents(groups)
+    )
     with open(os.path.join(run_dir, "compare.md"), "w") as f:
         f.write(table)
     write_plots(groups, run_dir)
@@ -170,22 +208,43 @@ def gap_exponents(groups: dict) -> str:
     """A line with each mode's fitted exponent k of stale gap ~ n^k, if it was measured at two
     team sizes or more."""
     curves = {mode: c for mode, c in gap_curves(groups).items() if len(c[0]) > 1 and min(c[1]) > 1e-12}
-    fits = ", ".join(f"{mode} k = {theory.fit_slope(*c):.2f} (n = {', '.join(map(str, c[0]))})" for mode, c in curves.items())
+    fits = ", ".join(
+        f"{mode} k = {theory.fit_slope(*c):.2f} (n = {', '.join(map(str, c[0]))})"
+        for mode, c in curves.items()
+    )
     return f"\nsummed stale gap per stage ~ n^k (log-log least squares): {fits}\n" if curves else ""
 
 
 def write_plots(groups: dict, run_dir: str):
     """Curves are means over seeds (stage by stage; tokens likewise)."""
+
     def mean_curve(rs, key):
         return [statistics.mean(vals) for vals in zip(*(r[key] for r in rs))]
+
     for n in sorted({n for n, _ in groups}):
         modes = {mode: rs for (m, mode), rs in groups.items() if m == n}
-        line_plot(os.path.join(run_dir, f"accuracy_n{n}.png"), f"held-out accuracy, n = {n}", "stage", "accuracy",
-                  {mode: (list(range(len(rs[0]["accs"]))), mean_curve(rs, "accs")) for mode, rs in modes.items()})
-        line_plot(os.path.join(run_dir, f"tokens_n{n}.png"), f"accuracy against generated tokens, n = {n}",
-                  "generated tokens (cumulative)", "accuracy",
-                  {mode: (mean_curve(rs, "tokens"), mean_curve(rs, "accs")) for mode, rs in modes.items()})
-    line_plot(os.path.join(run_dir, "stale_gap.png"), "summed stale gap per stage", "agents n", "stale gap", gap_curves(groups), log=True)
+        line_plot(
+            os.path.join(run_dir, f"accuracy_n{n}.png"),
+            f"held-out accuracy, n = {n}",
+            "stage",
+            "accuracy",
+            {mode: (list(range(len(rs[0]["accs"]))), mean_curve(rs, "accs")) for mode, rs in modes.items()},
+        )
+        line_plot(
+            os.path.join(run_dir, f"tokens_n{n}.png"),
+            f"accuracy against generated tokens, n = {n}",
+            "generated tokens (cumulative)",
+            "accuracy",
+            {mode: (mean_curve(rs, "tokens"), mean_curve(rs, "accs")) for mode, rs in modes.items()},
+        )
+    line_plot(
+        os.path.join(run_dir, "stale_gap.png"),
+        "summed stale gap per stage",
+        "agents n",
+        "stale gap",
+        gap_curves(groups),
+        log=True,
+    )
 
 
 def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, log: bool = False):
@@ -196,7 +255,8 @@ def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, log
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", markersize=3, label=name, color=COLORS.get(name))
-    if log:  # ticks at the x values drawn, written plainly
+    # ticks at the x values drawn, written plainly
+    if log:
         ax.set(xscale="log", yscale="log")
         ax.minorticks_off()
         ticks = sorted({x for xs, _ in series.values() for x in xs})

@@ -1,17 +1,25 @@
 """The config of a run: every flag of train.py is a field of Config, documented under it, and
 MODES are the presets of the two switches that define the methods (resampling and the trust region).
 """
+
 from dataclasses import dataclass
 
 # mode -> (resample, trust_region); `single` and `none` are set up by train.py
 MODES = {
-    "teamtr": ("fresh", "on"),  # the method
-    "stale": ("stale", "on"),  # isolates the occupancy effect
-    "naive": ("stale", "off"),  # naive sequential fine-tuning
-    "fresh-no-tr": ("fresh", "off"),  # ablation: resampling without the trust region
-    "happo": ("reweight", "on"),  # the stale batch, reweighted by earlier agents' ratios (HAPPO-style)
-    "single": ("stale", "on"),  # one agent, the whole task in one message (one update per stage)
-    "none": ("stale", "on"),  # no training: the warm-up team, for reference
+    # the method
+    "teamtr": ("fresh", "on"),
+    # isolates the occupancy effect
+    "stale": ("stale", "on"),
+    # naive sequential fine-tuning
+    "naive": ("stale", "off"),
+    # ablation: resampling without the trust region
+    "fresh-no-tr": ("fresh", "off"),
+    # the stale batch, reweighted by earlier agents' ratios (HAPPO-style)
+    "happo": ("reweight", "on"),
+    # one agent, the whole task in one message (one update per stage)
+    "single": ("stale", "on"),
+    # no training: the warm-up team, for reference
+    "none": ("stale", "on"),
 }
 
 

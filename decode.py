@@ -13,8 +13,11 @@ nanochat's engine does). A test checks its logits against the model's forward. O
 architectures (Qwen3's query and key norms, Gemma's scaled embeddings, sliding windows) go
 through the model's forward: `supported` is False.
 """
+
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2's is the same function
+
+# Qwen2's is the same function
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 FAMILY = ("llama", "qwen2")
 
@@ -23,7 +26,9 @@ def supported(model) -> bool:
     """Whether `Cache.step` computes this model's forward: a Llama or Qwen2 model attending to
     every earlier position in every layer."""
     config = model.config
-    return config.model_type in FAMILY and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+    return config.model_type in FAMILY and set(
+        getattr(config, "layer_types", None) or ["full_attention"]
+    ) == {"full_attention"}
 
 
 class Cache:
@@ -34,13 +39,16 @@ class Cache:
         self.n = cache.get_seq_length()
         self.layers = []
         for layer in cache.layers:
-            keys, values = (t.new_empty(len(rows), t.shape[1], self.n + room, t.shape[3]) for t in (layer.keys, layer.values))
-            keys[:, :, :self.n], values[:, :, :self.n] = layer.keys[rows], layer.values[rows]
+            keys, values = (
+                t.new_empty(len(rows), t.shape[1], self.n + room, t.shape[3])
+                for t in (layer.keys, layer.values)
+            )
+            keys[:, :, : self.n], values[:, :, : self.n] = layer.keys[rows], layer.values[rows]
             self.layers.append((keys, values))
 
     def filled(self) -> list:
         """Per layer (keys, values) of the filled positions."""
-        return [(k[:, :, :self.n], v[:, :, :self.n]) for k, v in self.layers]
+        return [(k[:, :, : self.n], v[:, :, : self.n]) for k, v in self.layers]
 
     def step(self, model, ids, position_ids, attn):
         """Feeds ids (B, 1) at position_ids (B, 1); attn (B, n + 1) marks the positions each row
@@ -48,15 +56,23 @@ class Cache:
         inner, n, B = model.model, self.n, ids.shape[0]
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, position_ids)
-        masked = ~attn.bool()[:, None, None, :]  # (B, 1, 1, n + 1)
+        # (B, 1, 1, n + 1)
+        masked = ~attn.bool()[:, None, None, :]
         for layer, (K, V) in zip(inner.layers, self.layers):
             self_attn, x = layer.self_attn, layer.input_layernorm(h)
-            q, k, v = (proj(x).view(B, 1, -1, self_attn.head_dim).transpose(1, 2) for proj in (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj))
+            q, k, v = (
+                proj(x).view(B, 1, -1, self_attn.head_dim).transpose(1, 2)
+                for proj in (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj)
+            )
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             K[:, :, n], V[:, :, n] = k[:, :, 0], v[:, :, 0]
-            q = q.view(B, K.shape[1], -1, self_attn.head_dim)  # query heads grouped by the key head they read
-            scores = (q @ K[:, :, :n + 1].transpose(-1, -2) * self_attn.scaling).masked_fill(masked, float("-inf"))
-            out = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ V[:, :, :n + 1]  # (B, key heads, group, head dim)
+            # query heads grouped by the key head they read
+            q = q.view(B, K.shape[1], -1, self_attn.head_dim)
+            scores = (q @ K[:, :, : n + 1].transpose(-1, -2) * self_attn.scaling).masked_fill(
+                masked, float("-inf")
+            )
+            # (B, key heads, group, head dim)
+            out = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ V[:, :, : n + 1]
             h = h + self_attn.o_proj(out.reshape(B, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         self.n += 1

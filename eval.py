@@ -17,6 +17,7 @@ the questions and the counts are summed; rank 0 prints.
 pass@k uses the unbiased estimator of Chen et al. (2021): with n samples of which c are correct,
 pass@k = 1 - C(n - c, k) / C(n, k); avg@k is the mean accuracy over the k samples.
 """
+
 import dataclasses
 import os
 from math import comb
@@ -32,12 +33,15 @@ import tasks
 import team as team_lib
 
 
-def play(team, task, qs, cfg, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed=None) -> list:
+def play(
+    team, task, qs, cfg, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed=None
+) -> list:
     """`samples` team episodes per question (temperature 0: greedy) of this rank's questions,
     played to the end; seed: their random numbers (default: the run seed's evaluation seed)."""
     seed = (cfg.seed, "eval") if seed is None else seed
     episodes = rollout.new_episodes(qs, samples, len(team), cfg.rounds, cfg.order, seed)
-    episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]  # this rank's questions
+    # this rank's questions
+    episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]
     return rollout.play(team, task, episodes, temperature, top_p, seed)[0]
 
 
@@ -59,7 +63,9 @@ def heldout_metrics(team, task, qs, cfg) -> dict:
     """Greedy held-out accuracy (eval_acc) and, on tasks with a turn check, each agent's turn
     accuracy on the same episodes (eval_turn_acc/agent{i})."""
     played = play(team, task, qs, cfg)
-    return {"eval_acc": accuracy(team, task, qs, cfg, played)} | {f"eval_{key}": v for key, v in turn_accuracy(task, played, len(team)).items()}
+    return {"eval_acc": accuracy(team, task, qs, cfg, played)} | {
+        f"eval_{key}": v for key, v in turn_accuracy(task, played, len(team)).items()
+    }
 
 
 def turn_accuracy(task, episodes, n: int) -> dict:
@@ -77,8 +83,13 @@ def turn_accuracy(task, episodes, n: int) -> dict:
     return {f"turn_acc/agent{i}": (right[i] / count[i]).item() for i in range(n) if count[i] > 0}
 
 
-CREDIT = ("read right, wrote the next value", "read right, wrote another", "read wrong, wrote the next value from it",
-          "read wrong, wrote the true value", "read wrong, wrote another")
+CREDIT = (
+    "read right, wrote the next value",
+    "read right, wrote another",
+    "read wrong, wrote the next value from it",
+    "read wrong, wrote the true value",
+    "read wrong, wrote another",
+)
 
 
 def credit(task, episodes, group: int, adv_max: float) -> dict:
@@ -88,7 +99,10 @@ def credit(task, episodes, group: int, adv_max: float) -> dict:
     turn check measures), the true value of the chain (repairing an upstream error, which only
     the question's operations could tell it) or another. Groups: the `group` samples of a question."""
     advantages = losses.group_advantages(torch.tensor([e.reward for e in episodes]), group, adv_max)[0]
-    total, count = torch.zeros(len(CREDIT), dtype=torch.float64), torch.zeros(len(CREDIT), dtype=torch.float64)
+    total, count = (
+        torch.zeros(len(CREDIT), dtype=torch.float64),
+        torch.zeros(len(CREDIT), dtype=torch.float64),
+    )
     for e, a in zip(episodes, advantages.tolist()):
         texts = [s.text for s in e.steps]
         for t, (message, next_value) in enumerate(zip(texts, task.turn_correct(e.question, texts))):
@@ -99,7 +113,10 @@ def credit(task, episodes, group: int, adv_max: float) -> dict:
             total[kind] += a
             count[kind] += 1
     total, count = parallel.all_sum(total), parallel.all_sum(count)
-    return {kind: ((total[k] / count[k]).item() if count[k] else 0.0, int(count[k])) for k, kind in enumerate(CREDIT)}
+    return {
+        kind: ((total[k] / count[k]).item() if count[k] else 0.0, int(count[k]))
+        for k, kind in enumerate(CREDIT)
+    }
 
 
 def single_accuracy(agent, cfg, qs) -> float:
@@ -115,16 +132,28 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def main(argv=None):
     parser = runs.Parser(prog="eval.py", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run directory written by train.py (its trained team, or the last checkpoint of an unfinished run)")
-    parser.add_argument("--samples", type=int, default=0, help="sampled episodes per question for avg@k and pass@k (0: greedy only)")
-    parser.add_argument("--size", type=int, default=0, help="held-out questions (0, the default: the run's eval_size)")
+    parser.add_argument(
+        "run_dir",
+        help="a run directory written by train.py (its trained team, or the last checkpoint of an unfinished run)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="sampled episodes per question for avg@k and pass@k (0: greedy only)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=0, help="held-out questions (0, the default: the run's eval_size)"
+    )
     args = parser.parse_args(argv)
     if args.samples < 0 or args.size < 0:
         parser.error(f"--samples and --size must be at least 0, got {args.samples} and {args.size}")
     try:
         cfg = runs.read_config(args.run_dir)[0]
         if cfg.mode == "compare":
-            raise runs.RunError(f"{args.run_dir} is a --mode compare directory (its runs keep metrics, not teams)")
+            raise runs.RunError(
+                f"{args.run_dir} is a --mode compare directory (its runs keep metrics, not teams)"
+            )
         device, dtype = runs.placement(cfg)
         parallel.init(device, cfg.dist_timeout)
         folder, paths = runs.saved_team(args.run_dir)
@@ -136,9 +165,13 @@ def main(argv=None):
         parallel.print0(f"the run did not finish; evaluating its last checkpoint, {os.path.basename(folder)}")
     qs = task.heldout(args.size or cfg.eval_size)
     greedy = heldout_metrics(team, task, qs, cfg)
-    parallel.print0(f"greedy held-out accuracy: {greedy['eval_acc']:.4f} ({len(qs)} questions, {len(team)} agents)")
+    parallel.print0(
+        f"greedy held-out accuracy: {greedy['eval_acc']:.4f} ({len(qs)} questions, {len(team)} agents)"
+    )
     if len(team) > 1:
-        parallel.print0(f"single agent (agent0 alone, one-agent format): {single_accuracy(team[0], cfg, qs):.4f}")
+        parallel.print0(
+            f"single agent (agent0 alone, one-agent format): {single_accuracy(team[0], cfg, qs):.4f}"
+        )
     if args.samples:
         played = play(team, task, qs, cfg, args.samples, temperature=1.0)
         counts = correct_counts(played, len(qs))
@@ -147,10 +180,14 @@ def main(argv=None):
             parallel.print0(f"pass@{k}: {sum(pass_at_k(args.samples, c, k) for c in counts) / len(qs):.4f}")
     turns = [v for key, v in greedy.items() if key.startswith("eval_turn_acc/")]
     if len(team) > 1 and turns:
-        parallel.print0(f"turn accuracy per agent (right given the value it read), greedy: {' '.join(f'{v:.3f}' for v in turns)}")
+        parallel.print0(
+            f"turn accuracy per agent (right given the value it read), greedy: {' '.join(f'{v:.3f}' for v in turns)}"
+        )
         if args.samples:
             sampled = turn_accuracy(task, played, len(team))
-            parallel.print0(f"turn accuracy per agent, sampled: {' '.join(f'{v:.3f}' for v in sampled.values())}")
+            parallel.print0(
+                f"turn accuracy per agent, sampled: {' '.join(f'{v:.3f}' for v in sampled.values())}"
+            )
         if args.samples > 1:
             parallel.print0(f"mean advantage of sampled messages (groups of {args.samples}), by kind:")
             for kind, (mean, count) in credit(task, played, args.samples, cfg.adv_max).items():

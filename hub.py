@@ -3,6 +3,7 @@
 Without network, transformers and datasets retry a hub name for about 20 seconds and print a
 warning per retry; the CLI instead answers in one line that a local file is needed.
 """
+
 import os
 import socket
 from urllib.parse import urlparse
@@ -13,6 +14,7 @@ def reachable() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     from huggingface_hub import constants
+
     try:
         socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
         return True

@@ -10,6 +10,7 @@ A is initialised as in peft (Kaiming uniform), B = 0, so a fresh adapter leaves 
 outputs unchanged. Adapters are saved in the peft format (adapter_config.json,
 adapter_model.safetensors), so peft, vLLM and the hub load them onto the same base.
 """
+
 import copy
 import itertools
 import json
@@ -19,7 +20,8 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-PREFIX = "base_model.model."  # peft's key prefix for a causal LM
+# peft's key prefix for a causal LM
+PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -44,7 +46,8 @@ def adapted(base: torch.nn.Module, rank: int, alpha: float, targets: list[str], 
     layers on the linear layers whose last name is in `targets`. ValueError if none matches."""
     base.requires_grad_(False)
     shared = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
-    model = copy.deepcopy(base, memo=shared)  # new modules, the same tensors
+    # new modules, the same tensors
+    model = copy.deepcopy(base, memo=shared)
     generator = torch.Generator().manual_seed(seed)
     names = target_layers(model, targets)
     for name in names:
@@ -57,9 +60,15 @@ def adapted(base: torch.nn.Module, rank: int, alpha: float, targets: list[str], 
 
 def target_layers(model: torch.nn.Module, targets: list[str]) -> list[str]:
     """The names of the linear layers whose last name is in `targets`. ValueError if none is."""
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets
+    ]
     if not names:
-        raise ValueError(f"--lora-targets {','.join(targets)}: no linear layer of the model has one of these names")
+        raise ValueError(
+            f"--lora-targets {','.join(targets)}: no linear layer of the model has one of these names"
+        )
     return names
 
 
@@ -74,9 +83,18 @@ def save_adapter(model, path: str, base_path: str):
     weights = {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
     save_file(weights, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
     base = os.path.relpath(base_path, path) if os.path.isdir(base_path) else base_path
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": model.lora["rank"], "lora_alpha": model.lora["alpha"],
-              "target_modules": model.lora["targets"], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-              "base_model_name_or_path": base, "inference_mode": True}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": model.lora["rank"],
+        "lora_alpha": model.lora["alpha"],
+        "target_modules": model.lora["targets"],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": base,
+        "inference_mode": True,
+    }
     with open(os.path.join(path, CONFIG), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -86,13 +104,18 @@ def read_config(path: str) -> dict:
     with open(os.path.join(path, CONFIG)) as f:
         config = json.load(f)
     base = os.path.normpath(os.path.join(path, config["base_model_name_or_path"]))
-    return {**config, "base_model_name_or_path": base if os.path.exists(base) else config["base_model_name_or_path"]}
+    return {
+        **config,
+        "base_model_name_or_path": base if os.path.exists(base) else config["base_model_name_or_path"],
+    }
 
 
 def load_adapter(model, path: str):
     """Load a saved adapter into an adapted model of the same shape (every key must match)."""
-    weights = {k[len(PREFIX):]: v for k, v in load_file(os.path.join(path, WEIGHTS)).items()}
+    weights = {k[len(PREFIX) :]: v for k, v in load_file(os.path.join(path, WEIGHTS)).items()}
     own = {k for k in model.state_dict() if ".lora_" in k}
     if set(weights) != own:
-        raise ValueError(f"{path}: the adapter does not fit the model ({len(set(weights) ^ own)} keys differ)")
+        raise ValueError(
+            f"{path}: the adapter does not fit the model ({len(set(weights) ^ own)} keys differ)"
+        )
     model.load_state_dict(weights, strict=False)

@@ -21,6 +21,7 @@ this rank's sum by the denominator of every rank's rows together (`denominator`,
 caller), so the gradients summed over ranks are those of the whole batch; `token_mean` sums
 numerator and denominator over ranks before it divides. With one process both are the plain means.
 """
+
 import torch
 
 import parallel
@@ -32,7 +33,8 @@ def group_advantages(rewards, group: int, a_max: float, eps: float = 1e-6):
     rewards: (E,) with the `group` samples of a question adjacent. std is the population std.
     Returns (advantages (E,), fraction of episodes whose advantage was clipped).
     """
-    r = rewards.view(-1, group)  # (Q, G)
+    # (Q, G)
+    r = rewards.view(-1, group)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)).view(-1)
     return adv.clamp(-a_max, a_max), (adv.abs() > a_max).float().mean().item()
 
@@ -53,11 +55,15 @@ def agent_batch(episodes, agent: int, advantages, pad_id: int, device) -> dict:
         c, t = len(s.context), len(s.tokens)
         ids[r, : c + t] = torch.tensor(s.context + s.tokens)
         attn[r, : c + t] = 1
-        mask[r, c: c + t] = 1
-        sampler_logp[r, c: c + t] = torch.tensor(s.logprobs)
-    episode = torch.tensor([e_idx for e_idx, _ in rows])  # (S,): the episode of each row
-    adv = advantages[episode].float()  # (S,): the episode's A on each of its rows
-    batch = dict(ids=ids, attn=attn, mask=mask[:, 1:], adv=adv, sampler_logp=sampler_logp[:, 1:], episode=episode)
+        mask[r, c : c + t] = 1
+        sampler_logp[r, c : c + t] = torch.tensor(s.logprobs)
+    # (S,): the episode of each row
+    episode = torch.tensor([e_idx for e_idx, _ in rows])
+    # (S,): the episode's A on each of its rows
+    adv = advantages[episode].float()
+    batch = dict(
+        ids=ids, attn=attn, mask=mask[:, 1:], adv=adv, sampler_logp=sampler_logp[:, 1:], episode=episode
+    )
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -76,7 +82,8 @@ def token_logprobs(model, batch, rows=slice(None), full: bool = False):
         return logp_all.gather(-1, targets[..., None])[..., 0] * mask, logp_all
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     where = mask.bool()
-    logits = model.get_output_embeddings()(hidden[where]).float()  # (T, V): the agent's tokens only
+    # (T, V): the agent's tokens only
+    logits = model.get_output_embeddings()(hidden[where]).float()
     logp = torch.zeros(mask.shape, device=logits.device)
     logp[where] = logits.log_softmax(-1).gather(-1, targets[where][:, None])[:, 0]
     return logp, None
@@ -95,7 +102,8 @@ def masked_mean(x, mask, reduction: str = "token", denom=None):
     if reduction == "token":
         total = (x * mask).sum()
     else:
-        total = ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()  # a row without tokens adds 0
+        # a row without tokens adds 0
+        total = ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
     return total / denom.clamp(min=1)
 
 
@@ -110,14 +118,16 @@ def token_kl(logp, logp_old, kind: str, full=None, full_old=None):
     if kind == "full":
         return (full.exp() * (full - full_old)).sum(-1)
     log_r = logp - logp_old
-    return log_r.exp() * log_r - log_r.exp() + 1  # reverse KL from behaviour samples: r log r - r + 1
+    # reverse KL from behaviour samples: r log r - r + 1
+    return log_r.exp() * log_r - log_r.exp() + 1
 
 
 def ppo_loss(logp, logp_old, adv, mask, kl_tok, clip_eps: float, beta: float, reduction: str, denom=None):
     """-surrogate + beta * KL. Surrogate (PPO clip): min(r A, clip(r, 1-eps, 1+eps) A).
     denom: the minibatch's denominator over every rank (default: these rows')."""
     ratio = (logp - logp_old).exp()
-    a = adv[:, None]  # (S, 1): every token of a message gets its episode's advantage
+    # (S, 1): every token of a message gets its episode's advantage
+    a = adv[:, None]
     clipped = torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
     return -masked_mean(clipped, mask, reduction, denom) + beta * masked_mean(kl_tok, mask, reduction, denom)
 
@@ -130,7 +140,8 @@ def surrogate(logp, logp_old, adv, mask) -> float:
 def sequence_log_ratio(logp, logp_old, mask, episode, n_episodes: int):
     """Per episode, log pi_new / pi_old of all the tokens the agent wrote in it (0 where it wrote
     none): the log of HAPPO's sequence ratio. (E,)"""
-    per_row = ((logp - logp_old) * mask).sum(1)  # (S,)
+    # (S,)
+    per_row = ((logp - logp_old) * mask).sum(1)
     return torch.zeros(n_episodes, device=per_row.device).index_add(0, episode, per_row)
 
 
@@ -141,8 +152,10 @@ def update_stats(logp, logp_old, adv, mask, kl_tok, clip_eps: float, delta: floa
     mean = lambda x: token_mean(x, mask)
     return {
         "kl_rev": mean(kl_tok),
-        "kl_k1": mean(-log_r),  # k1 = -log r
-        "kl_k3": mean((ratio - 1) - log_r),  # k3 = (r - 1) - log r (Schulman, 2020)
+        # k1 = -log r
+        "kl_k1": mean(-log_r),
+        # k3 = (r - 1) - log r (Schulman, 2020)
+        "kl_k3": mean((ratio - 1) - log_r),
         "out_of_region": mean((kl_tok > delta).float()),
         "clipfrac": mean(((ratio - 1).abs() > clip_eps).float()),
         "surrogate": surrogate(logp, logp_old, adv, mask),

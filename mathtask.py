@@ -27,6 +27,7 @@ Grading (math-verify, the grader of TRL and open-r1): the final message's answer
 \\boxed{...}, else its last "Answer: X", else its last number; it is parsed as LaTeX and verified
 against the gold answer (so \\frac{1}{2} == 0.5 and 1,000 == 1000), with math-verify's timeouts.
 """
+
 import json
 import os
 import random
@@ -36,7 +37,8 @@ from dataclasses import dataclass
 
 import hub
 
-HUB = {  # --task name -> (hub path, config, train split or None, held-out split)
+# --task name -> (hub path, config, train split or None, held-out split)
+HUB = {
     "gsm8k": ("openai/gsm8k", "main", "train", "test"),
     "math500": ("HuggingFaceH4/MATH-500", None, None, "test"),
     "aime24": ("HuggingFaceH4/aime_2024", None, None, "train"),
@@ -44,7 +46,8 @@ HUB = {  # --task name -> (hub path, config, train split or None, held-out split
 }
 LOCAL = ("jsonl", "parquet")
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "team.json")
-TIMEOUT = 5  # seconds, math-verify's parsing and verification timeouts
+# seconds, math-verify's parsing and verification timeouts
+TIMEOUT = 5
 
 
 class TaskError(ValueError):
@@ -69,7 +72,13 @@ class MathTask:
     """A question pool with a held-out split, role prompts, and math-verify grading."""
 
     def __init__(self, train: list, heldout: list, roles: list, turns: int, max_new_tokens: int):
-        self.pool, self.held, self.roles, self.turns, self.max_new_tokens = train, heldout, roles, turns, max_new_tokens
+        self.pool, self.held, self.roles, self.turns, self.max_new_tokens = (
+            train,
+            heldout,
+            roles,
+            turns,
+            max_new_tokens,
+        )
 
     def train_questions(self, count: int, seed: int) -> list:
         return random.Random(seed).sample(self.pool, count)
@@ -80,10 +89,17 @@ class MathTask:
     def context(self, q: Question, steps: list, agent: int) -> list:
         """Chat messages for the agent acting after `steps`: its role, the problem, the transcript."""
         role, n = self.roles[agent], len(self.roles)
-        team = "You solve the problem alone." if n == 1 else f"You are the {role['name']} in a team of {n} that solves a math problem together."
+        team = (
+            "You solve the problem alone."
+            if n == 1
+            else f"You are the {role['name']} in a team of {n} that solves a math problem together."
+        )
         transcript = "".join(f"\n\n[{self.roles[s.agent]['name']}]:\n{s.text}" for s in steps)
         user = f"Problem: {q.text}" + (f"\n\nThe team so far:{transcript}" if steps else "")
-        return [{"role": "system", "content": f"{team} {role['instructions']}"}, {"role": "user", "content": user}]
+        return [
+            {"role": "system", "content": f"{team} {role['instructions']}"},
+            {"role": "user", "content": user},
+        ]
 
     def reward(self, q: Question, final_message: str) -> float:
         return float(grade(q.answer, final_answer(final_message)))
@@ -93,12 +109,18 @@ def make(cfg) -> MathTask:
     """The task of a run from --task, --prompts, --agents (or single mode), --max-new-tokens."""
     train, heldout = load_questions(cfg.task)
     if not heldout:
-        raise TaskError(f"--task {cfg.task}: no held-out questions (a quarter of a file's questions are held out)")
+        raise TaskError(
+            f"--task {cfg.task}: no held-out questions (a quarter of a file's questions are held out)"
+        )
     if len(train) < cfg.questions:
-        raise TaskError(f"--task {cfg.task}: {len(train)} training questions, fewer than --questions {cfg.questions}")
+        raise TaskError(
+            f"--task {cfg.task}: {len(train)} training questions, fewer than --questions {cfg.questions}"
+        )
     single = cfg.mode == "single"
     roles = team_roles(cfg.prompts or DEFAULT_PROMPTS, 1 if single else cfg.agents)
-    return MathTask(train, heldout, roles, 1 if single else cfg.agents * cfg.rounds, cfg.max_new_tokens or 256)
+    return MathTask(
+        train, heldout, roles, 1 if single else cfg.agents * cfg.rounds, cfg.max_new_tokens or 256
+    )
 
 
 def team_roles(path: str, agents: int) -> list:
@@ -110,12 +132,16 @@ def team_roles(path: str, agents: int) -> list:
         if not all(isinstance(r, dict) and {"name", "instructions"} <= r.keys() for r in [*roles, single]):
             raise KeyError("every role needs a name and instructions")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TaskError(f"--prompts {path}: not a prompts file ({type(e).__name__}: {e}); see prompts/team.json") from None
+        raise TaskError(
+            f"--prompts {path}: not a prompts file ({type(e).__name__}: {e}); see prompts/team.json"
+        ) from None
     if agents == 1:
         return [single]
     if len(roles) < agents:
-        raise TaskError(f"--prompts {path}: {len(roles)} roles, fewer than --agents {agents}; give a file with {agents} or more "
-                        f"(a team takes the first n - 1 roles and the last)")
+        raise TaskError(
+            f"--prompts {path}: {len(roles)} roles, fewer than --agents {agents}; give a file with {agents} or more "
+            f"(a team takes the first n - 1 roles and the last)"
+        )
     return roles[: agents - 1] + roles[-1:]
 
 
@@ -123,21 +149,34 @@ def load_questions(spec: str) -> tuple[list, list]:
     """(training questions, held-out questions) of --task."""
     if spec == "words":
         import wordproblems
+
         return split([Question(text, answer) for text, answer in wordproblems.generate(4000, seed=0)])
-    import datasets  # imported here: the relay never needs it
+    # imported here: the relay never needs it
+    import datasets
+
     datasets.disable_progress_bars()
     if spec in HUB:
         path, config, train_split, heldout_split = HUB[spec]
         if not hub.reachable():
-            raise TaskError(f"--task {spec}: the hub ({path}) cannot be reached; without network, pass a local file: "
-                            f"--task jsonl:PATH or parquet:PATH")
+            raise TaskError(
+                f"--task {spec}: the hub ({path}) cannot be reached; without network, pass a local file: "
+                f"--task jsonl:PATH or parquet:PATH"
+            )
         try:
             if train_split is None:
-                return split(rows_to_questions(datasets.load_dataset(path, config, split=heldout_split), spec))
-            return tuple(rows_to_questions(datasets.load_dataset(path, config, split=s), spec) for s in (train_split, heldout_split))
-        except Exception as e:  # no network, no cache: one line, and what to do instead
-            raise TaskError(f"--task {spec}: could not load {path} from the hub ({type(e).__name__}); "
-                            f"pass a local file instead: --task jsonl:PATH or parquet:PATH") from None
+                return split(
+                    rows_to_questions(datasets.load_dataset(path, config, split=heldout_split), spec)
+                )
+            return tuple(
+                rows_to_questions(datasets.load_dataset(path, config, split=s), spec)
+                for s in (train_split, heldout_split)
+            )
+        # no network, no cache: one line, and what to do instead
+        except Exception as e:
+            raise TaskError(
+                f"--task {spec}: could not load {path} from the hub ({type(e).__name__}); "
+                f"pass a local file instead: --task jsonl:PATH or parquet:PATH"
+            ) from None
     kind, path = spec.split(":", 1)
     if not os.path.isfile(path):
         raise TaskError(f"--task {spec}: no such file {path}")
@@ -165,7 +204,9 @@ def rows_to_questions(rows, spec: str) -> list:
     """Question(text, gold) per row: `question` or `problem`, and `answer` (GSM8K: after ####)."""
     text = "question" if "question" in rows.column_names else "problem"
     if text not in rows.column_names or "answer" not in rows.column_names:
-        raise TaskError(f"--task {spec}: needs a 'question' (or 'problem') and an 'answer' field; found {rows.column_names}")
+        raise TaskError(
+            f"--task {spec}: needs a 'question' (or 'problem') and an 'answer' field; found {rows.column_names}"
+        )
     if len(rows) == 0:
         raise TaskError(f"--task {spec}: no questions")
     return [Question(str(r[text]), str(r["answer"]).split("####")[-1].strip()) for r in rows]
@@ -195,7 +236,7 @@ def boxed_contents(message: str) -> list:
             depth += {"{": 1, "}": -1}.get(message[i], 0)
             i += 1
         if depth == 0:
-            out.append(message[start + len("\\boxed{"): i - 1])
+            out.append(message[start + len("\\boxed{") : i - 1])
         start = message.find("\\boxed{", i)
     return out
 
@@ -203,8 +244,11 @@ def boxed_contents(message: str) -> list:
 def grade(gold: str, answer: str) -> bool:
     """math-verify: both sides parsed as LaTeX or plain expressions, then compared symbolically."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
     if not answer.strip():
         return False
     extraction = [LatexExtractionConfig(), ExprExtractionConfig()]
-    gold_parsed, answer_parsed = (parse(f"${s}$", extraction_config=extraction, parsing_timeout=TIMEOUT) for s in (gold, answer))
+    gold_parsed, answer_parsed = (
+        parse(f"${s}$", extraction_config=extraction, parsing_timeout=TIMEOUT) for s in (gold, answer)
+    )
     return bool(gold_parsed and answer_parsed and verify(gold_parsed, answer_parsed, timeout_seconds=TIMEOUT))

@@ -22,6 +22,7 @@ layer separately (losses.token_logprobs) and measures the KL between steps. gloo
 tensors on GPU, with object messages on a gloo group. A rank that dies or hangs ends the others
 within --dist-timeout seconds (not the 30-minute default) with a one-line error.
 """
+
 import datetime
 import os
 import re
@@ -30,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-DEVICE, OBJECTS = torch.device("cpu"), None  # where reductions run; the group for object messages
+# where reductions run; the group for object messages
+DEVICE, OBJECTS = torch.device("cpu"), None
 
 
 class ProcessLost(Exception):
@@ -41,8 +43,10 @@ def collective(op, *args, **kwargs):
     """Run a torch.distributed collective; its failure is ProcessLost, with the backend's first line."""
     try:
         return op(*args, **kwargs)
-    except RuntimeError as e:  # gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError)
-        line = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])  # without gloo's source location
+    # gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError)
+    except RuntimeError as e:
+        # without gloo's source location
+        line = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])
         raise ProcessLost(line.split(". ")[0][:200]) from None
 
 
@@ -53,7 +57,8 @@ def init(device, timeout_s: float):
         return
     timeout = datetime.timedelta(seconds=timeout_s)
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" is this rank's GPU from here on
+        # "cuda" is this rank's GPU from here on
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     DEVICE = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
     OBJECTS = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
@@ -76,7 +81,8 @@ def shard(n: int) -> range:
 
 def all_sum(x) -> torch.Tensor:
     """x (a tensor or a number) summed over ranks; every rank gets the same bits."""
-    x = torch.as_tensor(x, dtype=torch.float64 if isinstance(x, float) else None)  # Python floats in float64
+    # Python floats in float64
+    x = torch.as_tensor(x, dtype=torch.float64 if isinstance(x, float) else None)
     x = x.to(DEVICE, copy=True) if WORLD > 1 else x
     if WORLD > 1:
         collective(dist.all_reduce, x)
@@ -131,12 +137,16 @@ def check_identical(team):
     """RuntimeError unless every rank holds the same weights (compared by float64 checksums)."""
     if WORLD == 1:
         return
-    sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in unique_parameters(team)])
+    sums = torch.stack(
+        [torch.stack([p.double().sum(), p.double().square().sum()]) for p in unique_parameters(team)]
+    )
     low, high = sums.clone(), sums.clone()
     collective(dist.all_reduce, low, dist.ReduceOp.MIN)
     collective(dist.all_reduce, high, dist.ReduceOp.MAX)
     if not torch.equal(low, high):
-        raise RuntimeError("the ranks' weights differ; a collective was skipped or a decision was taken on local values")
+        raise RuntimeError(
+            "the ranks' weights differ; a collective was skipped or a decision was taken on local values"
+        )
 
 
 def close():

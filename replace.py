@@ -46,20 +46,39 @@ def swap_and_align(team, task, heldout, cfg: Config, log, device, dtype) -> list
     """The team with agent i replaced (and aligned, unless --align-steps 0); logs the stage-0 record."""
     i, path = target(cfg)
     record = {"stage": 0, "replace/before": evaluation.accuracy(team, task, heldout, cfg)}
-    new = team_lib.make_agent(f"agent{i}", *team_lib.load_model(path, device, dtype), cfg.lr, cfg.grad_ckpt, cfg.optimizer)
-    pairs = successful_messages(team, i, task, cfg)  # what the replaced agent wrote when the team was right
+    new = team_lib.make_agent(
+        f"agent{i}", *team_lib.load_model(path, device, dtype), cfg.lr, cfg.grad_ckpt, cfg.optimizer
+    )
+    # what the replaced agent wrote when the team was right
+    pairs = successful_messages(team, i, task, cfg)
     team = [new if j == i else agent for j, agent in enumerate(team)]
     record["replace/swapped"] = evaluation.accuracy(team, task, heldout, cfg)
     if cfg.align_steps:
         imitate(new, pairs, cfg)
         record["replace/imitated"] = evaluation.accuracy(team, task, heldout, cfg)
         qs = task.train_questions(cfg.questions, rollout.derive_seed(cfg.seed, "align"))
-        played = evaluation.play(team, task, qs, cfg, cfg.group, cfg.temperature, cfg.top_p, (cfg.seed, "align"))  # this rank's questions
+        # this rank's questions
+        played = evaluation.play(
+            team, task, qs, cfg, cfg.group, cfg.temperature, cfg.top_p, (cfg.seed, "align")
+        )
         update = teamtr.update_agent(new, i, played, None, cfg, (cfg.seed, "align"))
-        record.update({"replace/kl_rev": update["kl_rev"], "replace/steps": update["steps"], "replace/examples": len(pairs)})
-    log(record, f"stage 0: agent{i} replaced by {path}: held-out accuracy {record['replace/before']:.3f} before, "
-                f"{record['replace/swapped']:.3f} right after the swap" +
-                (f", {record['replace/imitated']:.3f} after imitating {len(pairs)} messages" if cfg.align_steps else " (no alignment)"))
+        record.update(
+            {
+                "replace/kl_rev": update["kl_rev"],
+                "replace/steps": update["steps"],
+                "replace/examples": len(pairs),
+            }
+        )
+    log(
+        record,
+        f"stage 0: agent{i} replaced by {path}: held-out accuracy {record['replace/before']:.3f} before, "
+        f"{record['replace/swapped']:.3f} right after the swap"
+        + (
+            f", {record['replace/imitated']:.3f} after imitating {len(pairs)} messages"
+            if cfg.align_steps
+            else " (no alignment)"
+        ),
+    )
     return team
 
 
@@ -72,8 +91,13 @@ def successful_messages(team, i: int, task, cfg: Config) -> list[tuple]:
     qs = task.train_questions(count, rollout.derive_seed(cfg.seed, "imitate"))
     episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, "imitate"))
     played = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, "imitate"))[0]
-    return [(e.question, task.context(e.question, e.steps[:t], i), s.text)
-            for e in played if e.reward > 0 for t, s in enumerate(e.steps) if s.agent == i]
+    return [
+        (e.question, task.context(e.question, e.steps[:t], i), s.text)
+        for e in played
+        if e.reward > 0
+        for t, s in enumerate(e.steps)
+        if s.agent == i
+    ]
 
 
 def imitate(agent, pairs, cfg: Config):
@@ -86,4 +110,6 @@ def imitate(agent, pairs, cfg: Config):
     data = warmup.imitation_batch(agent, pairs)
     gen = torch.Generator().manual_seed(rollout.derive_seed(cfg.seed, "imitate-batches"))
     for _ in range(cfg.align_steps):
-        warmup.imitation_step(agent, optimizer, data, torch.randperm(len(pairs), generator=gen)[: cfg.minibatch])
+        warmup.imitation_step(
+            agent, optimizer, data, torch.randperm(len(pairs), generator=gen)[: cfg.minibatch]
+        )

@@ -19,6 +19,7 @@ Unlike `model.generate`, the sampler returns the fp32 log-probs of the tokens it
 untempered model, which tests compare with a teacher-forced forward (the ratio is 1 before an
 update). Sampling runs in eval mode: gradient checkpointing in train mode turns the cache off.
 """
+
 import hashlib
 import os
 import random
@@ -33,12 +34,18 @@ import decode
 @dataclass
 class Step:
     agent: int
-    context: list  # prompt token ids in the acting agent's tokenizer
-    tokens: list  # generated ids, ending with EOS unless cut at max_new_tokens
-    logprobs: list  # sampler's fp32 log pi(token | context)
-    text: str  # the message other agents read
-    truncated: bool = False  # cut at max_new_tokens (no EOS)
-    kv: tuple | None = None  # (its sampler call's KV, its row there, the agent's weights version), if kept
+    # prompt token ids in the acting agent's tokenizer
+    context: list
+    # generated ids, ending with EOS unless cut at max_new_tokens
+    tokens: list
+    # sampler's fp32 log pi(token | context)
+    logprobs: list
+    # the message other agents read
+    text: str
+    # cut at max_new_tokens (no EOS)
+    truncated: bool = False
+    # (its sampler call's KV, its row there, the agent's weights version), if kept
+    kv: tuple | None = None
 
 
 @dataclass
@@ -46,6 +53,7 @@ class KV:
     """A sampler call's KV cache at its end: per layer (keys, values), each (B, heads, L, dim);
     which of the L positions hold each row's real tokens (B, L); and the rows' prompts, whose
     keys and values come first among the real positions."""
+
     layers: list
     real: torch.Tensor
     prompts: list
@@ -54,9 +62,12 @@ class KV:
 @dataclass
 class Episode:
     question: object
-    qid: int  # index of the question in its batch; episodes of one question form a group
-    sample: int  # index within the group
-    order: list  # acting agent at each turn
+    # index of the question in its batch; episodes of one question form a group
+    qid: int
+    # index within the group
+    sample: int
+    # acting agent at each turn
+    order: list
     steps: list = field(default_factory=list)
     reward: float = 0.0
 
@@ -66,8 +77,19 @@ def derive_seed(*parts) -> int:
 
 
 @torch.no_grad()
-def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, uniforms=None, groups=None, share_prefix=True,
-           past=None):
+def sample(
+    model,
+    prompts,
+    eos_id,
+    pad_id,
+    max_new_tokens,
+    temperature=1.0,
+    top_p=1.0,
+    uniforms=None,
+    groups=None,
+    share_prefix=True,
+    past=None,
+):
     """Batched sampling with a KV cache. prompts: list of id lists (any lengths).
 
     Left padding with explicit position ids, so padded rows see the same positions as unpadded
@@ -86,27 +108,44 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
     the cache dropped positions, as a sliding window does).
     """
     device = next(model.parameters()).device
-    if past is not None:  # part 1 from earlier calls
+    # part 1 from earlier calls
+    if past is not None:
         unique, expand, cache, head_attn = reuse(past, prompts, model.config)
     else:
         unique, expand, heads, head_of = prefill_plan(prompts, groups, share_prefix)
         cache, head_attn = None, torch.zeros((len(unique), 0), dtype=torch.long, device=device)
-        if max(map(len, heads)) > 0:  # part 1: the shared prefixes
+        # part 1: the shared prefixes
+        if max(map(len, heads)) > 0:
             ids, attn = left_pad(heads, pad_id, device)
-            cache = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=True).past_key_values
+            cache = model(
+                input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=True
+            ).past_key_values
             head_of = torch.tensor(head_of, device=device)
-            cache.reorder_cache(head_of)  # each distinct prompt gets its prefix's keys and values
+            # each distinct prompt gets its prefix's keys and values
+            cache.reorder_cache(head_of)
             head_attn = attn[head_of]
-    ids, attn = left_pad([tail for _, tail in unique], pad_id, device)  # part 2: each prompt's own tail
-    attn = torch.cat([head_attn, attn], dim=1)  # (U, prefix + tail)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)[:, -ids.shape[1]:],
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    expand = torch.tensor(expand, device=device)  # (B,): each prompt's prefilled row
+    # part 2: each prompt's own tail
+    ids, attn = left_pad([tail for _, tail in unique], pad_id, device)
+    # (U, prefix + tail)
+    attn = torch.cat([head_attn, attn], dim=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=positions(attn)[:, -ids.shape[1] :],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    # (B,): each prompt's prefilled row
+    expand = torch.tensor(expand, device=device)
     cache, logits = out.past_key_values, out.logits[expand, -1]
-    del out  # the prefill's cache lives on only as `cache`
-    written = decode.supported(model)  # decoding steps written out, on a cache allocated once (decode.py)
+    # the prefill's cache lives on only as `cache`
+    del out
+    # decoding steps written out, on a cache allocated once (decode.py)
+    written = decode.supported(model)
     if written:
-        cache = decode.Cache(cache, expand, max_new_tokens - 1)  # every row gets its prompt's keys and values
+        # every row gets its prompt's keys and values
+        cache = decode.Cache(cache, expand, max_new_tokens - 1)
     elif len(unique) < len(prompts):
         cache.reorder_cache(expand)
     B, attn = len(prompts), attn[expand]
@@ -114,7 +153,8 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps = [], []
     for s in range(max_new_tokens):
-        logp = logits.float().log_softmax(-1)  # (B, V), fp32
+        # (B, V), fp32
+        logp = logits.float().log_softmax(-1)
         nxt = pick(logp, temperature, top_p, None if uniforms is None else uniforms[:, s].to(device))
         tokens.append(nxt)
         logps.append(logp.gather(-1, nxt[:, None])[:, 0])
@@ -126,9 +166,16 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, top_
         if written:
             logits = cache.step(model, nxt[:, None], pos, attn)
         else:
-            out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = model(
+                input_ids=nxt[:, None],
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache, logits = out.past_key_values, out.logits[:, -1]
-    tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()  # (B, T)
+    # (B, T)
+    tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
     cut = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in tokens]
     layers = cache.filled() if written else [(layer.keys, layer.values) for layer in cache.layers]
     kv = KV(layers, attn.bool(), prompts) if all(k.shape[2] == attn.shape[1] for k, _ in layers) else None
@@ -145,9 +192,15 @@ def reuse(past, prompts, config):
     device, N = past[0][0].real.device, max(n)
     n = torch.tensor(n, device=device)
     attn = (torch.arange(N, device=device) >= N - n[:, None]).long()
-    layers = [(k.new_zeros(len(prompts), k.shape[1], N, k.shape[3]), v.new_zeros(len(prompts), v.shape[1], N, v.shape[3]))
-              for k, v in past[0][0].layers]
-    sources = {}  # the rows from each earlier call, gathered at once
+    layers = [
+        (
+            k.new_zeros(len(prompts), k.shape[1], N, k.shape[3]),
+            v.new_zeros(len(prompts), v.shape[1], N, v.shape[3]),
+        )
+        for k, v in past[0][0].layers
+    ]
+    # the rows from each earlier call, gathered at once
+    sources = {}
     for i, (kv, r) in enumerate(past):
         _, mine, theirs = sources.setdefault(id(kv), (kv, [], []))
         mine.append(i)
@@ -155,9 +208,12 @@ def reuse(past, prompts, config):
     for kv, mine, theirs in sources.values():
         mine, theirs = torch.tensor(mine, device=device), torch.tensor(theirs, device=device)
         real = kv.real[theirs]
-        rank = positions(real)  # each real token's index among its row's
-        row, col = (real & (rank < n[mine, None])).nonzero(as_tuple=True)  # the prefixes' positions there
-        dest = N - n[mine[row]] + rank[row, col]  # and here, left-padded
+        # each real token's index among its row's
+        rank = positions(real)
+        # the prefixes' positions there
+        row, col = (real & (rank < n[mine, None])).nonzero(as_tuple=True)
+        # and here, left-padded
+        dest = N - n[mine[row]] + rank[row, col]
         for (k, v), (K, V) in zip(kv.layers, layers):
             K[mine[row], :, dest], V[mine[row], :, dest] = k[theirs[row], :, col], v[theirs[row], :, col]
     return rows, list(range(len(prompts))), DynamicCache(layers, config=config) if N else None, attn
@@ -167,7 +223,8 @@ def prefill_plan(prompts, groups=None, share_prefix=True):
     """What the prefill computes: the distinct (shared prefix, own tail) rows, each prompt's row
     among them, the distinct prefixes, and each row's prefix among those."""
     rows = split_prompts(prompts, groups) if share_prefix else [((), tuple(p)) for p in prompts]
-    unique, expand = dedup(rows) if share_prefix else (rows, list(range(len(rows))))  # each distinct prompt prefilled once
+    # each distinct prompt prefilled once
+    unique, expand = dedup(rows) if share_prefix else (rows, list(range(len(rows))))
     heads, head_of = dedup(head for head, _ in unique)
     return unique, expand, heads, head_of
 
@@ -179,8 +236,9 @@ def split_prompts(prompts, groups=None) -> list[tuple[tuple, tuple]]:
     members = {}
     for p, g in zip(prompts, groups):
         members.setdefault(g, []).append(p)
-    cut = {g: min(len(os.path.commonprefix(ps)), min(map(len, ps)) - 1) for g, ps in members.items()}  # works on id lists
-    return [(tuple(p[:cut[g]]), tuple(p[cut[g]:])) for p, g in zip(prompts, groups)]
+    # works on id lists
+    cut = {g: min(len(os.path.commonprefix(ps)), min(map(len, ps)) - 1) for g, ps in members.items()}
+    return [(tuple(p[: cut[g]]), tuple(p[cut[g] :])) for p, g in zip(prompts, groups)]
 
 
 def dedup(items) -> tuple[list, list]:
@@ -209,7 +267,8 @@ def pick(logp, temperature, top_p, u):
     if temperature == 0:
         return logp.argmax(-1)
     probs = (logp / temperature).softmax(-1)
-    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+    # nucleus: keep the smallest set of tokens whose mass reaches top_p
+    if top_p < 1.0:
         sorted_p, index = probs.sort(-1, descending=True)
         sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0
         probs = torch.zeros_like(probs).scatter(-1, index, sorted_p)
@@ -248,21 +307,49 @@ def play(team, task, episodes, temperature, top_p, seed, keep=None, reuse_kv=Fal
     turns = tokens = truncated = 0
     for t in range(max((len(e.order) for e in eps), default=0)):
         for a, agent in enumerate(team):
-            rows = [i for i, e in enumerate(eps) if len(e.steps) == t and t < len(e.order) and e.order[t] == a]
+            rows = [
+                i for i, e in enumerate(eps) if len(e.steps) == t and t < len(e.order) and e.order[t] == a
+            ]
             if not rows:
                 continue
             prompts = [agent.encode(task.context(eps[i].question, eps[i].steps, a)) for i in rows]
             check_length(agent, max(map(len, prompts)) + task.max_new_tokens)
-            uniforms = torch.stack([torch.rand(task.max_new_tokens, generator=torch.Generator().manual_seed(
-                derive_seed(seed, eps[i].qid, eps[i].sample, t))) for i in rows])
-            replaced = [episodes[i].steps[t] if t < len(episodes[i].steps) else None for i in rows]  # the turns these replace
-            reusable = reuse_kv and all(s and s.agent == a and s.kv and s.kv[2] == agent.version for s in replaced)
+            uniforms = torch.stack(
+                [
+                    torch.rand(
+                        task.max_new_tokens,
+                        generator=torch.Generator().manual_seed(
+                            derive_seed(seed, eps[i].qid, eps[i].sample, t)
+                        ),
+                    )
+                    for i in rows
+                ]
+            )
+            # the turns these replace
+            replaced = [episodes[i].steps[t] if t < len(episodes[i].steps) else None for i in rows]
+            reusable = reuse_kv and all(
+                s and s.agent == a and s.kv and s.kv[2] == agent.version for s in replaced
+            )
             tok = agent.tokenizer
-            outs, logps, kv = sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, task.max_new_tokens, temperature, top_p, uniforms,
-                                     [eps[i].qid for i in rows], past=[s.kv[:2] for s in replaced] if reusable else None)
+            outs, logps, kv = sample(
+                agent.model,
+                prompts,
+                tok.eos_token_id,
+                tok.pad_token_id,
+                task.max_new_tokens,
+                temperature,
+                top_p,
+                uniforms,
+                [eps[i].qid for i in rows],
+                past=[s.kv[:2] for s in replaced] if reusable else None,
+            )
             for r, (i, p, o, lp) in enumerate(zip(rows, prompts, outs, logps)):
                 cut = o[-1] != tok.eos_token_id
-                eps[i].steps.append(Step(a, p, o, lp, agent.decode(o), cut, (kv, r, agent.version) if reuse_kv and kv else None))
+                eps[i].steps.append(
+                    Step(
+                        a, p, o, lp, agent.decode(o), cut, (kv, r, agent.version) if reuse_kv and kv else None
+                    )
+                )
                 truncated += cut
             turns, tokens = turns + len(rows), tokens + sum(map(len, outs))
     for e in eps:
@@ -278,8 +365,10 @@ def check_length(agent, length: int):
     """A clear error before the model sees positions it was never built for."""
     limit = getattr(agent.model.config, "max_position_embeddings", None)
     if limit and length > limit:
-        raise ContextTooLong(f"{agent.name}: a context of {length} tokens (prompt + --max-new-tokens) exceeds the model's "
-                             f"maximum of {limit}; lower --max-new-tokens or use shorter questions")
+        raise ContextTooLong(
+            f"{agent.name}: a context of {length} tokens (prompt + --max-new-tokens) exceeds the model's "
+            f"maximum of {limit}; lower --max-new-tokens or use shorter questions"
+        )
 
 
 def first_turn(episode: Episode, agent: int) -> int:

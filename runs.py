@@ -10,6 +10,7 @@ checkpoint-stage<S>/ (a rename is atomic), and only then is the previous one rem
 any moment leaves at least one complete checkpoint; a leftover .tmp folder is never read, and is
 removed when the run resumes.
 """
+
 import argparse
 import dataclasses
 import json
@@ -45,6 +46,7 @@ def fail(prog: str, message: str, code: int = 2):
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage block), exit 2."""
+
     def error(self, message):
         fail(self.prog, message)
 
@@ -52,8 +54,12 @@ class Parser(argparse.ArgumentParser):
 def placement(cfg: Config) -> tuple[torch.device, torch.dtype]:
     """The run's device (cuda when asked, or auto with CUDA available) and weight dtype (bf16 when
     asked, or auto on CUDA; else fp32)."""
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-    return device, torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else torch.float32
+    device = torch.device(
+        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    return device, torch.bfloat16 if cfg.dtype == "bf16" or (
+        cfg.dtype == "auto" and device.type == "cuda"
+    ) else torch.float32
 
 
 def check_out_dir(out_dir: str):
@@ -81,7 +87,11 @@ def create(cfg: Config, sizes: list[int]) -> str:
     try:
         os.makedirs(path)
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "agents": sizes if cfg.mode == "compare" else cfg.agents}, f, indent=2)
+            json.dump(
+                {**dataclasses.asdict(cfg), "agents": sizes if cfg.mode == "compare" else cfg.agents},
+                f,
+                indent=2,
+            )
     except OSError as e:
         raise RunError(f"cannot create the run directory {path} ({e.strerror})") from None
     return path
@@ -142,7 +152,9 @@ def saved_team(run_dir: str) -> tuple[str, list[str]]:
     folder = run_dir if os.path.isdir(os.path.join(run_dir, "agent0")) else (checkpoints(run_dir) or [""])[-1]
     if not folder:
         raise RunError(f"{run_dir} holds neither a trained team nor a checkpoint")
-    names = sorted((n for n in os.listdir(folder) if n.startswith("agent") and n[5:].isdigit()), key=lambda n: int(n[5:]))
+    names = sorted(
+        (n for n in os.listdir(folder) if n.startswith("agent") and n[5:].isdigit()), key=lambda n: int(n[5:])
+    )
     return folder, [os.path.join(folder, n) for n in names]
 
 
@@ -163,10 +175,17 @@ def save_checkpoint(run_dir: str, team, stage: int, records: list[dict], base: s
         team_lib.save_team(team, tmp, base)
         for i, agent in enumerate(team):
             torch.save(agent.optimizer.state_dict(), os.path.join(tmp, f"optimizer{i}.pt"))
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save({"stage": stage, "agents": len(team), "records": records, "rng": rng}, os.path.join(tmp, "state.pt"))
-        for folder, _, files in os.walk(tmp):  # on disk before the rename makes the checkpoint visible
+        rng = {
+            "python": random.getstate(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(
+            {"stage": stage, "agents": len(team), "records": records, "rng": rng},
+            os.path.join(tmp, "state.pt"),
+        )
+        # on disk before the rename makes the checkpoint visible
+        for folder, _, files in os.walk(tmp):
             for name in files:
                 fsync(os.path.join(folder, name))
         os.rename(tmp, final)
@@ -174,8 +193,14 @@ def save_checkpoint(run_dir: str, team, stage: int, records: list[dict], base: s
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [os.path.basename(c) for c in checkpoints(run_dir)]
-        kept = f"{previous[-1]} is intact; python train.py --resume {run_dir}" if previous else "no earlier checkpoint"
-        raise RunError(f"could not write the checkpoint of stage {stage} ({e.strerror or e}); {kept}") from None
+        kept = (
+            f"{previous[-1]} is intact; python train.py --resume {run_dir}"
+            if previous
+            else "no earlier checkpoint"
+        )
+        raise RunError(
+            f"could not write the checkpoint of stage {stage} ({e.strerror or e}); {kept}"
+        ) from None
     for old in checkpoints(run_dir)[:-1]:
         shutil.rmtree(old)
 
@@ -200,8 +225,18 @@ def load_checkpoint(run_dir: str, cfg: Config, device, dtype):
         agents = [os.path.join(path, f"agent{i}") for i in range(state["agents"])]
         team = team_lib.load_team(agents, device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
         for i, agent in enumerate(team):
-            agent.optimizer.load_state_dict(torch.load(os.path.join(path, f"optimizer{i}.pt"), map_location=device, weights_only=True))
-    except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError, team_lib.LoadError) as e:
+            agent.optimizer.load_state_dict(
+                torch.load(os.path.join(path, f"optimizer{i}.pt"), map_location=device, weights_only=True)
+            )
+    except (
+        OSError,
+        RuntimeError,
+        KeyError,
+        ValueError,
+        EOFError,
+        pickle.UnpicklingError,
+        team_lib.LoadError,
+    ) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise RunError(f"--resume {run_dir}: {os.path.basename(path)} cannot be read ({reason})") from None
     random.setstate(state["rng"]["python"])

@@ -36,6 +36,7 @@ problems) with role prompts and math-verify grading are in mathtask.py; `make` p
 Answers are compared after extraction ("Answer: X", \\boxed{X}, else the last number), so a
 solo message "0;8;9" is scored by its last value.
 """
+
 import random
 import re
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ from dataclasses import dataclass
 import mathtask
 import parallel
 
-CHARS = "0123456789+-|;>="  # the relay alphabet; the character tokenizer is built from it
+# the relay alphabet; the character tokenizer is built from it
+CHARS = "0123456789+-|;>="
 HELDOUT_SEED = 1_000_003
 
 
@@ -51,8 +53,10 @@ HELDOUT_SEED = 1_000_003
 class Question:
     text: str
     answer: str
-    steps: tuple = ()  # the true message of every turn (relay only), for warm-up
-    ops: tuple = ()  # the operation of every turn, e.g. ("+3", "-2", "+1") (relay only)
+    # the true message of every turn (relay only), for warm-up
+    steps: tuple = ()
+    # the operation of every turn, e.g. ("+3", "-2", "+1") (relay only)
+    ops: tuple = ()
 
 
 def extract_answer(message: str) -> str:
@@ -74,11 +78,20 @@ def normalise(answer: str) -> str:
 class Relay:
     """Arithmetic relay mod `modulus`: one operation +a or -a (a in 1..max_arg) per turn."""
 
-    def __init__(self, n_ops: int, solo: bool = False, modulus: int = 10, max_arg: int = 3, p_max_arg: float = 0.0):
-        self.n_ops, self.solo, self.modulus, self.max_arg, self.p_max_arg = n_ops, solo, modulus, max_arg, p_max_arg
+    def __init__(
+        self, n_ops: int, solo: bool = False, modulus: int = 10, max_arg: int = 3, p_max_arg: float = 0.0
+    ):
+        self.n_ops, self.solo, self.modulus, self.max_arg, self.p_max_arg = (
+            n_ops,
+            solo,
+            modulus,
+            max_arg,
+            p_max_arg,
+        )
         self.turns = 1 if solo else n_ops
         digits = len(str(modulus - 1))
-        self.max_new_tokens = (digits + 1) * n_ops if solo else digits + 2  # "3;6;2" + EOS, or "3" + slack
+        # "3;6;2" + EOS, or "3" + slack
+        self.max_new_tokens = (digits + 1) * n_ops if solo else digits + 2
 
     def question(self, rng: random.Random) -> Question:
         value = rng.randrange(self.modulus)
@@ -135,10 +148,13 @@ def make(cfg):
         return mathtask.make(cfg)
     relay = Relay(cfg.agents * cfg.rounds, cfg.mode == "single", cfg.modulus, cfg.max_arg, cfg.p_max_arg)
     relay.max_new_tokens = cfg.max_new_tokens or relay.max_new_tokens
-    found = len(questions(relay, cfg.questions, 0, heldout=False, partial=True))  # a short chain has few questions
+    # a short chain has few questions
+    found = len(questions(relay, cfg.questions, 0, heldout=False, partial=True))
     if found < cfg.questions:
-        raise mathtask.TaskError(f"--questions {cfg.questions}: the relay has only {found} distinct training questions at --agents {cfg.agents}, "
-                                 f"--rounds {cfg.rounds}, --max-arg {cfg.max_arg}; lower --questions, or raise --rounds or --max-arg")
+        raise mathtask.TaskError(
+            f"--questions {cfg.questions}: the relay has only {found} distinct training questions at --agents {cfg.agents}, "
+            f"--rounds {cfg.rounds}, --max-arg {cfg.max_arg}; lower --questions, or raise --rounds or --max-arg"
+        )
     return relay
 
 
@@ -147,7 +163,9 @@ def heldout_set(task, count: int) -> list[Question]:
     question space (two agents) may hold fewer than `count`; then all that were found are used."""
     qs = questions(task, count, seed=HELDOUT_SEED, heldout=True, partial=True)
     if len(qs) < count:
-        parallel.print0(f"note: the task has only {len(qs)} distinct held-out questions; evaluating on all of them")
+        parallel.print0(
+            f"note: the task has only {len(qs)} distinct held-out questions; evaluating on all of them"
+        )
     return qs
 
 
@@ -167,7 +185,8 @@ def questions(task, count: int, seed: int, heldout: bool, partial: bool = False)
     rng, seen, out = random.Random(seed), set(), []
     for _ in range(200 * count):
         q = task.question(rng)
-        if mathtask.is_heldout(q.text) == heldout and q.text not in seen:  # the one CRC32 split of every task
+        # the one CRC32 split of every task
+        if mathtask.is_heldout(q.text) == heldout and q.text not in seen:
             seen.add(q.text)
             out.append(q)
             if len(out) == count:

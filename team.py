@@ -10,13 +10,21 @@ Pitfalls designed out here: dropout is off (it would make the KL non-zero before
 the tokenizer pads on the left for the batched sampler, and a missing pad token falls back to
 EOS (safe, because no mask in this project is built from pad_token_id).
 """
+
 import copy
 import os
 from dataclasses import dataclass
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
@@ -24,7 +32,8 @@ import hub
 import lora
 import rollout
 
-hf_logging.disable_progress_bar()  # a bar per checkpoint written or read would bury the training log
+# a bar per checkpoint written or read would bury the training log
+hf_logging.disable_progress_bar()
 
 
 @dataclass
@@ -33,7 +42,8 @@ class Agent:
     model: torch.nn.Module
     tokenizer: object
     optimizer: torch.optim.Optimizer
-    version: int = 0  # counts updates of the weights: a KV cache is reused only by the version that made it
+    # counts updates of the weights: a KV cache is reused only by the version that made it
+    version: int = 0
 
     def encode(self, context) -> list[int]:
         """Prompt ids for a context: a rendered string (relay), or chat messages (a real task's
@@ -42,7 +52,9 @@ class Agent:
         tok = self.tokenizer
         messages = [{"role": "user", "content": context}] if isinstance(context, str) else context
         if tok.chat_template:
-            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            return tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
         text = context if isinstance(context, str) else "".join(m["content"] + "\n\n" for m in messages)
         return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -55,7 +67,8 @@ def char_tokenizer(chars: str) -> PreTrainedTokenizerFast:
     vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()  # join characters without spaces
+    # join characters without spaces
+    core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
     tok.padding_side = "left"
     return tok
@@ -65,9 +78,17 @@ def tiny_model(tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0) -> Q
     """A Qwen2-architecture LM built from a config (no download): about 0.4M parameters at the
     runs' width (--hidden 128), 0.1M at this function's default of 64."""
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
         attention_dropout=0.0,
     )
     torch.manual_seed(seed)
@@ -89,11 +110,15 @@ def check_model(name: str):
     path, a hub name that cannot be reached, a folder without a causal LM, a tokenizer without EOS.
     Reads only the config and the tokenizer, so it is quick."""
     path, gguf = source(name)
-    local = os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1 or gguf is not None
+    local = (
+        os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1 or gguf is not None
+    )
     if local and not os.path.exists(name):
         raise LoadError(f"--model {name}: no such file or folder")
     if not local and not hub.reachable():
-        raise LoadError(f"--model {name}: no such local path, and the hub cannot be reached; pass a local folder or .gguf file")
+        raise LoadError(
+            f"--model {name}: no such local path, and the hub cannot be reached; pass a local folder or .gguf file"
+        )
     try:
         config = AutoConfig.from_pretrained(path, gguf_file=gguf)
         if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -101,7 +126,8 @@ def check_model(name: str):
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
     except LoadError:
         raise
-    except Exception as e:  # transformers raises OSError, ValueError or a hub error here
+    # transformers raises OSError, ValueError or a hub error here
+    except Exception as e:
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
         where = "not a Hugging Face model folder" if local else "could not load it from the hub"
         raise LoadError(f"--model {name}: {where} ({reason})") from None
@@ -113,12 +139,14 @@ def check_model(name: str):
 def load_model(name: str, device: str, dtype: torch.dtype):
     """A Hugging Face causal LM and its tokenizer: a hub name, a local folder or a .gguf file."""
     tokenizer = check_model(name)
-    tokenizer.padding_side = "left"  # apply_chat_template ignores padding_side in transformers 5.x
+    # apply_chat_template ignores padding_side in transformers 5.x
+    tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     path, gguf = source(name)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype).to(device)
-    if gguf:  # the weights are plain de-quantised tensors now; unmark them so save_pretrained writes them
+    # the weights are plain de-quantised tensors now; unmark them so save_pretrained writes them
+    if gguf:
         model.hf_quantizer, model.is_quantized = None, False
         del model.config.quantization_config
     check_output_layer(name, model)
@@ -134,34 +162,61 @@ def check_output_layer(name: str, model):
         logits = model(input_ids=ids).logits
         ours = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)
     if not torch.allclose(logits, ours, rtol=1e-3, atol=1e-3):
-        raise LoadError(f"--model {name}: its logits are post-processed (soft-capping or a logit scale), which this project does not score")
+        raise LoadError(
+            f"--model {name}: its logits are post-processed (soft-capping or a logit scale), which this project does not score"
+        )
 
 
 def make_agent(name, model, tokenizer, lr: float, grad_ckpt: bool = False, optimizer: str = "adam") -> Agent:
     model.config.use_cache = True
-    for module in model.modules():  # no dropout anywhere: the ratio must be exactly 1 before an update
+    # no dropout anywhere: the ratio must be exactly 1 before an update
+    for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    if grad_ckpt:  # only active in train mode; sampling runs in eval mode. Non-reentrant: a frozen base's inputs need no grad
+    # only active in train mode; sampling runs in eval mode. Non-reentrant: a frozen base's inputs need no grad
+    if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     # adam normalises each parameter's step (about lr per step); sgd steps in proportion to the gradient
-    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = (
+        torch.optim.SGD(params, lr=lr)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    )
     return Agent(name, model, tokenizer, opt)
 
 
-def clone_team(model, tokenizer, n: int, lr: float, grad_ckpt: bool = False, optimizer: str = "adam") -> list[Agent]:
+def clone_team(
+    model, tokenizer, n: int, lr: float, grad_ckpt: bool = False, optimizer: str = "adam"
+) -> list[Agent]:
     """n independent copies of one (warmed-up) model: a homogeneous team that diverges in training."""
-    return [make_agent(f"agent{i}", copy.deepcopy(model), copy.deepcopy(tokenizer), lr, grad_ckpt, optimizer) for i in range(n)]
+    return [
+        make_agent(f"agent{i}", copy.deepcopy(model), copy.deepcopy(tokenizer), lr, grad_ckpt, optimizer)
+        for i in range(n)
+    ]
 
 
-def lora_team(base, tokenizer, n: int, rank: int, alpha: float, targets: list[str], lr: float, grad_ckpt: bool = False,
-              optimizer: str = "adam", seed: int = 0) -> list[Agent]:
+def lora_team(
+    base,
+    tokenizer,
+    n: int,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    lr: float,
+    grad_ckpt: bool = False,
+    optimizer: str = "adam",
+    seed: int = 0,
+) -> list[Agent]:
     """n agents on one frozen base: each its own LoRA adapter (lora.py) and an optimiser over it."""
     check_lora_targets(base, targets)
-    models = [lora.adapted(base, rank, alpha, targets, rollout.derive_seed(seed, "lora", i)) for i in range(n)]
-    return [make_agent(f"agent{i}", model, tokenizer, lr, grad_ckpt, optimizer) for i, model in enumerate(models)]
+    models = [
+        lora.adapted(base, rank, alpha, targets, rollout.derive_seed(seed, "lora", i)) for i in range(n)
+    ]
+    return [
+        make_agent(f"agent{i}", model, tokenizer, lr, grad_ckpt, optimizer) for i, model in enumerate(models)
+    ]
 
 
 def check_lora_targets(model, targets: list[str]):
@@ -172,15 +227,33 @@ def check_lora_targets(model, targets: list[str]):
         raise LoadError(str(e)) from None
 
 
-def load_team(paths: list[str], device: str, dtype: torch.dtype, lr: float, grad_ckpt: bool = False, optimizer: str = "adam") -> list[Agent]:
+def load_team(
+    paths: list[str],
+    device: str,
+    dtype: torch.dtype,
+    lr: float,
+    grad_ckpt: bool = False,
+    optimizer: str = "adam",
+) -> list[Agent]:
     """One agent per path (a heterogeneous team when the paths differ); folders of LoRA adapters
     (adapter_config.json) become a LoRA team on their common base."""
     if not all(os.path.exists(os.path.join(p, lora.CONFIG)) for p in paths):
-        return [make_agent(f"agent{i}", *load_model(p, device, dtype), lr, grad_ckpt, optimizer) for i, p in enumerate(paths)]
+        return [
+            make_agent(f"agent{i}", *load_model(p, device, dtype), lr, grad_ckpt, optimizer)
+            for i, p in enumerate(paths)
+        ]
     try:
         config = lora.read_config(paths[0])
-        team = lora_team(*load_model(config["base_model_name_or_path"], device, dtype), len(paths), config["r"], config["lora_alpha"],
-                         config["target_modules"], lr, grad_ckpt, optimizer)
+        team = lora_team(
+            *load_model(config["base_model_name_or_path"], device, dtype),
+            len(paths),
+            config["r"],
+            config["lora_alpha"],
+            config["target_modules"],
+            lr,
+            grad_ckpt,
+            optimizer,
+        )
         for agent, path in zip(team, paths):
             lora.load_adapter(agent.model, path)
     except (OSError, ValueError, KeyError) as e:

@@ -24,6 +24,7 @@ Two starting teams: `random` (N(0, 1) logits: the message chain forgets quickly)
 `happo_surrogate` is the HAPPO-style correction (stale trajectories reweighted by the product of
 the already-updated agents' sequence ratios), checked in tests to equal the intermediate surrogate.
 """
+
 import argparse
 import itertools
 import time
@@ -44,11 +45,14 @@ class Testbed:
         self.n, self.rounds, self.Q, self.M = n, rounds, Q, M
         self.turns = n * rounds
         self.p_q = np.full(Q, 1 / Q)
-        self.reward = rng.random((Q, M))  # R(q, final message)
+        # R(q, final message)
+        self.reward = rng.random((Q, M))
         logits = rng.normal(size=(n, Q, M, M))
         if init == "relay":
-            logits = 0.5 * logits + 3.0 * np.eye(M)  # mostly copy the message read
-        self.pi = softmax(logits)  # (n, Q, M, M): [agent, q, previous message, next message]
+            # mostly copy the message read
+            logits = 0.5 * logits + 3.0 * np.eye(M)
+        # (n, Q, M, M): [agent, q, previous message, next message]
+        self.pi = softmax(logits)
 
     def agent(self, t):
         return t % self.n
@@ -56,7 +60,8 @@ class Testbed:
     def occupancy(self, pi):
         """d[t, q, c]: probability that turn t acts in context (q, previous message c)."""
         d = np.zeros((self.turns, self.Q, self.M))
-        d[0, :, 0] = self.p_q  # the first agent reads the question and a start symbol 0
+        # the first agent reads the question and a start symbol 0
+        d[0, :, 0] = self.p_q
         for t in range(self.turns - 1):
             d[t + 1] = np.einsum("qc,qcm->qm", d[t], pi[self.agent(t)])
         return d
@@ -64,35 +69,51 @@ class Testbed:
     def q_values(self, pi):
         """Qv[t, q, c, m]: expected reward after turn t writes m in context (q, c)."""
         Qv = np.zeros((self.turns, self.Q, self.M, self.M))
-        V_next = self.reward  # (Q, M): value of the message just written, after the last turn
+        # (Q, M): value of the message just written, after the last turn
+        V_next = self.reward
         for t in reversed(range(self.turns)):
             Qv[t] = np.broadcast_to(V_next[:, None, :], (self.Q, self.M, self.M))
             V_next = np.einsum("qcm,qcm->qc", pi[self.agent(t)], Qv[t])
         return Qv
 
     def J(self, pi):
-        return float((self.occupancy(pi)[-1] * np.einsum("qcm,qm->qc", pi[self.agent(self.turns - 1)], self.reward)).sum())
+        return float(
+            (
+                self.occupancy(pi)[-1] * np.einsum("qcm,qm->qc", pi[self.agent(self.turns - 1)], self.reward)
+            ).sum()
+        )
 
     def surrogate(self, ref, a, new_policy):
         """L: sum over agent a's turns of d^ref sum_m (pi' - pi^ref) Q^ref."""
         d, Qv = self.occupancy(ref), self.q_values(ref)
-        return float(sum((d[t][..., None] * (new_policy - ref[a]) * Qv[t]).sum() for t in range(self.turns) if self.agent(t) == a))
+        return float(
+            sum(
+                (d[t][..., None] * (new_policy - ref[a]) * Qv[t]).sum()
+                for t in range(self.turns)
+                if self.agent(t) == a
+            )
+        )
 
     def kl_step(self, ref, a, delta):
         """pi' ∝ pi exp(eta A^ref), with eta such that the occupancy-weighted mean KL(pi' || pi) = delta."""
         d, Qv = self.occupancy(ref), self.q_values(ref)
         mine = [t for t in range(self.turns) if self.agent(t) == a]
-        weight = sum(d[t] for t in mine) / len(mine)  # (Q, M): agent a's context distribution
+        # (Q, M): agent a's context distribution
+        weight = sum(d[t] for t in mine) / len(mine)
         adv = sum(d[t][..., None] * (Qv[t] - (ref[a] * Qv[t]).sum(-1, keepdims=True)) for t in mine)
-        adv = adv / np.maximum(sum(d[t] for t in mine), 1e-300)[..., None]  # occupancy-weighted A(c, m)
-        log_pi = np.log(np.maximum(ref[a], 1e-300))  # policies near convergence have exact zeros
+        # occupancy-weighted A(c, m)
+        adv = adv / np.maximum(sum(d[t] for t in mine), 1e-300)[..., None]
+        # policies near convergence have exact zeros
+        log_pi = np.log(np.maximum(ref[a], 1e-300))
 
         def step(eta):
             logits = log_pi + eta * adv
             log_new = logits - logits.max(-1, keepdims=True)
-            log_new -= np.log(np.exp(log_new).sum(-1, keepdims=True))  # log-softmax, no log(0)
+            # log-softmax, no log(0)
+            log_new -= np.log(np.exp(log_new).sum(-1, keepdims=True))
             new = np.exp(log_new)
             return new, float((weight * (new * (log_new - log_pi)).sum(-1)).sum())
+
         lo, hi = 0.0, 1.0
         while step(hi)[1] < delta and hi < 1e6:
             hi *= 2
@@ -153,16 +174,24 @@ def fit_slope(ns, errors):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="theory.py", description="The exact testbed: stale vs intermediate occupancy.",
-                                     usage=argparse.SUPPRESS)  # errors in one line; numpy only, no torch to import
+    parser = argparse.ArgumentParser(
+        prog="theory.py",
+        description="The exact testbed: stale vs intermediate occupancy.",
+        # errors in one line; numpy only, no torch to import
+        usage=argparse.SUPPRESS,
+    )
     parser.add_argument("--delta", type=float, default=0.01, help="KL size of every update")
     parser.add_argument("--seeds", type=int, default=5, help="random teams averaged per n")
     parser.add_argument("--stages", type=int, default=15, help="stages of the J curves")
     args = parser.parse_args(argv)
     if not (args.delta > 0 and args.seeds >= 1 and args.stages >= 0):
-        parser.error(f"--delta must be positive, --seeds at least 1, --stages at least 0; got {args.delta}, {args.seeds}, {args.stages}")
+        parser.error(
+            f"--delta must be positive, --seeds at least 1, --stages at least 0; got {args.delta}, {args.seeds}, {args.stages}"
+        )
     start, ns = time.time(), [2, 4, 8, 16, 32]
-    print(f"summed surrogate error per stage, delta = {args.delta}, mean over {args.seeds} teams (Q = 3, M = 4)")
+    print(
+        f"summed surrogate error per stage, delta = {args.delta}, mean over {args.seeds} teams (Q = 3, M = 4)"
+    )
     print("paper's bounds: stale O(n^2), intermediate O(n)\n")
     print(f"{'init':7s} {'rounds':6s} {'mode':13s} " + " ".join(f"n={n:<8d}" for n in ns) + " exponent")
     for init in ["random", "relay"]:
@@ -170,7 +199,11 @@ def main(argv=None):
             errors, slopes = exponents(ns, rounds, init, args.delta, args.seeds)
             for mode in errors:
                 slope = "exact (error is round-off)" if slopes[mode] is None else f"{slopes[mode]:.2f}"
-                print(f"{init:7s} {rounds:<6d} {mode:13s} " + " ".join(f"{e:<10.2e}" for e in errors[mode]) + f" {slope}")
+                print(
+                    f"{init:7s} {rounds:<6d} {mode:13s} "
+                    + " ".join(f"{e:<10.2e}" for e in errors[mode])
+                    + f" {slope}"
+                )
     print(f"\nJ after each stage, n = 8, relay init, one round (delta = {args.delta}):")
     for mode in ["stale", "intermediate"]:
         bed = Testbed(8, 1, init="relay", seed=0)

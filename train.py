@@ -18,6 +18,7 @@ and per stage; names as in SPEC section 5), checkpoint-stage<S>/ (the last stage
 optimiser and RNG states), agent{i}/ (save_pretrained) and summary.md.
 Every flag is a field of config.Config; `python train.py --help` lists them with their docs.
 """
+
 import argparse
 import ast
 import contextlib
@@ -45,15 +46,60 @@ import warmup
 from config import Config
 
 CHOICES = {
-    "mode": [*config.MODES, "compare"], "resample": ["", "fresh", "stale", "reweight"], "trust_region": ["", "on", "off"],
-    "order": ["fixed", "random"], "update_order": ["turn", "reverse", "random"], "kl": ["kl_rev", "full"],
-    "reduction": ["token", "sequence"], "accept": ["always", "heldout"], "optimizer": ["adam", "sgd"], "device": ["auto", "cpu", "cuda"], "dtype": ["auto", "fp32", "bf16"],
+    "mode": [*config.MODES, "compare"],
+    "resample": ["", "fresh", "stale", "reweight"],
+    "trust_region": ["", "on", "off"],
+    "order": ["fixed", "random"],
+    "update_order": ["turn", "reverse", "random"],
+    "kl": ["kl_rev", "full"],
+    "reduction": ["token", "sequence"],
+    "accept": ["always", "heldout"],
+    "optimizer": ["adam", "sgd"],
+    "device": ["auto", "cpu", "cuda"],
+    "dtype": ["auto", "fp32", "bf16"],
 }
-MINIMUM = {"agents": 1, "seeds": 1, "rounds": 1, "modulus": 2, "max_arg": 1, "p_max_arg": 0.0, "hidden": 8, "layers": 1,
-           "warmup_steps": 0, "warmup_target": 0.0, "align_steps": 0, "demo_error": 0.0, "demo_max_arg": 0, "stages": 0, "questions": 1, "group": 2, "eval_size": 1, "eval_every": 1,
-           "epochs": 1, "minibatch": 1, "threads": 0, "lora_rank": 0, "max_backtracks": 0, "max_new_tokens": 0, "temperature": 0.0, "happo_max_weight": 1.0, "holdout": 0.0}
-COMPARE_STAGES = 15  # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
-POSITIVE = ["lr", "warmup_lr", "delta", "clip_eps", "adv_max", "top_p", "max_grad_norm", "lora_alpha", "dist_timeout"]
+MINIMUM = {
+    "agents": 1,
+    "seeds": 1,
+    "rounds": 1,
+    "modulus": 2,
+    "max_arg": 1,
+    "p_max_arg": 0.0,
+    "hidden": 8,
+    "layers": 1,
+    "warmup_steps": 0,
+    "warmup_target": 0.0,
+    "align_steps": 0,
+    "demo_error": 0.0,
+    "demo_max_arg": 0,
+    "stages": 0,
+    "questions": 1,
+    "group": 2,
+    "eval_size": 1,
+    "eval_every": 1,
+    "epochs": 1,
+    "minibatch": 1,
+    "threads": 0,
+    "lora_rank": 0,
+    "max_backtracks": 0,
+    "max_new_tokens": 0,
+    "temperature": 0.0,
+    "happo_max_weight": 1.0,
+    "holdout": 0.0,
+}
+# team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
+COMPARE_STAGES = 15
+POSITIVE = [
+    "lr",
+    "warmup_lr",
+    "delta",
+    "clip_eps",
+    "adv_max",
+    "top_p",
+    "max_grad_norm",
+    "lora_alpha",
+    "dist_timeout",
+]
 
 
 def fail(message: str, code: int = 2):
@@ -64,8 +110,11 @@ def fail(message: str, code: int = 2):
 def field_docs(cls) -> dict:
     """The docstring under each dataclass field, for --help."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    return {
+        a.target.id: b.value.value
+        for a, b in zip(body, body[1:])
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+    }
 
 
 def team_sizes(text: str) -> list[int]:
@@ -73,14 +122,17 @@ def team_sizes(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of agents or a list such as 2,4,6,8, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number of agents or a list such as 2,4,6,8, got {text!r}"
+        ) from None
 
 
 def parse(argv=None) -> tuple[Config, list[int], str]:
     """The config, the team sizes (more than one only with --mode compare) and the run to resume
     ('' for a new run; then the config is its saved one)."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = runs.Parser(prog="train.py", description=__doc__.splitlines()[0], allow_abbrev=False)  # flags are matched exactly
+    # flags are matched exactly
+    parser = runs.Parser(prog="train.py", description=__doc__.splitlines()[0], allow_abbrev=False)
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -88,8 +140,15 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
             parser.add_argument(flag, action="store_true", help=docs[f.name])
         else:
             kind, default = (team_sizes, [f.default]) if f.name == "agents" else (f.type, f.default)
-            parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=docs[f.name])
-    parser.add_argument("--resume", default="", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint, with its saved config (only --threads and --dist-timeout may be given too)")
+            parser.add_argument(
+                flag, type=kind, default=default, choices=CHOICES.get(f.name), help=docs[f.name]
+            )
+    parser.add_argument(
+        "--resume",
+        default="",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last checkpoint, with its saved config (only --threads and --dist-timeout may be given too)",
+    )
     args = vars(parser.parse_args(argv))
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     if resume := args.pop("resume"):
@@ -99,8 +158,11 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
             cfg, sizes = runs.read_config(resume)
         except runs.RunError as e:
             parser.error(str(e))
-        if os.path.exists(os.path.join(resume, "summary.md")):  # written last, by a finished run (compare writes none)
-            parser.error(f"--resume {resume}: the run is finished (its summary.md is written); nothing to resume")
+        # written last, by a finished run (compare writes none)
+        if os.path.exists(os.path.join(resume, "summary.md")):
+            parser.error(
+                f"--resume {resume}: the run is finished (its summary.md is written); nothing to resume"
+            )
         cfg.threads = args["threads"] if "--threads" in given else cfg.threads
         cfg.dist_timeout = args["dist_timeout"] if "--dist-timeout" in given else cfg.dist_timeout
         return cfg, sizes, resume
@@ -115,21 +177,30 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
         if not getattr(cfg, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.questions < parallel.WORLD:
-        parser.error(f"--questions {cfg.questions}: fewer than the {parallel.WORLD} processes, and each process plays whole questions")
+        parser.error(
+            f"--questions {cfg.questions}: fewer than the {parallel.WORLD} processes, and each process plays whole questions"
+        )
     for name in ("top_p", "warmup_target"):
         if getattr(cfg, name) > 1:
             parser.error(f"--{name.replace('_', '-')} must be at most 1, got {getattr(cfg, name)}")
-    fresh = compare or (cfg.resample or config.MODES[cfg.mode][0]) == "fresh"  # compare: checked for its fresh modes
+    # compare: checked for its fresh modes
+    fresh = compare or (cfg.resample or config.MODES[cfg.mode][0]) == "fresh"
     if cfg.shared_prefix and not fresh:
-        parser.error("--shared-prefix plays each agent's batch again from shared prefixes: it needs fresh resampling (--mode teamtr or fresh-no-tr)")
+        parser.error(
+            "--shared-prefix plays each agent's batch again from shared prefixes: it needs fresh resampling (--mode teamtr or fresh-no-tr)"
+        )
     if cfg.reuse_kv and not fresh and not cfg.measure_gap:
-        parser.error("--reuse-kv speeds up suffix resampling: it needs fresh resampling (--mode teamtr or fresh-no-tr) or --measure-gap")
+        parser.error(
+            "--reuse-kv speeds up suffix resampling: it needs fresh resampling (--mode teamtr or fresh-no-tr) or --measure-gap"
+        )
     if not cfg.holdout < 1:
         parser.error(f"--holdout must be below 1 (the update trains on the rest), got {cfg.holdout}")
     if cfg.accept == "heldout" and not cfg.holdout:
         parser.error("--accept heldout tests each update on held-out questions: give --holdout, e.g. 0.25")
     if cfg.p_max_arg and not (cfg.p_max_arg <= 1 and cfg.max_arg >= 2):
-        parser.error(f"--p-max-arg must be at most 1 and needs --max-arg 2 or more, got {cfg.p_max_arg} with --max-arg {cfg.max_arg}")
+        parser.error(
+            f"--p-max-arg must be at most 1 and needs --max-arg 2 or more, got {cfg.p_max_arg} with --max-arg {cfg.max_arg}"
+        )
     if len(sizes) > 1 and not compare:
         parser.error(f"--agents {','.join(map(str, sizes))}: a list of team sizes needs --mode compare")
     if not compare and given & {"--modes", "--seeds"}:
@@ -139,7 +210,9 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
     if compare and cfg.eval_every > 1:
         parser.error("--mode compare evaluates after every stage (its plots need it); drop --eval-every")
     if compare and given & {"--resample", "--trust-region", "--models"}:
-        parser.error("--mode compare sets --resample and --trust-region from each of --modes and takes one --model")
+        parser.error(
+            "--mode compare sets --resample and --trust-region from each of --modes and takes one --model"
+        )
     modes = cfg.modes.split(",") if compare else []
     for mode in modes:
         if mode not in config.MODES:
@@ -150,18 +223,26 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
         if value and (cfg.model or cfg.models):
             parser.error(f"{flag} changes the warm-up of the tiny agents; --model/--models are not warmed up")
     if cfg.task != "relay" and not mathtask.is_math_task(cfg.task):
-        parser.error(f"--task: unknown task {cfg.task!r} (relay, words, {', '.join(mathtask.HUB)}, jsonl:PATH or parquet:PATH)")
+        parser.error(
+            f"--task: unknown task {cfg.task!r} (relay, words, {', '.join(mathtask.HUB)}, jsonl:PATH or parquet:PATH)"
+        )
     if cfg.task != "relay" and not (cfg.model or cfg.models):
-        parser.error(f"--task {cfg.task} needs pretrained agents: pass --model or --models (the tiny agents only learn the relay)")
+        parser.error(
+            f"--task {cfg.task} needs pretrained agents: pass --model or --models (the tiny agents only learn the relay)"
+        )
     if cfg.codes and cfg.task != "relay":
         parser.error("--codes is a variant of the relay task")
     if cfg.prompts and cfg.task == "relay":
         parser.error("--prompts gives the roles of a real task's agents; the relay has none")
     kind, _, path = cfg.task.partition(":")
-    if kind in mathtask.LOCAL:  # absolute paths in config.json, so eval.py finds them from anywhere
+    # absolute paths in config.json, so eval.py finds them from anywhere
+    if kind in mathtask.LOCAL:
         cfg.task = f"{kind}:{os.path.abspath(path)}"
     cfg.prompts = cfg.prompts and os.path.abspath(cfg.prompts)
-    cfg.model, cfg.models = local_path(cfg.model) if cfg.model else "", ",".join(map(local_path, cfg.models.split(","))) if cfg.models else ""
+    cfg.model, cfg.models = (
+        local_path(cfg.model) if cfg.model else "",
+        ",".join(map(local_path, cfg.models.split(","))) if cfg.models else "",
+    )
     if cfg.init or cfg.replace:
         check_replacement(parser, cfg, compare)
     if cfg.lora_rank and cfg.models:
@@ -173,7 +254,9 @@ def parse(argv=None) -> tuple[Config, list[int], str]:
     if cfg.name and (os.path.basename(cfg.name) != cfg.name or cfg.name in (".", "..")):
         parser.error(f"--name {cfg.name}: a folder name under --out-dir, not a path")
     if cfg.name and os.path.exists(os.path.join(cfg.out_dir, cfg.name)):
-        parser.error(f"{os.path.join(cfg.out_dir, cfg.name)} exists; choose another --name (nothing was overwritten)")
+        parser.error(
+            f"{os.path.join(cfg.out_dir, cfg.name)} exists; choose another --name (nothing was overwritten)"
+        )
     return (cfg if compare else config.resolve(cfg)), sizes, ""
 
 
@@ -185,7 +268,9 @@ def local_path(name: str) -> str:
 def check_replacement(parser, cfg: Config, compare: bool):
     """--init and --replace: one line, exit 2, for what cannot work."""
     if compare or cfg.model or cfg.models or cfg.lora_rank:
-        parser.error("--init starts one run from a saved team: not with --mode compare, --model, --models or --lora-rank")
+        parser.error(
+            "--init starts one run from a saved team: not with --mode compare, --model, --models or --lora-rank"
+        )
     if cfg.replace and not cfg.init:
         parser.error("--replace swaps an agent of a saved team: give the team with --init RUN_DIR")
     if not os.path.isdir(cfg.init):
@@ -202,11 +287,17 @@ def write_summary(run_dir, cfg: Config, accs, seconds, resumed_after=None):
     """summary.md; resumed_after: the checkpoint's stage when this process resumed the run (the
     command is then the resume's, and the seconds those since the resume)."""
     rows = "\n".join(f"| {s} | {a:.3f} |" for s, a in zip(teamtr.evaluated_stages(cfg), accs))
-    since = "" if resumed_after is None else f" since the resume after stage {resumed_after} (the run's config is in config.json)"
-    text = (f"# {os.path.basename(run_dir)}\n\n`python train.py {' '.join(sys.argv[1:])}`\n\n"
-            f"mode {cfg.mode} (resample {cfg.resample}, trust region {cfg.trust_region}), {cfg.agents} agents, seed {cfg.seed}\n\n"
-            f"held-out accuracy: {accs[0]:.3f} -> {accs[-1]:.3f} ({100 * (accs[-1] - accs[0]):+.1f} points), {seconds:.0f} s{since}\n\n"
-            f"| stage | held-out accuracy |\n|---|---|\n{rows}\n")
+    since = (
+        ""
+        if resumed_after is None
+        else f" since the resume after stage {resumed_after} (the run's config is in config.json)"
+    )
+    text = (
+        f"# {os.path.basename(run_dir)}\n\n`python train.py {' '.join(sys.argv[1:])}`\n\n"
+        f"mode {cfg.mode} (resample {cfg.resample}, trust region {cfg.trust_region}), {cfg.agents} agents, seed {cfg.seed}\n\n"
+        f"held-out accuracy: {accs[0]:.3f} -> {accs[-1]:.3f} ({100 * (accs[-1] - accs[0]):+.1f} points), {seconds:.0f} s{since}\n\n"
+        f"| stage | held-out accuracy |\n|---|---|\n{rows}\n"
+    )
     with open(os.path.join(run_dir, "summary.md"), "w") as f:
         f.write(text)
 
@@ -215,7 +306,9 @@ def checked_inputs(cfg: Config, sizes: list[int]):
     """The task (its data and prompts loaded), after the models' configs and tokenizers were
     checked: every bad input ends here in one line, exit 2, before anything is written."""
     try:
-        for name in dict.fromkeys(filter(None, [cfg.model, *cfg.models.split(","), cfg.replace and replace.target(cfg)[1]])):
+        for name in dict.fromkeys(
+            filter(None, [cfg.model, *cfg.models.split(","), cfg.replace and replace.target(cfg)[1]])
+        ):
             team_lib.check_model(name)
         return [tasks.make(dataclasses.replace(cfg, agents=n)) for n in sizes][0]
     except (mathtask.TaskError, team_lib.LoadError) as e:
@@ -238,13 +331,15 @@ def start(cfg: Config, sizes: list[int], resume: str, device, dtype):
                 runs.remove_partial(resume)
             return team, done, resume
         runs.check_out_dir(cfg.out_dir)
-        if cfg.init:  # a saved team; every rank loads the same files
+        # a saved team; every rank loads the same files
+        if cfg.init:
             team, begin = replace.load_init(cfg, device, dtype), None
         else:
             begin = warmup.starting_model(cfg, device, dtype)
             team = warmup.build_team(cfg, begin, device, dtype)
         run_dir = parallel.broadcast_object(runs.create(cfg, sizes) if parallel.main() else None)
-        if cfg.lora_rank and not cfg.model and parallel.main():  # the warmed-up tiny base, which the adapters are saved against
+        # the warmed-up tiny base, which the adapters are saved against
+        if cfg.lora_rank and not cfg.model and parallel.main():
             team_lib.save_model(*begin, runs.lora_base(cfg, run_dir))
         return team, [], run_dir
     except (runs.RunError, team_lib.LoadError) as e:
@@ -271,44 +366,62 @@ def stops_cleanly(run_dir: str):
     try:
         yield
     except KeyboardInterrupt:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun may signal again while this one ends
+        # torchrun may signal again while this one ends
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         fail(f"interrupted; continue with: {resume_command(run_dir)}", 130)
     except parallel.ProcessLost as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        fail(f"another process of this run stopped or stopped answering ({e}); continue with: {resume_command(run_dir)}", 1)
+        fail(
+            f"another process of this run stopped or stopped answering ({e}); continue with: {resume_command(run_dir)}",
+            1,
+        )
 
 
 def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began: float):
     """One run (or a compare directory) to the end."""
     if cfg.mode == "compare":
         try:
-            run_dir = resume or parallel.broadcast_object(runs.check_out_dir(cfg.out_dir) or (runs.create(cfg, sizes) if parallel.main() else None))
+            run_dir = resume or parallel.broadcast_object(
+                runs.check_out_dir(cfg.out_dir) or (runs.create(cfg, sizes) if parallel.main() else None)
+            )
             parallel.print0(f"run directory: {run_dir}")
             with stops_cleanly(run_dir):
                 return compare.run(cfg, sizes, device, dtype, run_dir, resume=bool(resume))
-        except runs.RunError as e:  # --out-dir, or an unreadable results.json on --resume
+        # --out-dir, or an unreadable results.json on --resume
+        except runs.RunError as e:
             fail(str(e))
     team, done, run_dir = start(cfg, sizes, resume, device, dtype)
-    parallel.print0(f"run directory: {run_dir}" + (f" (resumed after stage {done[-1]['stage']})" if done else ""))
+    parallel.print0(
+        f"run directory: {run_dir}" + (f" (resumed after stage {done[-1]['stage']})" if done else "")
+    )
     heldout = task.heldout(cfg.eval_size)
-    log, base = runs.Log(os.path.join(run_dir, "metrics.jsonl"), done, echo=True), runs.lora_base(cfg, run_dir)
+    log, base = (
+        runs.Log(os.path.join(run_dir, "metrics.jsonl"), done, echo=True),
+        runs.lora_base(cfg, run_dir),
+    )
     try:
         with stops_cleanly(run_dir):
             if cfg.replace and not done:
                 team = replace.swap_and_align(team, task, heldout, cfg, log, device, dtype)
-            accs = teamtr.train_stages(team, task, heldout, cfg, log, done, lambda stage: checkpoint(run_dir, team, stage, log, base))
+            accs = teamtr.train_stages(
+                team, task, heldout, cfg, log, done, lambda stage: checkpoint(run_dir, team, stage, log, base)
+            )
     except rollout.ContextTooLong as e:
-        if parallel.main() and not runs.checkpoints(run_dir):  # found by the very first sampling: nothing worth keeping was written
+        # found by the very first sampling: nothing worth keeping was written
+        if parallel.main() and not runs.checkpoints(run_dir):
             shutil.rmtree(run_dir)
         fail(str(e))
-    except runs.RunError as e:  # a failed checkpoint write
+    # a failed checkpoint write
+    except runs.RunError as e:
         fail(str(e), 1)
     parallel.check_identical(team)
     if parallel.main():
         team_lib.save_team(team, run_dir, base)
         write_summary(run_dir, cfg, accs, time.time() - began, done[-1]["stage"] if done else None)
-    parallel.print0(f"held-out accuracy ({len(heldout)} questions): starting team {accs[0]:.3f} -> trained team {accs[-1]:.3f} "
-                    f"({100 * (accs[-1] - accs[0]):+.1f} points) in {time.time() - began:.0f} s; wrote {run_dir}")
+    parallel.print0(
+        f"held-out accuracy ({len(heldout)} questions): starting team {accs[0]:.3f} -> trained team {accs[-1]:.3f} "
+        f"({100 * (accs[-1] - accs[0]):+.1f} points) in {time.time() - began:.0f} s; wrote {run_dir}"
+    )
 
 
 def main(argv=None):
@@ -318,7 +431,8 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     device, dtype = runs.placement(cfg)
     parallel.init(device, cfg.dist_timeout)
-    if parallel.WORLD > 1:  # torchrun ends the other processes with SIGTERM when one fails: stop as on Ctrl-C
+    # torchrun ends the other processes with SIGTERM when one fails: stop as on Ctrl-C
+    if parallel.WORLD > 1:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     task = checked_inputs(cfg, sizes)
     train(cfg, sizes, resume, device, dtype, task, began)

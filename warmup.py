@@ -4,6 +4,7 @@ The tiny agents learn nothing but the relay, so a short supervised phase (warmup
 format and leaves them an imperfect start that RL can improve; then one warmed-up model is copied
 once per agent. --model and --models load Hugging Face models instead, with no warm-up.
 """
+
 import random
 
 import torch
@@ -17,7 +18,8 @@ import tasks
 import team as team_lib
 from config import Config
 
-CHECK_EVERY = 25  # warm-up steps between checks of --warmup-target
+# warm-up steps between checks of --warmup-target
+CHECK_EVERY = 25
 
 
 def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[str, str]]:
@@ -30,13 +32,21 @@ def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[
     reads, so the agents learn to decode and encode both ways and must agree on a convention in RL.
     """
     n_ops, m = len(q.ops), task.modulus
-    values = [(int(v) + (abs(int(op)) > cfg.demo_max_arg and rng.random() < cfg.demo_error)) % m for v, op in zip(q.steps, q.ops)]
+    values = [
+        (int(v) + (abs(int(op)) > cfg.demo_max_arg and rng.random() < cfg.demo_error)) % m
+        for v, op in zip(q.steps, q.ops)
+    ]
     mirrored = [cfg.codes and t < n_ops - 1 and rng.random() < 0.5 for t in range(n_ops)]
 
-    def code(chain):  # a chain of values as the demonstrator writes it
+    # a chain of values as the demonstrator writes it
+    def code(chain):
         return [str(tasks.mirror(int(v), m) if c else int(v)) for v, c in zip(chain, mirrored)]
-    shown, written = code(q.steps), code(values)  # the true chain (what later turns read), its own messages
-    return [(task.render(q, shown[:t]), written[t]) for t in range(n_ops)] + [(solo.render(q, []), ";".join(map(str, values)))]
+
+    # the true chain (what later turns read), its own messages
+    shown, written = code(q.steps), code(values)
+    return [(task.render(q, shown[:t]), written[t]) for t in range(n_ops)] + [
+        (solo.render(q, []), ";".join(map(str, values)))
+    ]
 
 
 def warmup(model, tokenizer, cfg: Config, batch: int = 64):
@@ -49,22 +59,44 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
     on training-side questions: the start is then set by the recipe, not by where one machine's
     floating point lands after a fixed number of steps.
     """
-    task, solo = (tasks.Relay(cfg.agents * cfg.rounds, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg) for s in (False, True))
+    task, solo = (
+        tasks.Relay(cfg.agents * cfg.rounds, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg)
+        for s in (False, True)
+    )
     agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
-    check = tasks.questions(task, 256, rollout.derive_seed(cfg.seed, "warmup-check"), heldout=False, partial=True) if cfg.warmup_target else []
+    check = (
+        tasks.questions(task, 256, rollout.derive_seed(cfg.seed, "warmup-check"), heldout=False, partial=True)
+        if cfg.warmup_target
+        else []
+    )
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step", disable=not parallel.main()):
-        if check and step and step % CHECK_EVERY == 0 and (acc := copies_accuracy(agent, cfg, task, check)) >= cfg.warmup_target:
-            parallel.print0(f"warm-up: stopped after {step} steps, at greedy accuracy {acc:.3f} on {len(check)} training "
-                            f"questions (--warmup-target {cfg.warmup_target})")
+        if (
+            check
+            and step
+            and step % CHECK_EVERY == 0
+            and (acc := copies_accuracy(agent, cfg, task, check)) >= cfg.warmup_target
+        ):
+            parallel.print0(
+                f"warm-up: stopped after {step} steps, at greedy accuracy {acc:.3f} on {len(check)} training "
+                f"questions (--warmup-target {cfg.warmup_target})"
+            )
             break
         rng = random.Random(rollout.derive_seed(cfg.seed, "demonstrator", step))
-        qs = tasks.questions(task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False, partial=True)  # a short chain has fewer
-        pairs = [(q, context, message) for q in qs for context, message in demonstration(q, task, solo, cfg, rng)]
+        # a short chain has fewer
+        qs = tasks.questions(
+            task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False, partial=True
+        )
+        pairs = [
+            (q, context, message) for q in qs for context, message in demonstration(q, task, solo, cfg, rng)
+        ]
         imitation_step(agent, agent.optimizer, imitation_batch(agent, pairs))
     else:
-        if check:  # the target was not reached: say where the start is instead
-            parallel.print0(f"warm-up: --warmup-target {cfg.warmup_target} not reached in {cfg.warmup_steps} steps (greedy accuracy "
-                            f"{copies_accuracy(agent, cfg, task, check):.3f} on {len(check)} training questions); raise --warmup-steps")
+        # the target was not reached: say where the start is instead
+        if check:
+            parallel.print0(
+                f"warm-up: --warmup-target {cfg.warmup_target} not reached in {cfg.warmup_steps} steps (greedy accuracy "
+                f"{copies_accuracy(agent, cfg, task, check):.3f} on {len(check)} training questions); raise --warmup-steps"
+            )
     model.eval()
     return model
 
@@ -76,7 +108,9 @@ def imitation_batch(agent, pairs) -> dict:
     episodes = []
     for q, context, message in pairs:
         ids = agent.tokenizer(message, add_special_tokens=False)["input_ids"] + [eos]
-        episodes.append(rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(context), ids, [0.0] * len(ids), "")]))
+        episodes.append(
+            rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(context), ids, [0.0] * len(ids), "")])
+        )
     return losses.agent_batch(episodes, 0, torch.ones(len(episodes)), agent.tokenizer.pad_token_id, device)
 
 
@@ -105,7 +139,8 @@ def starting_model(cfg: Config, device, dtype):
         return team_lib.load_model(cfg.model, device, dtype)
     tokenizer = team_lib.char_tokenizer(tasks.CHARS)
     model = team_lib.tiny_model(tokenizer, cfg.hidden, cfg.layers, seed=cfg.seed).to(device, dtype)
-    if cfg.lora_rank:  # a bad --lora-targets ends here, not after the warm-up
+    # a bad --lora-targets ends here, not after the warm-up
+    if cfg.lora_rank:
         team_lib.check_lora_targets(model, cfg.lora_targets.split(","))
     return warmup(model, tokenizer, cfg), tokenizer
 
@@ -116,10 +151,21 @@ def build_team(cfg: Config, start, device, dtype):
     tiny model) and then takes rank 0's weights."""
     n = 1 if cfg.mode == "single" else cfg.agents
     if cfg.models:
-        team = team_lib.load_team(cfg.models.split(",")[:n], device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+        team = team_lib.load_team(
+            cfg.models.split(",")[:n], device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer
+        )
     elif cfg.lora_rank:
-        team = team_lib.lora_team(*start, n, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.lr, cfg.grad_ckpt,
-                                  cfg.optimizer, cfg.seed)
+        team = team_lib.lora_team(
+            *start,
+            n,
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            cfg.lora_targets.split(","),
+            cfg.lr,
+            cfg.grad_ckpt,
+            cfg.optimizer,
+            cfg.seed,
+        )
     else:
         team = team_lib.clone_team(*start, n, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
     parallel.broadcast_team(team)

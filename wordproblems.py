@@ -9,24 +9,55 @@ They are easy enough that a 135M-parameter instruct model solves some of them (a
 greedy), so a team of it has room to learn from the team reward alone.
 Questions are deterministic by seed and distinct; mathtask.split holds a quarter of them out.
 """
+
 import random
 
-NAMES = [("Mia", "She"), ("Leo", "He"), ("Ava", "She"), ("Sam", "He"), ("Zoe", "She"), ("Ben", "He"), ("Ivy", "She"),
-         ("Tom", "He"), ("Ema", "She"), ("Max", "He"), ("Lily", "She"), ("Noah", "He")]
+NAMES = [
+    ("Mia", "She"),
+    ("Leo", "He"),
+    ("Ava", "She"),
+    ("Sam", "He"),
+    ("Zoe", "She"),
+    ("Ben", "He"),
+    ("Ivy", "She"),
+    ("Tom", "He"),
+    ("Ema", "She"),
+    ("Max", "He"),
+    ("Lily", "She"),
+    ("Noah", "He"),
+]
 THINGS = ["apples", "pens", "stickers", "marbles", "books", "cookies", "cards", "shells", "coins", "stamps"]
-TEMPLATES = [  # (text with {name} {pronoun} {thing} {a} {b} {c}, answer from a, b, c; None: no count goes below 0)
-    ("{name} has {a} {thing}. {pronoun} buys {b} more {thing}. How many {thing} does {name} have now?", lambda a, b, c: a + b),
-    ("{name} has {a} {thing}. {pronoun} gives {b} {thing} to a friend. How many {thing} does {name} have now?",
-     lambda a, b, c: a - b if b <= a else None),
-    ("{name} has {a} {thing}. {pronoun} buys {b} more {thing} and then gives {c} {thing} to a friend. "
-     "How many {thing} does {name} have now?", lambda a, b, c: a + b - c if c <= a + b else None),
-    ("{name} has {a} {thing}. {pronoun} gets {b} more {thing} and then {c} more. How many {thing} does {name} have now?",
-     lambda a, b, c: a + b + c),
-    ("{name} has {a} boxes with {b} {thing} in each box. How many {thing} does {name} have in all?", lambda a, b, c: a * b),
-    ("{name} has {a} boxes with {b} {thing} in each box, and {c} more {thing}. How many {thing} does {name} have in all?",
-     lambda a, b, c: a * b + c),
-    ("{name} had {a} {thing}. {pronoun} lost {b} {thing} and then found {c} {thing}. How many {thing} does {name} have now?",
-     lambda a, b, c: a - b + c if b <= a else None),
+# (text with {name} {pronoun} {thing} {a} {b} {c}, answer from a, b, c; None: no count goes below 0)
+TEMPLATES = [
+    (
+        "{name} has {a} {thing}. {pronoun} buys {b} more {thing}. How many {thing} does {name} have now?",
+        lambda a, b, c: a + b,
+    ),
+    (
+        "{name} has {a} {thing}. {pronoun} gives {b} {thing} to a friend. How many {thing} does {name} have now?",
+        lambda a, b, c: a - b if b <= a else None,
+    ),
+    (
+        "{name} has {a} {thing}. {pronoun} buys {b} more {thing} and then gives {c} {thing} to a friend. "
+        "How many {thing} does {name} have now?",
+        lambda a, b, c: a + b - c if c <= a + b else None,
+    ),
+    (
+        "{name} has {a} {thing}. {pronoun} gets {b} more {thing} and then {c} more. How many {thing} does {name} have now?",
+        lambda a, b, c: a + b + c,
+    ),
+    (
+        "{name} has {a} boxes with {b} {thing} in each box. How many {thing} does {name} have in all?",
+        lambda a, b, c: a * b,
+    ),
+    (
+        "{name} has {a} boxes with {b} {thing} in each box, and {c} more {thing}. How many {thing} does {name} have in all?",
+        lambda a, b, c: a * b + c,
+    ),
+    (
+        "{name} had {a} {thing}. {pronoun} lost {b} {thing} and then found {c} {thing}. How many {thing} does {name} have now?",
+        lambda a, b, c: a - b + c if b <= a else None,
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny agents built from a config and a character tokenizer (no download)."""
+
 import os
 import random
 import sys
@@ -8,10 +9,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import config  # noqa: E402
 import decode  # noqa: E402
 import tasks  # noqa: E402
 import team as team_lib  # noqa: E402
-import config  # noqa: E402
 
 torch.set_num_threads(2)
 TORCH_SAVE = torch.save
@@ -19,10 +20,12 @@ TORCH_SAVE = torch.save
 
 def disk_full_at(stage: int):
     """A torch.save that fails for checkpoint-stage<stage>, as on a full disk."""
+
     def save(obj, path, *args, **kwargs):
         if f"checkpoint-stage{stage}" in str(path):
             raise OSError(28, "No space left on device")
         return TORCH_SAVE(obj, path, *args, **kwargs)
+
     return save
 
 
@@ -31,6 +34,7 @@ def make_team():
     def make(n=3, seed=0, lr=1e-3):
         tok = team_lib.char_tokenizer(tasks.CHARS)
         return team_lib.clone_team(team_lib.tiny_model(tok, hidden=32, seed=seed), tok, n, lr)
+
     return make
 
 
@@ -44,7 +48,9 @@ def decoding(request, monkeypatch):
 
 @pytest.fixture
 def cfg():
-    return config.resolve(config.Config(agents=3, questions=4, group=4, eval_size=8, minibatch=16, epochs=2, warmup_steps=0))
+    return config.resolve(
+        config.Config(agents=3, questions=4, group=4, eval_size=8, minibatch=16, epochs=2, warmup_steps=0)
+    )
 
 
 def random_rewards(episodes, seed=0):

@@ -1,5 +1,6 @@
 """Run by test_parallel.py under torchrun (2 processes, gloo): parallel.py's pieces against their
 one-process values. Exits non-zero (with the failed assertion) if any differs."""
+
 import os
 import sys
 
@@ -24,7 +25,8 @@ assert parallel.row_block(parallel.RANK + 2) == ([0, 2][parallel.RANK], 5)
 # the whole batch, the same on every rank; each rank keeps its block of rows
 gen = torch.Generator().manual_seed(0)
 x, mask = torch.randn(6, 5, generator=gen), (torch.rand(6, 5, generator=gen) > 0.4).float()
-mask[3] = 0  # a row without tokens
+# a row without tokens
+mask[3] = 0
 mine = list(parallel.shard(6))
 assert abs(losses.token_mean(x[mine], mask[mine]) - losses.token_mean(x, mask)) < 1e-6
 for reduction in ("token", "sequence"):

@@ -1,4 +1,5 @@
 """The benchmark's own counting (its timings are printed, never asserted)."""
+
 import pytest
 
 import bench
@@ -8,14 +9,17 @@ import rollout
 def test_prefilled_counts_shared_prefixes_distinct_tails_and_only_new_tokens_on_a_kv_cache(make_team, capsys):
     agent = make_team(1)[0]
     tok = agent.tokenizer
-    sample = lambda prompts, **kw: rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 4, **kw)  # noqa: E731
+    sample = lambda prompts, **kw: rollout.sample(
+        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 4, **kw
+    )  # noqa: E731
     # one group: prefix 5 6 (short of the shortest prompt's last token), tails 7 | 7 8 | 7 9 10 once each
     prompts = [[5, 6, 7], [5, 6, 7], [5, 6, 7, 8], [5, 6, 7, 9, 10]]
     assert bench.prefilled([agent], lambda: sample(prompts)) == 2 + (1 + 2 + 3)
     # three groups: the first two have prefix 5 6 (and tail 7) alike; the last, alone, prefix 5 6 7 9 and tail 10
     assert bench.prefilled([agent], lambda: sample(prompts, groups=[0, 1, 1, 2])) == (2 + 4) + (1 + 2 + 1)
     _, _, kv = sample(prompts)
-    later = [p + [11, 12] for p in prompts]  # on the earlier call's rows: only the new tokens, plus each prompt's last
+    # on the earlier call's rows: only the new tokens, plus each prompt's last
+    later = [p + [11, 12] for p in prompts]
     assert bench.prefilled([agent], lambda: sample(later, past=[(kv, r) for r in range(4)])) == 4 * 2
     bench.line("what", 298008, 367573, "tokens", 298008 / 367573)
     assert capsys.readouterr().out == "what: 298,008 vs 367,573 tokens, ratio 0.81x\n"

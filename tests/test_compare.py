@@ -1,42 +1,72 @@
 """compare.py: modes side by side from one warm-up; the table, the results, the plots."""
+
 import json
 import os
 
 import matplotlib.pyplot as plt
+from test_train_cli import TINY, run
 
 import compare
-from test_train_cli import TINY, run
 
 
 def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plots(tmp_path, monkeypatch):
-    out = run("train.py", "--mode", "compare", "--agents", "2,3", "--seeds", "2", "--modes", "teamtr,stale,none",
-              "--name", "cmp", *TINY, cwd=tmp_path)
+    out = run(
+        "train.py",
+        "--mode",
+        "compare",
+        "--agents",
+        "2,3",
+        "--seeds",
+        "2",
+        "--modes",
+        "teamtr,stale,none",
+        "--name",
+        "cmp",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     run_dir = tmp_path / "runs" / "cmp"
     results = json.loads((run_dir / "results.json").read_text())
     assert sorted((r["n"], r["seed"], r["mode"]) for r in results) == sorted(
-        (n, s, m) for n in (2, 3) for s in (0, 1) for m in ("teamtr", "stale", "none"))
+        (n, s, m) for n in (2, 3) for s in (0, 1) for m in ("teamtr", "stale", "none")
+    )
     for n in (2, 3):
         for seed in (0, 1):
             runs = {r["mode"]: r for r in results if (r["n"], r["seed"]) == (n, seed)}
-            assert len({r["accs"][0] for r in runs.values()}) == 1  # one starting team per n and seed
+            # one starting team per n and seed
+            assert len({r["accs"][0] for r in runs.values()}) == 1
             assert runs["none"]["tokens"] == [0] and runs["none"]["stale_gap"] is None
-            assert runs["teamtr"]["tokens"][-1] > runs["stale"]["tokens"][-1]  # resampling costs tokens
-            assert runs["stale"]["stale_gap"] is not None  # measured with diagnostic batches
-            first = [json.loads((run_dir / f"{m}-n{n}-s{seed}.jsonl").read_text().splitlines()[1]) for m in ("teamtr", "stale")]
-            assert first[0] == first[1]  # the first update of a stage sees the same batch in both modes
+            # resampling costs tokens
+            assert runs["teamtr"]["tokens"][-1] > runs["stale"]["tokens"][-1]
+            # measured with diagnostic batches
+            assert runs["stale"]["stale_gap"] is not None
+            first = [
+                json.loads((run_dir / f"{m}-n{n}-s{seed}.jsonl").read_text().splitlines()[1])
+                for m in ("teamtr", "stale")
+            ]
+            # the first update of a stage sees the same batch in both modes
+            assert first[0] == first[1]
     table = (run_dir / "compare.md").read_text()
     assert table.strip() in out.stdout
     assert sum(line.startswith("| 3 | ") for line in table.splitlines()) == 3
     names = ("accuracy_n2", "accuracy_n3", "tokens_n2", "tokens_n3", "stale_gap")
     for name in names:
-        image = plt.imread(run_dir / f"{name}.png")  # a PNG that matplotlib reads back, not blank
+        # a PNG that matplotlib reads back, not blank
+        image = plt.imread(run_dir / f"{name}.png")
         assert image.shape[0] > 100 and image[..., :3].min() < 0.5
     drawn = {}
-    monkeypatch.setattr(compare, "line_plot", lambda path, title, x, y, series, log=False: drawn.update({os.path.basename(path): series}))
+    monkeypatch.setattr(
+        compare,
+        "line_plot",
+        lambda path, title, x, y, series, log=False: drawn.update({os.path.basename(path): series}),
+    )
     compare.write_outputs(results, str(tmp_path))
-    assert {name: len(series) for name, series in drawn.items()} == {f"{name}.png": 2 if name == "stale_gap" else 3 for name in names}
-    assert drawn["stale_gap.png"]["teamtr"][0] == [2, 3]  # one point per team size
+    assert {name: len(series) for name, series in drawn.items()} == {
+        f"{name}.png": 2 if name == "stale_gap" else 3 for name in names
+    }
+    # one point per team size
+    assert drawn["stale_gap.png"]["teamtr"][0] == [2, 3]
 
 
 def test_summary_sums_the_gap_per_stage_and_reads_accuracy_at_a_token_budget():
@@ -50,7 +80,15 @@ def test_summary_sums_the_gap_per_stage_and_reads_accuracy_at_a_token_budget():
     ]
     result = compare.summarize(records, [0.2, 0.5, 0.7])
     assert result["tokens"] == [0, 100, 150]
-    assert abs(result["stale_gap"] - 0.2) < 1e-12  # stages sum to 0.3 and 0.1
+    # stages sum to 0.3 and 0.1
+    assert abs(result["stale_gap"] - 0.2) < 1e-12
     assert abs(result["out_of_region"] - 0.15) < 1e-12
-    assert [compare.at_budget(result, b) for b in (0, 99, 100, 149, 150, 10**6)] == [0.2, 0.2, 0.5, 0.5, 0.7, 0.7]
+    assert [compare.at_budget(result, b) for b in (0, 99, 100, 149, 150, 10**6)] == [
+        0.2,
+        0.2,
+        0.5,
+        0.5,
+        0.7,
+        0.7,
+    ]
     assert compare.spread([0.5, 0.7], ".3f") == "0.600 ± 0.141" and compare.spread([None], ".3f") == "-"

@@ -1,15 +1,32 @@
 """The written-out decoding step (decode.py) against the model's own forward."""
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import decode
 import rollout
 
-SHAPE = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+SHAPE = dict(
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
-@pytest.mark.parametrize("family", [(LlamaConfig, LlamaForCausalLM), (Qwen2Config, Qwen2ForCausalLM)], ids=["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "family", [(LlamaConfig, LlamaForCausalLM), (Qwen2Config, Qwen2ForCausalLM)], ids=["llama", "qwen2"]
+)
 @torch.no_grad()
 def test_written_steps_give_the_models_logits(family):
     """Left-padded prompts of different lengths, rows repeated (a group's samples), GQA, and
@@ -17,7 +34,8 @@ def test_written_steps_give_the_models_logits(family):
     config, lm = family
     torch.manual_seed(0)
     model = lm(config(**SHAPE)).eval()
-    for layer in model.model.layers:  # Qwen2's biases, non-zero
+    # Qwen2's biases, non-zero
+    for layer in model.model.layers:
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             if proj.bias is not None:
                 proj.bias.normal_()
@@ -32,10 +50,15 @@ def test_written_steps_give_the_models_logits(family):
         logits = cache.step(model, torch.tensor(new)[:, None], rollout.positions(attn)[:, -1:], attn)
         seqs = [s + [t] for s, t in zip(seqs, new)]
         for row, seq in zip(logits, seqs):
-            torch.testing.assert_close(row, model(input_ids=torch.tensor([seq])).logits[0, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                row, model(input_ids=torch.tensor([seq])).logits[0, -1], atol=1e-5, rtol=1e-5
+            )
     assert cache.n == attn.shape[1] and all(k.shape[2] == attn.shape[1] for k, _ in cache.filled())
 
 
 def test_other_attention_goes_through_the_models_forward():
-    assert not decode.supported(Qwen2ForCausalLM(Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=4, max_window_layers=0)))
-    assert not decode.supported(Qwen3ForCausalLM(Qwen3Config(**SHAPE)))  # query and key norms
+    assert not decode.supported(
+        Qwen2ForCausalLM(Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=4, max_window_layers=0))
+    )
+    # query and key norms
+    assert not decode.supported(Qwen3ForCausalLM(Qwen3Config(**SHAPE)))

@@ -1,15 +1,16 @@
 """GPU path: bf16 weights, fp32 log-probs, gradient checkpointing. Skipped without CUDA."""
+
 import dataclasses
 
 import pytest
 import torch
+from conftest import random_rewards
 
 import losses
 import rollout
 import tasks
 import team as team_lib
 import teamtr
-from conftest import random_rewards
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,6 +28,7 @@ def test_bf16_team_with_checkpointing_keeps_fp32_logprobs_and_the_radius(cfg):
         logp = losses.token_logprobs(team[1].model, data)[0]
     assert logp.dtype == torch.float32
     mask = data["mask"].bool()
-    assert (logp - data["sampler_logp"])[mask].abs().max() < 0.05  # bf16: batched vs teacher-forced
+    # bf16: batched vs teacher-forced
+    assert (logp - data["sampler_logp"])[mask].abs().max() < 0.05
     stats = teamtr.update_agent(team[1], 1, played, None, dataclasses.replace(cfg, delta=0.005), seed=0)
     assert stats["kl_rev"] <= 0.005 and stats["steps"] > 0

@@ -1,11 +1,16 @@
 """LoRA teams on one frozen base: isolation, a fresh adapter is the base, the sampler's
 equivalences with adapters, the radius, the peft file format, and runs that save, evaluate and
 resume adapters."""
+
 import dataclasses
 import json
 
 import pytest
 import torch
+from chat_models import save_chat_model
+from conftest import TORCH_SAVE, disk_full_at
+from test_rollout import prompts_of, uncached_greedy
+from test_teamtr import played_batch, snapshot
 from transformers import AutoModelForCausalLM
 
 import eval as evaluation
@@ -15,10 +20,6 @@ import tasks
 import team as team_lib
 import teamtr
 import train
-from chat_models import save_chat_model
-from conftest import TORCH_SAVE, disk_full_at
-from test_rollout import prompts_of, uncached_greedy
-from test_teamtr import played_batch, snapshot
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -27,7 +28,9 @@ def lora_team(n, seed=0, lr=1e-3, rank=4, perturbed=False):
     """A LoRA team on a tiny relay model; perturbed=True gives the adapters random non-zero B, so
     they change the outputs (a fresh adapter does not)."""
     tok = team_lib.char_tokenizer(tasks.CHARS)
-    team = team_lib.lora_team(team_lib.tiny_model(tok, hidden=32, seed=seed), tok, n, rank, 8.0, TARGETS, lr, seed=seed)
+    team = team_lib.lora_team(
+        team_lib.tiny_model(tok, hidden=32, seed=seed), tok, n, rank, 8.0, TARGETS, lr, seed=seed
+    )
     if perturbed:
         gen = torch.Generator().manual_seed(seed)
         for agent in team:
@@ -43,7 +46,8 @@ def base_of(team):
 
 def test_the_team_shares_one_frozen_base_and_each_agent_trains_only_its_adapter(cfg):
     team = lora_team(3, lr=1e-2, perturbed=True)
-    assert all(a is b for a, b in zip(base_of(team), base_of(team[1:])))  # the same tensors, not copies
+    # the same tensors, not copies
+    assert all(a is b for a, b in zip(base_of(team), base_of(team[1:])))
     assert all(not p.requires_grad for p in base_of(team))
     assert all(".lora_" in n for n, p in team[1].model.named_parameters() if p.requires_grad)
     batch = played_batch(team, cfg)
@@ -55,9 +59,13 @@ def test_the_team_shares_one_frozen_base_and_each_agent_trains_only_its_adapter(
     stats = teamtr.update_agent(team[1], 1, batch, None, cfg, seed=0)
     assert stats["steps"] > 0 and set(seen_grad) == {"agent1"}
     for i, agent in enumerate(team):
-        changed = [not torch.equal(a, b) for (n, _), a, b in zip(agent.model.named_parameters(), before[i], snapshot(agent))]
+        changed = [
+            not torch.equal(a, b)
+            for (n, _), a, b in zip(agent.model.named_parameters(), before[i], snapshot(agent))
+        ]
         names = [n for n, _ in agent.model.named_parameters()]
-        assert not any(c for c, n in zip(changed, names) if ".lora_" not in n)  # the base: bit-identical
+        # the base: bit-identical
+        assert not any(c for c, n in zip(changed, names) if ".lora_" not in n)
         assert any(changed) == (i == 1), f"agent{i}"
 
 
@@ -66,7 +74,9 @@ def test_fresh_adapters_give_the_base_models_logprobs(cfg):
     base = team_lib.tiny_model(tok, hidden=32, seed=2)
     reference = team_lib.clone_team(base, tok, 1, 1e-3)[0]
     team = team_lib.lora_team(base, tok, 2, 4, 8.0, TARGETS, 1e-3, seed=2)
-    data = losses.agent_batch(played_batch([reference] * 3, cfg), 0, torch.zeros(cfg.questions * cfg.group), tok.pad_token_id, "cpu")
+    data = losses.agent_batch(
+        played_batch([reference] * 3, cfg), 0, torch.zeros(cfg.questions * cfg.group), tok.pad_token_id, "cpu"
+    )
     with torch.no_grad():
         want = losses.token_logprobs(reference.model, data)[0]
         for agent in team:
@@ -79,8 +89,13 @@ def test_sampler_equivalences_hold_with_adapters(decoding):
     got, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0)
     assert got == [uncached_greedy(agent.model, p, tok.eos_token_id, 8) for p in prompts]
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(0))
-    toks, logps, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms)
-    eps = [rollout.Episode(None, i, 0, [0], [rollout.Step(0, p, t, lp, "")]) for i, (p, t, lp) in enumerate(zip(prompts, toks, logps))]
+    toks, logps, _ = rollout.sample(
+        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms
+    )
+    eps = [
+        rollout.Episode(None, i, 0, [0], [rollout.Step(0, p, t, lp, "")])
+        for i, (p, t, lp) in enumerate(zip(prompts, toks, logps))
+    ]
     data = losses.agent_batch(eps, 0, torch.zeros(len(eps)), tok.pad_token_id, "cpu")
     with torch.no_grad():
         logp = losses.token_logprobs(agent.model, data)[0]
@@ -116,17 +131,37 @@ def test_a_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     with torch.no_grad():
         ours, peft_logits = agent.model(input_ids=ids).logits, theirs(input_ids=ids).logits
         base_logits = model(input_ids=ids).logits
-    assert not torch.allclose(ours, base_logits, atol=1e-3)  # the adapter matters
+    # the adapter matters
+    assert not torch.allclose(ours, base_logits, atol=1e-3)
     torch.testing.assert_close(peft_logits, ours, atol=1e-5, rtol=1e-5)
-    reloaded = team_lib.load_team([str(saved)], "cpu", torch.float32, 1e-3)[0]  # and our own loader
+    # and our own loader
+    reloaded = team_lib.load_team([str(saved)], "cpu", torch.float32, 1e-3)[0]
     with torch.no_grad():
         assert torch.equal(reloaded.model(input_ids=ids).logits, ours)
 
 
-def test_a_lora_run_checkpoints_adapters_resumes_to_the_same_metrics_and_evaluates(tmp_path, monkeypatch, capsys):
+def test_a_lora_run_checkpoints_adapters_resumes_to_the_same_metrics_and_evaluates(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
-    args = ["--agents", "2", "--stages", "2", "--warmup-steps", "2", "--questions", "4", "--group", "2", "--eval-size", "4",
-            "--lora-rank", "4", "--lr", "1e-2"]
+    args = [
+        "--agents",
+        "2",
+        "--stages",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--questions",
+        "4",
+        "--group",
+        "2",
+        "--eval-size",
+        "4",
+        "--lora-rank",
+        "4",
+        "--lr",
+        "1e-2",
+    ]
     train.main([*args, "--name", "straight"])
     monkeypatch.setattr(torch, "save", disk_full_at(2))
     with pytest.raises(SystemExit):
@@ -134,10 +169,19 @@ def test_a_lora_run_checkpoints_adapters_resumes_to_the_same_metrics_and_evaluat
     monkeypatch.setattr(torch, "save", TORCH_SAVE)
     stopped = tmp_path / "runs" / "stopped"
     checkpoint = stopped / "checkpoint-stage1" / "agent0"
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     train.main(["--resume", str(stopped)])
-    untimed = lambda path: [{k: v for k, v in json.loads(line).items() if not k.startswith(("stage/seconds", "rollout/tokens", "perf/"))}
-                            for line in path.read_text().splitlines()]
+    untimed = lambda path: [
+        {
+            k: v
+            for k, v in json.loads(line).items()
+            if not k.startswith(("stage/seconds", "rollout/tokens", "perf/"))
+        }
+        for line in path.read_text().splitlines()
+    ]
     assert untimed(stopped / "metrics.jsonl") == untimed(tmp_path / "runs" / "straight" / "metrics.jsonl")
     capsys.readouterr()
     evaluation.main([str(stopped)])

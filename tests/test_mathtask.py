@@ -1,29 +1,37 @@
 """Real math tasks: math-verify grading, answer extraction, data loading and splits, role prompts
 rendered with each agent's chat template, truncation and context limits; tiny chat models."""
+
 import json
 import os
 
 import pytest
+from chat_models import save_chat_model
 
+import config
 import mathtask
 import rollout
 import team as team_lib
-import config
-from chat_models import save_chat_model
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
 
 
-@pytest.mark.parametrize("gold, message, right", [
-    ("0.5", "so the answer is \\boxed{\\frac{1}{2}}", True),
-    ("1000", "Answer: 1,000", True),
-    ("3/4", "We get \\boxed{\\dfrac{3}{4}}.", True),
-    ("\\frac{1}{2}", "it is 0.5", True),
-    ("18", "I think \\boxed{17}", False),  # a wrong answer
-    ("7", "I do not know.", False),  # no answer at all
-    ("2", "\\boxed{\\frac{1}{", False),  # malformed LaTeX: unbalanced, no box is closed
-    ("2", "Answer: \\frac{", False),  # malformed LaTeX after Answer:
-])
+@pytest.mark.parametrize(
+    "gold, message, right",
+    [
+        ("0.5", "so the answer is \\boxed{\\frac{1}{2}}", True),
+        ("1000", "Answer: 1,000", True),
+        ("3/4", "We get \\boxed{\\dfrac{3}{4}}.", True),
+        ("\\frac{1}{2}", "it is 0.5", True),
+        # a wrong answer
+        ("18", "I think \\boxed{17}", False),
+        # no answer at all
+        ("7", "I do not know.", False),
+        # malformed LaTeX: unbalanced, no box is closed
+        ("2", "\\boxed{\\frac{1}{", False),
+        # malformed LaTeX after Answer:
+        ("2", "Answer: \\frac{", False),
+    ],
+)
 def test_math_verify_grading(gold, message, right):
     assert mathtask.grade(gold, mathtask.final_answer(message)) is right
 
@@ -45,7 +53,8 @@ def test_a_local_file_is_split_by_hash_and_eval_size_is_respected():
     train, held = {q.text for q in task.pool}, {q.text for q in task.heldout(1000)}
     assert len(train) + len(held) == 40 and not train & held and all(mathtask.is_heldout(t) for t in held)
     assert len(task.heldout(3)) == 3 and task.heldout(3) == task.heldout(1000)[:3]
-    assert task.train_questions(4, seed=1) == task.train_questions(4, seed=1)  # derived seeds reproduce
+    # derived seeds reproduce
+    assert task.train_questions(4, seed=1) == task.train_questions(4, seed=1)
     assert task.turns == 2 and task.max_new_tokens == 8
 
 
@@ -64,10 +73,18 @@ def test_roles_come_from_the_prompts_file_and_label_the_transcript():
     single = mathtask.make(task_cfg(mode="single"))
     assert single.turns == 1 and "alone" in single.context(single.heldout(1)[0], [], 0)[0]["content"]
     q = task.heldout(1)[0]
-    steps = [rollout.Step(2, [], [], [], "I say 5."), rollout.Step(0, [], [], [], "No, 6.")]  # random order: agent 2 spoke first
+    # random order: agent 2 spoke first
+    steps = [rollout.Step(2, [], [], [], "I say 5."), rollout.Step(0, [], [], [], "No, 6.")]
     system, user = task.context(q, steps, 1)
-    assert system["role"] == "system" and "reviewer" in system["content"] and task.roles[1]["instructions"] in system["content"]
-    assert user["content"] == f"Problem: {q.text}\n\nThe team so far:\n\n[finalizer]:\nI say 5.\n\n[solver]:\nNo, 6."
+    assert (
+        system["role"] == "system"
+        and "reviewer" in system["content"]
+        and task.roles[1]["instructions"] in system["content"]
+    )
+    assert (
+        user["content"]
+        == f"Problem: {q.text}\n\nThe team so far:\n\n[finalizer]:\nI say 5.\n\n[solver]:\nNo, 6."
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -82,7 +99,8 @@ def test_each_agent_renders_with_its_own_chat_template_and_roles_follow_agents(t
         for t, s in enumerate(e.steps):
             text = tok.decode(s.context)
             assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
-            assert f"You are the {task.roles[s.agent]['name']}" in text  # the role belongs to the agent, not the turn
+            # the role belongs to the agent, not the turn
+            assert f"You are the {task.roles[s.agent]['name']}" in text
             assert s.truncated == (len(s.tokens) == 8 and s.tokens[-1] != tok.eos_token_id)
 
 
@@ -96,15 +114,24 @@ def test_a_context_longer_than_the_model_is_a_clear_error(tmp_path):
 
 def test_prompts_need_enough_roles(tmp_path):
     path = tmp_path / "p.json"
-    path.write_text(json.dumps({"roles": [{"name": "a", "instructions": "x"}], "single": {"name": "s", "instructions": "y"}}))
+    path.write_text(
+        json.dumps(
+            {"roles": [{"name": "a", "instructions": "x"}], "single": {"name": "s", "instructions": "y"}}
+        )
+    )
     with pytest.raises(mathtask.TaskError, match="1 roles, fewer than --agents 2"):
         mathtask.make(task_cfg(prompts=str(path)))
 
 
 def test_gsm8k_gold_is_after_the_hashes_and_parquet_files_load(tmp_path):
     import datasets
-    rows = datasets.Dataset.from_dict({"problem": [f"Add {i} and {i}." for i in range(40)],
-                                       "answer": [f"{i} + {i} = {2 * i}\n#### {2 * i:,}" for i in range(40)]})
+
+    rows = datasets.Dataset.from_dict(
+        {
+            "problem": [f"Add {i} and {i}." for i in range(40)],
+            "answer": [f"{i} + {i} = {2 * i}\n#### {2 * i:,}" for i in range(40)],
+        }
+    )
     qs = mathtask.rows_to_questions(rows, "gsm8k")
     assert qs[7] == mathtask.Question("Add 7 and 7.", "14") and mathtask.grade(qs[39].answer, "78")
     rows.to_parquet(tmp_path / "q.parquet")

@@ -1,5 +1,6 @@
 """Scale-out on torch.distributed (CPU, gloo, one thread per process): two processes write the
 metrics of one, a killed or hung process ends the other in one line, and the run resumes."""
+
 import json
 import os
 import signal
@@ -9,12 +10,27 @@ import time
 
 import pytest
 from safetensors.torch import load_file
-
 from test_runs import UNTIMED, wait_for_update
 from test_train_cli import ROOT
 
-RUN = ["--agents", "3", "--stages", "3", "--warmup-steps", "30", "--questions", "12", "--group", "4", "--minibatch", "8",
-       "--eval-size", "40", "--threads", "1"]
+RUN = [
+    "--agents",
+    "3",
+    "--stages",
+    "3",
+    "--warmup-steps",
+    "30",
+    "--questions",
+    "12",
+    "--group",
+    "4",
+    "--minibatch",
+    "8",
+    "--eval-size",
+    "40",
+    "--threads",
+    "1",
+]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
@@ -50,17 +66,27 @@ def straight(tmp_path_factory):
 
 
 def test_the_parallel_pieces_equal_their_one_process_values():
-    out = subprocess.run([*TORCHRUN, os.path.join(ROOT, "tests", "parallel_worker.py")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*TORCHRUN, os.path.join(ROOT, "tests", "parallel_worker.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
 
 
 def test_two_processes_write_the_metrics_of_one(straight):
     one, two = numbers(straight / "p1"), numbers(straight / "p2")
-    assert len([r for r in one if "stage/eval_acc" in r]) == 4  # stages 0-3
+    # stages 0-3
+    assert len([r for r in one if "stage/eval_acc" in r]) == 4
     assert_close(one, two)
-    for i in range(3):  # every checkpoint and the end checked that the ranks agree; rank 0's weights are one process's
-        a, b = load_file(straight / "p1" / f"agent{i}" / "model.safetensors"), load_file(straight / "p2" / f"agent{i}" / "model.safetensors")
+    # every checkpoint and the end checked that the ranks agree; rank 0's weights are one process's
+    for i in range(3):
+        a, b = (
+            load_file(straight / "p1" / f"agent{i}" / "model.safetensors"),
+            load_file(straight / "p2" / f"agent{i}" / "model.safetensors"),
+        )
         assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
 
 
@@ -81,8 +107,13 @@ def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
 
 
 def start(cwd, name, *extra):
-    return subprocess.Popen([*TORCHRUN, os.path.join(ROOT, "train.py"), *RUN, "--name", name, *extra], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*TORCHRUN, os.path.join(ROOT, "train.py"), *RUN, "--name", name, *extra],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_killed_process_ends_the_other_and_the_run_resumes_under_torchrun(tmp_path, straight):
@@ -92,8 +123,11 @@ def test_a_killed_process_ends_the_other_and_the_run_resumes_under_torchrun(tmp_
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode != 0
     ours = [line for line in err.splitlines() if line.startswith("train.py: error:")]
-    assert len(ours) == 1 and ours[0].endswith("torchrun --nproc-per-node 2 train.py --resume runs/killed"), err[-3000:]
-    assert "[rank0]" not in err  # no traceback from the surviving process (torchrun's own report follows)
+    assert len(ours) == 1 and ours[0].endswith("torchrun --nproc-per-node 2 train.py --resume runs/killed"), (
+        err[-3000:]
+    )
+    # no traceback from the surviving process (torchrun's own report follows)
+    assert "[rank0]" not in err
     out = launch(tmp_path, "--resume", "runs/killed")
     assert out.returncode == 0, out.stderr[-3000:]
     assert_close(numbers(tmp_path / "runs" / "killed"), numbers(straight / "p1"))
@@ -111,12 +145,33 @@ def test_a_hung_process_ends_the_other_within_the_timeout(tmp_path):
     os.kill(hung, signal.SIGKILL)
     launcher.communicate(timeout=120)
     assert "stopped answering (Timed out" in line and "--resume runs/hung" in line, line
-    assert waited < 60  # gloo's default would wait 30 minutes
+    # gloo's default would wait 30 minutes
+    assert waited < 60
 
 
 def test_compare_under_torchrun_trains_every_mode_as_one_process(tmp_path):
-    tiny = ["--mode", "compare", "--agents", "2", "--modes", "teamtr,naive,single", "--seeds", "1", "--stages", "2",
-            "--warmup-steps", "20", "--questions", "8", "--group", "4", "--eval-size", "32", "--threads", "1"]
+    tiny = [
+        "--mode",
+        "compare",
+        "--agents",
+        "2",
+        "--modes",
+        "teamtr,naive,single",
+        "--seeds",
+        "1",
+        "--stages",
+        "2",
+        "--warmup-steps",
+        "20",
+        "--questions",
+        "8",
+        "--group",
+        "4",
+        "--eval-size",
+        "32",
+        "--threads",
+        "1",
+    ]
     for processes in (1, 2):
         out = launch(tmp_path, *tiny, "--name", f"p{processes}", processes=processes)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -128,4 +183,6 @@ def test_fewer_questions_than_processes_is_one_line_exit_2(tmp_path):
     out = launch(tmp_path, "--questions", "1", "--stages", "1")
     assert out.returncode != 0 and not (tmp_path / "runs").exists()
     ours = [line for line in out.stderr.splitlines() if line.startswith("train.py: error:")]
-    assert ours == ["train.py: error: --questions 1: fewer than the 2 processes, and each process plays whole questions"]
+    assert ours == [
+        "train.py: error: --questions 1: fewer than the 2 processes, and each process plays whole questions"
+    ]

@@ -1,12 +1,25 @@
 """Component replacement (replace.py): --init a saved team, --replace one agent, Stage-0 alignment."""
+
 import json
 
 import pytest
 from safetensors.torch import load_file
-
 from test_train_cli import run
 
-BASE = ["--agents", "2", "--warmup-steps", "5", "--questions", "4", "--group", "2", "--eval-size", "8", "--epochs", "1"]
+BASE = [
+    "--agents",
+    "2",
+    "--warmup-steps",
+    "5",
+    "--questions",
+    "4",
+    "--group",
+    "2",
+    "--eval-size",
+    "8",
+    "--epochs",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,28 +39,57 @@ def weights(folder):
 @pytest.mark.parametrize("align_steps", [5, 0])
 def test_only_the_new_agent_moves_in_stage_0(saved, align_steps):
     name = f"swap{align_steps}"
-    out = run("train.py", *BASE, "--stages", "0", "--init", "runs/team", "--replace", "1=runs/other/agent1",
-              "--align-steps", str(align_steps), "--name", name, cwd=saved)
+    out = run(
+        "train.py",
+        *BASE,
+        "--stages",
+        "0",
+        "--init",
+        "runs/team",
+        "--replace",
+        "1=runs/other/agent1",
+        "--align-steps",
+        str(align_steps),
+        "--name",
+        name,
+        cwd=saved,
+    )
     assert out.returncode == 0, out.stderr
     runs = saved / "runs"
     record = json.loads((runs / name / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"replace/before", "replace/swapped"} <= set(record) and ("replace/imitated" in record) == (align_steps > 0)
+    assert {"replace/before", "replace/swapped"} <= set(record) and ("replace/imitated" in record) == (
+        align_steps > 0
+    )
     assert "agent1 replaced by" in out.stdout
     kept, new = weights(runs / name / "agent0"), weights(runs / name / "agent1")
-    assert all((kept[k] == weights(runs / "team" / "agent0")[k]).all() for k in kept)  # agent0 is bit-identical
+    # agent0 is bit-identical
+    assert all((kept[k] == weights(runs / "team" / "agent0")[k]).all() for k in kept)
     same = all((new[k] == weights(runs / "other" / "agent1")[k]).all() for k in new)
-    assert same == (align_steps == 0)  # aligned, or swapped as it came
+    # aligned, or swapped as it came
+    assert same == (align_steps == 0)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--replace", "1=runs/other/agent1"], "--replace swaps an agent of a saved team: give the team with --init RUN_DIR"),
-    (["--init", "runs/nowhere"], "--init runs/nowhere: no such run directory"),
-    (["--init", "runs/team", "--replace", "2=runs/other/agent1"], "--replace expects i=PATH with 0 <= i < --agents 2, got '2=runs/other/agent1'"),
-    (["--init", "runs/team", "--replace", "1=runs/missing"], "runs/missing"),
-    (["--init", "runs/team", "--agents", "3"], "--init"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--replace", "1=runs/other/agent1"],
+            "--replace swaps an agent of a saved team: give the team with --init RUN_DIR",
+        ),
+        (["--init", "runs/nowhere"], "--init runs/nowhere: no such run directory"),
+        (
+            ["--init", "runs/team", "--replace", "2=runs/other/agent1"],
+            "--replace expects i=PATH with 0 <= i < --agents 2, got '2=runs/other/agent1'",
+        ),
+        (["--init", "runs/team", "--replace", "1=runs/missing"], "runs/missing"),
+        (["--init", "runs/team", "--agents", "3"], "--init"),
+    ],
+)
 def test_bad_replacement_inputs_are_one_line_exit_2(saved, args, message):
     before = sorted(p.name for p in (saved / "runs").iterdir())
-    out = run("train.py", *BASE, *args, cwd=saved)  # a repeated flag takes its last value
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+    # a repeated flag takes its last value
+    out = run("train.py", *BASE, *args, cwd=saved)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, (
+        out.stderr
+    )
     assert sorted(p.name for p in (saved / "runs").iterdir()) == before

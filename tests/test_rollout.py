@@ -1,4 +1,5 @@
 """The sampler against uncached references; team rollouts; exact suffix resampling."""
+
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -16,19 +17,21 @@ def uncached_greedy(model, prompt, eos_id, max_new_tokens):
         ids.append(int(logits.argmax()))
         if ids[-1] == eos_id:
             break
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def prompts_of(agent, n=6):
     task = tasks.Relay(3)
     qs = tasks.questions(task, n, seed=1, heldout=False)
-    return [agent.encode(task.render(q, list(q.steps[: i % 3]))) for i, q in enumerate(qs)]  # varied lengths
+    # varied lengths
+    return [agent.encode(task.render(q, list(q.steps[: i % 3]))) for i, q in enumerate(qs)]
 
 
 def test_greedy_sampler_matches_uncached_argmax(make_team, decoding):
     agent = make_team(1, seed=3)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
-    assert len({len(p) for p in prompts}) > 1  # left padding is exercised
+    # left padding is exercised
+    assert len({len(p) for p in prompts}) > 1
     got, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0)
     for p, g in zip(prompts, got):
         assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
@@ -38,7 +41,9 @@ def test_sampler_logprobs_match_teacher_forced_forward(make_team, decoding):
     agent = make_team(1, seed=4)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(0))
-    toks, logps, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms)
+    toks, logps, _ = rollout.sample(
+        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms
+    )
     steps = [rollout.Step(0, p, t, lp, "") for p, t, lp in zip(prompts, toks, logps)]
     eps = [rollout.Episode(None, i, 0, [0], [s]) for i, s in enumerate(steps)]
     data = losses.agent_batch(eps, 0, torch.zeros(len(eps)), tok.pad_token_id, "cpu")
@@ -58,17 +63,26 @@ def test_shared_prefix_sampling_equals_prefilling_every_row(make_team, decoding)
     # a group per question: its prompts share the question and differ in the messages after it,
     # and some repeat (samples whose transcripts coincide)
     prompts = [agent.encode(task.render(q, list(q.steps[:k]))) for q in qs for k in (0, 1, 1, 2, 2, 2)]
-    prompts += [p[4:] for p in prompts[:6]]  # and a group with a shorter prefix (left padding in both parts)
+    # and a group with a shorter prefix (left padding in both parts)
+    prompts += [p[4:] for p in prompts[:6]]
     groups = [g for g in range(4) for _ in range(6)]
     heads = {head for head, _ in rollout.split_prompts(prompts, groups)}
-    assert len(heads) == 4 and min(map(len, heads)) > 3 and len(set(map(len, heads))) > 1  # a real shared prefix per group
+    # a real shared prefix per group
+    assert len(heads) == 4 and min(map(len, heads)) > 3 and len(set(map(len, heads))) > 1
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(2))
-    shared = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, groups)
-    each = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, share_prefix=False)
-    assert shared[0] == each[0] and len({tuple(t) for t in shared[0]}) > 12  # the same tokens, and not one per prompt
+    shared = rollout.sample(
+        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, groups
+    )
+    each = rollout.sample(
+        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, share_prefix=False
+    )
+    # the same tokens, and not one per prompt
+    assert shared[0] == each[0] and len({tuple(t) for t in shared[0]}) > 12
     for a, b in zip(shared[1], each[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
-    greedy, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0, groups=groups)
+    greedy, _, _ = rollout.sample(
+        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0, groups=groups
+    )
     for p, g in zip(prompts, greedy):
         assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
 
@@ -76,13 +90,18 @@ def test_shared_prefix_sampling_equals_prefilling_every_row(make_team, decoding)
 def test_tiny_top_p_is_greedy_and_uniforms_make_rows_reproducible(make_team):
     agent = make_team(1, seed=5)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
-    greedy, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, temperature=0.0)
+    greedy, _, _ = rollout.sample(
+        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, temperature=0.0
+    )
     u = torch.rand(len(prompts), 6, generator=torch.Generator().manual_seed(1))
     nucleus, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1e-6, u)
     assert nucleus == greedy
     full, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u)
-    alone, _, _ = rollout.sample(agent.model, prompts[2:3], tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u[2:3])
-    assert alone[0] == full[2]  # a row samples the same tokens whatever batch it is in
+    alone, _, _ = rollout.sample(
+        agent.model, prompts[2:3], tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u[2:3]
+    )
+    # a row samples the same tokens whatever batch it is in
+    assert alone[0] == full[2]
 
 
 def test_team_rollout_passes_text_and_follows_the_order(make_team):
@@ -94,20 +113,25 @@ def test_team_rollout_passes_text_and_follows_the_order(make_team):
     assert turns == 3 * len(eps) and tokens == sum(len(s.tokens) for e in played for s in e.steps)
     for e in played:
         assert [s.agent for s in e.steps] == e.order
-        for t, s in enumerate(e.steps):  # each context is the rendered text of the earlier messages
+        # each context is the rendered text of the earlier messages
+        for t, s in enumerate(e.steps):
             assert s.context == team[s.agent].encode(task.render(e.question, [x.text for x in e.steps[:t]]))
 
 
 def test_suffix_resampling_keeps_prefix_and_regenerates_exactly_the_suffix(make_team):
     team, task = make_team(3), tasks.Relay(3)
     qs = tasks.questions(task, 4, seed=0, heldout=False)
-    first, _, _, _ = rollout.play(team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, seed=(0, 0))
+    first, _, _, _ = rollout.play(
+        team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, seed=(0, 0)
+    )
     keep = [rollout.first_turn(e, 1) for e in first]
     assert keep == [1] * len(first)
     again, turns, _, _ = rollout.play(team, task, first, 1.0, 1.0, seed=(0, 1), keep=keep)
     assert turns == 2 * len(first)
-    assert all(a.steps[0] is b.steps[0] for a, b in zip(again, first))  # the prefix is kept, not resampled
-    assert all(len(a.steps) == 3 for a in again) and all(len(b.steps) == 3 for b in first)  # inputs untouched
+    # the prefix is kept, not resampled
+    assert all(a.steps[0] is b.steps[0] for a, b in zip(again, first))
+    # inputs untouched
+    assert all(len(a.steps) == 3 for a in again) and all(len(b.steps) == 3 for b in first)
     # the suffix is a fresh draw: with a changed seed some messages differ
     assert any(a.steps[1].tokens != b.steps[1].tokens for a, b in zip(again, first))
 
@@ -118,8 +142,12 @@ def test_sampling_on_an_earlier_calls_kv_cache_equals_prefilling_every_row(make_
     qs = tasks.questions(task, 3, seed=1, heldout=False)
     encode = lambda q, k: agent.encode(task.render(q, list(q.steps[:k])))  # noqa: E731
     u = torch.rand(3, 8, generator=torch.Generator().manual_seed(3))
-    _, _, turn0 = rollout.sample(agent.model, [encode(q, 0) for q in qs], tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u)
-    _, _, turn1 = rollout.sample(agent.model, [encode(q, 1) for q in qs], tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u)
+    _, _, turn0 = rollout.sample(
+        agent.model, [encode(q, 0) for q in qs], tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u
+    )
+    _, _, turn1 = rollout.sample(
+        agent.model, [encode(q, 1) for q in qs], tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u
+    )
     # later prompts, each with an earlier row: its own question's (from two earlier calls), another
     # question's (a short common prefix), and its own prompt again (all but the last token reused)
     prompts = [encode(qs[0], 2), encode(qs[1], 2), encode(qs[2], 1), encode(qs[1], 0), encode(qs[0], 1)]
@@ -127,12 +155,18 @@ def test_sampling_on_an_earlier_calls_kv_cache_equals_prefilling_every_row(make_
     reused = [len(head) for head, _ in rollout.reuse(past, prompts, agent.model.config)[0]]
     assert min(reused[:3]) > 6 and reused[3] < 3 and reused[4] == len(prompts[4]) - 1
     u = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(4))
-    again = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u, past=past)
-    whole = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u, share_prefix=False)
+    again = rollout.sample(
+        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u, past=past
+    )
+    whole = rollout.sample(
+        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u, share_prefix=False
+    )
     assert again[0] == whole[0]
     for a, b in zip(again[1], whole[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
-    greedy, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0, past=past)
+    greedy, _, _ = rollout.sample(
+        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0, past=past
+    )
     for p, g in zip(prompts, greedy):
         assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
 
@@ -140,8 +174,11 @@ def test_sampling_on_an_earlier_calls_kv_cache_equals_prefilling_every_row(make_
 def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team, monkeypatch):
     team, task = make_team(3), tasks.Relay(3)
     qs = tasks.questions(task, 4, seed=0, heldout=False)
-    first = rollout.play(team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, (0, 0), reuse_kv=True)[0]
-    with torch.no_grad():  # agent 1 is updated: its earlier caches are stale
+    first = rollout.play(
+        team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, (0, 0), reuse_kv=True
+    )[0]
+    # agent 1 is updated: its earlier caches are stale
+    with torch.no_grad():
         for p in team[1].model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
     team[1].version += 1
@@ -149,17 +186,33 @@ def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team,
     monkeypatch.setattr(rollout, "reuse", lambda *args: calls.append(args[1]) or reuse(*args))
     keep = [rollout.first_turn(e, 1) for e in first]
     again = rollout.play(team, task, first, 1.0, 1.0, (0, 1), keep, reuse_kv=True)[0]
-    assert calls == [[s.context for s in (e.steps[2] for e in again)]]  # agent 2's turn only, not agent 1's
+    # agent 2's turn only, not agent 1's
+    assert calls == [[s.context for s in (e.steps[2] for e in again)]]
     plain = rollout.play(team, task, first, 1.0, 1.0, (0, 1), keep)[0]
     assert [[s.tokens for s in e.steps] for e in again] == [[s.tokens for s in e.steps] for e in plain]
-    torch.testing.assert_close(torch.tensor([s.logprobs[0] for e in again for s in e.steps]),
-                               torch.tensor([s.logprobs[0] for e in plain for s in e.steps]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor([s.logprobs[0] for e in again for s in e.steps]),
+        torch.tensor([s.logprobs[0] for e in plain for s in e.steps]),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_a_sliding_window_cache_is_not_kept_for_reuse():
     """A sliding window drops keys and values of early positions: there is no prefix to reuse."""
     for window, kept in ((True, False), (False, True)):
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                             num_key_value_heads=1, use_sliding_window=window, sliding_window=4, max_window_layers=0))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=8,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                use_sliding_window=window,
+                sliding_window=4,
+                max_window_layers=0,
+            )
+        )
         assert (rollout.sample(model.eval(), [[2, 3, 4, 5, 6, 7], [2, 3]], 1, 0, 4)[2] is not None) == kept

@@ -1,5 +1,6 @@
 """Run plumbing: determinism, resume after SIGKILL or Ctrl-C, atomic checkpoints, a failed
 checkpoint write, compare resume, and bad run inputs as one line, exit 2, nothing written."""
+
 import json
 import os
 import signal
@@ -9,14 +10,30 @@ import time
 
 import pytest
 import torch
-
-import eval as evaluation
-import train
 from conftest import TORCH_SAVE, disk_full_at
 from test_train_cli import ROOT
 
-RUN = ["--agents", "2", "--stages", "3", "--warmup-steps", "20", "--questions", "32", "--group", "8", "--eval-size", "16", "--threads", "1"]
-UNTIMED = ("stage/seconds", "rollout/tokens_per_second", "perf/")  # timing and memory fields differ between runs
+import eval as evaluation
+import train
+
+RUN = [
+    "--agents",
+    "2",
+    "--stages",
+    "3",
+    "--warmup-steps",
+    "20",
+    "--questions",
+    "32",
+    "--group",
+    "8",
+    "--eval-size",
+    "16",
+    "--threads",
+    "1",
+]
+# timing and memory fields differ between runs
+UNTIMED = ("stage/seconds", "rollout/tokens_per_second", "perf/")
 
 
 def metrics(run_dir) -> list[dict]:
@@ -25,15 +42,22 @@ def metrics(run_dir) -> list[dict]:
 
 
 def start(cwd, *args):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_update(run_dir, stage: int, proc):
     """Block until the run has logged an update of `stage` (so it is in the middle of that stage)."""
     path = run_dir / "metrics.jsonl"
     while proc.poll() is None:
-        if path.exists() and any(f'"stage": {stage}, "update"' in line for line in path.read_text().splitlines()):
+        if path.exists() and any(
+            f'"stage": {stage}, "update"' in line for line in path.read_text().splitlines()
+        ):
             return
         time.sleep(0.01)
     raise AssertionError(f"the run ended before stage {stage}: {proc.stderr.read()}")
@@ -41,36 +65,65 @@ def wait_for_update(run_dir, stage: int, proc):
 
 def test_same_seed_same_metrics_and_a_killed_run_resumes_to_them(tmp_path):
     for name in ("a", "b"):
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--name", name], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--name", name],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
     runs_dir = tmp_path / "runs"
-    assert metrics(runs_dir / "a") == metrics(runs_dir / "b")  # determinism on one machine
-    assert [p.name for p in (runs_dir / "a").iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-stage3"]
+    # determinism on one machine
+    assert metrics(runs_dir / "a") == metrics(runs_dir / "b")
+    assert [p.name for p in (runs_dir / "a").iterdir() if p.name.startswith("checkpoint")] == [
+        "checkpoint-stage3"
+    ]
 
     proc = start(tmp_path, *RUN, "--name", "killed")
     killed = runs_dir / "killed"
     wait_for_update(killed, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert [p.name for p in killed.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-stage1"]  # mid stage 2
-    (killed / "checkpoint-stage2.tmp").mkdir()  # as if it had also died writing stage 2's checkpoint
+    # mid stage 2
+    assert [p.name for p in killed.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-stage1"]
+    # as if it had also died writing stage 2's checkpoint
+    (killed / "checkpoint-stage2.tmp").mkdir()
     (killed / "checkpoint-stage2.tmp" / "state.pt").write_bytes(b"half")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(killed)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(killed)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "resumed after stage 1" in out.stdout
-    assert "since the resume after stage 1" in (killed / "summary.md").read_text()  # not the whole run's time
+    # not the whole run's time
+    assert "since the resume after stage 1" in (killed / "summary.md").read_text()
     assert metrics(killed) == metrics(runs_dir / "a")
     assert not (killed / "checkpoint-stage2.tmp").exists()
     for i in range(2):
-        resumed, straight = (killed / f"agent{i}" / "model.safetensors").read_bytes(), (runs_dir / "a" / f"agent{i}" / "model.safetensors").read_bytes()
+        resumed, straight = (
+            (killed / f"agent{i}" / "model.safetensors").read_bytes(),
+            (runs_dir / "a" / f"agent{i}" / "model.safetensors").read_bytes(),
+        )
         assert resumed == straight
     summary = (runs_dir / "a" / "summary.md").read_text()
-    again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(runs_dir / "a")], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "the run is finished" in again.stderr and len(again.stderr.strip().splitlines()) == 1
-    assert (runs_dir / "a" / "summary.md").read_text() == summary  # a finished run is not rewritten
+    again = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(runs_dir / "a")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        again.returncode == 2
+        and "the run is finished" in again.stderr
+        and len(again.stderr.strip().splitlines()) == 1
+    )
+    # a finished run is not rewritten
+    assert (runs_dir / "a" / "summary.md").read_text() == summary
 
 
 def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tmp_path):
@@ -79,20 +132,42 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    assert err.strip().splitlines()[-1].endswith(f"python train.py --resume {os.path.join('runs', 'stopped')}")
+    assert (
+        err.strip().splitlines()[-1].endswith(f"python train.py --resume {os.path.join('runs', 'stopped')}")
+    )
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch, "save", disk_full_at(2))
-    small = ["--agents", "2", "--stages", "2", "--warmup-steps", "2", "--questions", "4", "--group", "2", "--eval-size", "4"]
+    small = [
+        "--agents",
+        "2",
+        "--stages",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--questions",
+        "4",
+        "--group",
+        "2",
+        "--eval-size",
+        "4",
+    ]
     with pytest.raises(SystemExit) as stop:
         train.main([*small, "--name", "full"])
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
-    assert stop.value.code == 1 and err.startswith("train.py: error: could not write the checkpoint of stage 2 (No space left on device)")
-    assert err.endswith(f"checkpoint-stage1 is intact; python train.py --resume {os.path.join('runs', 'full')}")
+    # after the progress bars
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 1 and err.startswith(
+        "train.py: error: could not write the checkpoint of stage 2 (No space left on device)"
+    )
+    assert err.endswith(
+        f"checkpoint-stage1 is intact; python train.py --resume {os.path.join('runs', 'full')}"
+    )
     run_dir = tmp_path / "runs" / "full"
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-stage1"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-stage1"
+    ]
     monkeypatch.setattr(torch, "save", TORCH_SAVE)
     train.main(["--resume", str(run_dir)])
     assert [r["stage"] for r in metrics(run_dir) if "stage/certificate" in r] == [1, 2]
@@ -101,8 +176,28 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(tm
 
 def test_compare_resumes_skipping_the_runs_it_finished(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["--mode", "compare", "--modes", "none,teamtr", "--seeds", "1", "--agents", "2", "--stages", "1", "--warmup-steps", "2",
-            "--questions", "4", "--group", "2", "--eval-size", "4", "--name", "cmp"]
+    args = [
+        "--mode",
+        "compare",
+        "--modes",
+        "none,teamtr",
+        "--seeds",
+        "1",
+        "--agents",
+        "2",
+        "--stages",
+        "1",
+        "--warmup-steps",
+        "2",
+        "--questions",
+        "4",
+        "--group",
+        "2",
+        "--eval-size",
+        "4",
+        "--name",
+        "cmp",
+    ]
     train_mode, trained = train.compare.train_mode, []
 
     def interrupted_second(cfg, *rest):
@@ -110,6 +205,7 @@ def test_compare_resumes_skipping_the_runs_it_finished(tmp_path, monkeypatch, ca
         if len(trained) == 2:
             raise KeyboardInterrupt
         return train_mode(cfg, *rest)
+
     monkeypatch.setattr(train.compare, "train_mode", interrupted_second)
     with pytest.raises(SystemExit) as stop:
         train.main(args)
@@ -118,7 +214,8 @@ def test_compare_resumes_skipping_the_runs_it_finished(tmp_path, monkeypatch, ca
     assert [r["mode"] for r in json.loads((run_dir / "results.json").read_text())] == ["none"]
     trained.clear()
     train.main(["--resume", str(run_dir)])
-    assert trained == ["teamtr"]  # `none` finished before the interruption and is not trained again
+    # `none` finished before the interruption and is not trained again
+    assert trained == ["teamtr"]
     assert [r["mode"] for r in json.loads((run_dir / "results.json").read_text())] == ["none", "teamtr"]
     assert "| 2 | teamtr |" in (run_dir / "compare.md").read_text()
 
@@ -141,8 +238,17 @@ def bad_run_inputs(tmp):
     }
 
 
-@pytest.mark.parametrize("case", ["out-dir under a file", "out-dir not writable", "resume a folder that is not a run",
-                                  "resume a missing folder", "resume an unreadable checkpoint", "resume with a flag that changes the run"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "out-dir under a file",
+        "out-dir not writable",
+        "resume a folder that is not a run",
+        "resume a missing folder",
+        "resume an unreadable checkpoint",
+        "resume with a flag that changes the run",
+    ],
+)
 def test_bad_run_inputs_give_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, case):
     monkeypatch.chdir(tmp_path)
     args, expected = bad_run_inputs(tmp_path)[case]
@@ -154,8 +260,10 @@ def test_bad_run_inputs_give_one_line_exit_2_and_write_nothing(tmp_path, monkeyp
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("args, expected", [(["--samples", "-1"], "--samples and --size must be at least 0"),
-                                            ([], "not a run directory")])
+@pytest.mark.parametrize(
+    "args, expected",
+    [(["--samples", "-1"], "--samples and --size must be at least 0"), ([], "not a run directory")],
+)
 def test_eval_bad_inputs_give_one_line_exit_2(tmp_path, capsys, args, expected):
     with pytest.raises(SystemExit) as stop:
         evaluation.main([str(tmp_path), *args])

@@ -2,6 +2,7 @@
 the warm-up demonstrator with and without the codes of the coordination variant, and the
 warm-up's accuracy target, the turn check behind the per-agent turn accuracy, and a one-operation
 relay's few questions."""
+
 import random
 
 import pytest
@@ -44,7 +45,8 @@ def test_p_max_arg_sets_the_share_of_the_largest_operation():
     for p, task in ((0.1, tasks.Relay(8, p_max_arg=0.1)), (1 / 3, tasks.Relay(8))):
         ops = [op for _ in range(2000) for op in task.question(rng).ops]
         share = sum(op[1:] == "3" for op in ops) / len(ops)
-        assert abs(share - p) < 0.02  # 16,000 operations: the standard error is about 0.003
+        # 16,000 operations: the standard error is about 0.003
+        assert abs(share - p) < 0.02
         assert {op[1:] for op in ops} == {"1", "2", "3"}
 
 
@@ -52,7 +54,9 @@ def test_the_demonstrator_writes_the_chain_plainly_without_codes():
     task, cfg = tasks.Relay(3), config.Config(demo_error=0.0)
     q = tasks.questions(task, 1, seed=3, heldout=False)[0]
     demos = warmup.demonstration(q, task, tasks.Relay(3, solo=True), cfg, random.Random(0))
-    assert demos == [(task.render(q, list(q.steps[:t])), q.steps[t]) for t in range(3)] + [(f"{q.text}=", ";".join(q.steps))]
+    assert demos == [(task.render(q, list(q.steps[:t])), q.steps[t]) for t in range(3)] + [
+        (f"{q.text}=", ";".join(q.steps))
+    ]
 
 
 def test_with_codes_the_demonstrator_mirrors_half_the_messages_but_never_the_last():
@@ -61,40 +65,57 @@ def test_with_codes_the_demonstrator_mirrors_half_the_messages_but_never_the_las
     for q in tasks.questions(task, 500, seed=3, heldout=False):
         demos = warmup.demonstration(q, task, tasks.Relay(4, solo=True), cfg, rng)
         for t, (context, message) in enumerate(demos[:4]):
-            assert message in (q.steps[t], str(tasks.mirror(int(q.steps[t]), 10)))  # the true value, in one of two codes
-            if t < 3:  # the next context shows this message as it was written
+            # the true value, in one of two codes
+            assert message in (q.steps[t], str(tasks.mirror(int(q.steps[t]), 10)))
+            # the next context shows this message as it was written
+            if t < 3:
                 assert demos[t + 1][0].split("|")[1].split(";")[t + 1] == message
             mirrored[t].append(message != q.steps[t])
-        assert demos[4][1] == ";".join(q.steps)  # the solo format stays plain
+        # the solo format stays plain
+        assert demos[4][1] == ";".join(q.steps)
     shares = [sum(m) / len(m) for m in mirrored]
-    assert shares[3] == 0.0 and all(0.4 < s < 0.6 for s in shares[:3])  # a mirror equals the value only for 4.5 (never)
+    # a mirror equals the value only for 4.5 (never)
+    assert shares[3] == 0.0 and all(0.4 < s < 0.6 for s in shares[:3])
     assert all(tasks.mirror(tasks.mirror(v, 10), 10) == v for v in range(10))
 
 
 def test_the_warm_up_stops_at_the_first_check_that_reaches_its_target(capsys, monkeypatch):
     tok = team_lib.char_tokenizer(tasks.CHARS)
     reached, accuracy = [], warmup.copies_accuracy
-    monkeypatch.setattr(warmup, "copies_accuracy", lambda *args: reached.append(accuracy(*args)) or reached[-1])
+    monkeypatch.setattr(
+        warmup, "copies_accuracy", lambda *args: reached.append(accuracy(*args)) or reached[-1]
+    )
     cfg = config.Config(agents=2, hidden=32, warmup_steps=200, warmup_target=0.05)
     warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, cfg)
     assert reached and reached[-1] >= 0.05 and all(a < 0.05 for a in reached[:-1])
     steps = warmup.CHECK_EVERY * len(reached)
     assert steps < cfg.warmup_steps
-    assert f"warm-up: stopped after {steps} steps, at greedy accuracy {reached[-1]:.3f}" in capsys.readouterr().out
+    assert (
+        f"warm-up: stopped after {steps} steps, at greedy accuracy {reached[-1]:.3f}"
+        in capsys.readouterr().out
+    )
 
 
 def test_a_warm_up_that_misses_its_target_says_so(capsys):
     tok = team_lib.char_tokenizer(tasks.CHARS)
-    warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, config.Config(agents=2, hidden=32, warmup_steps=30, warmup_target=0.99))
-    assert "warm-up: --warmup-target 0.99 not reached in 30 steps (greedy accuracy 0." in capsys.readouterr().out
+    warmup.warmup(
+        team_lib.tiny_model(tok, 32, seed=0),
+        tok,
+        config.Config(agents=2, hidden=32, warmup_steps=30, warmup_target=0.99),
+    )
+    assert (
+        "warm-up: --warmup-target 0.99 not reached in 30 steps (greedy accuracy 0." in capsys.readouterr().out
+    )
 
 
 def test_a_turn_is_right_given_the_value_it_read():
     q = tasks.Question("7+3-2+1", "9", ("0", "8", "9"), ("+3", "-2", "+1"))
     relay = tasks.Relay(3)
     assert relay.turn_correct(q, ["0", "8", "9"]) == [True, True, True]
-    assert relay.turn_correct(q, ["0", "9", "0"]) == [True, False, True]  # 9 + 1 = 0: right after a wrong turn
-    assert relay.turn_correct(q, ["x", "8"]) == [False, False]  # nothing to compute from after a malformed one
+    # 9 + 1 = 0: right after a wrong turn
+    assert relay.turn_correct(q, ["0", "9", "0"]) == [True, False, True]
+    # nothing to compute from after a malformed one
+    assert relay.turn_correct(q, ["x", "8"]) == [False, False]
 
 
 def test_turn_accuracy_counts_each_agents_messages():
@@ -104,18 +125,29 @@ def test_turn_accuracy_counts_each_agents_messages():
         e = rollout.Episode(q, 0, 0, [0, 1, 2])
         e.steps = [rollout.Step(agent, [], [], [], text) for agent, text in enumerate(texts)]
         played.append(e)
-    assert evaluation.turn_accuracy(tasks.Relay(3), played, 3) == {"turn_acc/agent0": 1.0, "turn_acc/agent1": 0.5, "turn_acc/agent2": 1.0}
-    assert evaluation.turn_accuracy(tasks.Relay(3, solo=True), played, 3) == {}  # one message: no turns to check
+    assert evaluation.turn_accuracy(tasks.Relay(3), played, 3) == {
+        "turn_acc/agent0": 1.0,
+        "turn_acc/agent1": 0.5,
+        "turn_acc/agent2": 1.0,
+    }
+    # one message: no turns to check
+    assert evaluation.turn_accuracy(tasks.Relay(3, solo=True), played, 3) == {}
 
 
 def test_credit_sorts_sampled_messages_by_what_was_read_and_written():
     q = tasks.Question("7+3-2+1", "9", ("0", "8", "9"), ("+3", "-2", "+1"))
     played = []
-    for texts, reward in ((["0", "8", "9"], 1.0), (["0", "9", "0"], 0.0), (["0", "9", "9"], 1.0), (["5", "3", "4"], 0.0)):
+    for texts, reward in (
+        (["0", "8", "9"], 1.0),
+        (["0", "9", "0"], 0.0),
+        (["0", "9", "9"], 1.0),
+        (["5", "3", "4"], 0.0),
+    ):
         e = rollout.Episode(q, 0, len(played), [0, 1, 2], reward=reward)
         e.steps = [rollout.Step(agent, [], [], [], text) for agent, text in enumerate(texts)]
         played.append(e)
-    table = evaluation.credit(tasks.Relay(3), played, group=4, adv_max=3.0)  # advantages +1, -1, +1, -1
+    # advantages +1, -1, +1, -1
+    table = evaluation.credit(tasks.Relay(3), played, group=4, adv_max=3.0)
     assert [count for _, count in table.values()] == [5, 3, 3, 1, 0]
     assert [mean for mean, _ in table.values()] == pytest.approx([0.6, -1 / 3, -1.0, 1.0, 0.0], abs=1e-5)
 
@@ -123,7 +155,11 @@ def test_credit_sorts_sampled_messages_by_what_was_read_and_written():
 def test_a_one_operation_relay_warms_up_on_all_its_questions_and_refuses_too_many():
     cfg = config.Config(agents=1, hidden=32, warmup_steps=2)
     tok = team_lib.char_tokenizer(tasks.CHARS)
-    warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, cfg)  # 45 training questions, fewer than a warm-up batch
+    # 45 training questions, fewer than a warm-up batch
+    warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, cfg)
     assert len(tasks.make(config.Config(agents=1, questions=45)).train_questions(45, seed=3)) == 45
-    with pytest.raises(mathtask.TaskError, match="--questions 46: the relay has only 45 distinct training questions at --agents 1"):
+    with pytest.raises(
+        mathtask.TaskError,
+        match="--questions 46: the relay has only 45 distinct training questions at --agents 1",
+    ):
         tasks.make(config.Config(agents=1, questions=46))

@@ -1,14 +1,15 @@
 """Behaviour of the stage loop: isolation, the radius, stale reuse, fresh resampling, turn counts."""
+
 import dataclasses
 
 import pytest
 import torch
+from conftest import random_rewards
 
 import losses
 import rollout
 import tasks
 import teamtr
-from conftest import random_rewards
 
 
 def played_batch(team, cfg, seed=0):
@@ -36,14 +37,16 @@ def test_only_the_updated_agent_changes(make_team, cfg):
 @pytest.mark.parametrize("kl", ["kl_rev", "full"])
 def test_every_update_ends_inside_the_radius(make_team, cfg, kl):
     cfg = dataclasses.replace(cfg, delta=0.002, kl=kl, epochs=4)
-    team = make_team(3, lr=3e-2)  # a large step, so that the radius has to stop and backtrack
+    # a large step, so that the radius has to stop and backtrack
+    team = make_team(3, lr=3e-2)
     backtracks = 0
     for seed in range(3):
         for i in range(3):
             stats = teamtr.update_agent(team[i], i, played_batch(team, cfg, seed), None, cfg, seed=seed)
             assert stats["kl_rev"] <= cfg.delta
             backtracks += stats["backtracks"]
-    assert backtracks > 0  # the backtracking path was exercised, not only the early stop
+    # the backtracking path was exercised, not only the early stop
+    assert backtracks > 0
 
 
 def test_without_trust_region_the_radius_is_not_enforced(make_team, cfg):
@@ -61,6 +64,7 @@ def count_plays(monkeypatch):
         out = play(team, task, episodes, *args, **kwargs)
         calls.append((episodes, out[0]))
         return out
+
     monkeypatch.setattr(rollout, "play", counting)
     return calls
 
@@ -68,14 +72,17 @@ def count_plays(monkeypatch):
 def test_stale_reuses_the_first_batch_and_fresh_resamples(make_team, cfg, monkeypatch):
     seen = []
     update = teamtr.update_agent
-    monkeypatch.setattr(teamtr, "update_agent", lambda agent, i, eps, *rest: seen.append(eps) or update(agent, i, eps, *rest))
+    monkeypatch.setattr(
+        teamtr, "update_agent", lambda agent, i, eps, *rest: seen.append(eps) or update(agent, i, eps, *rest)
+    )
     calls = count_plays(monkeypatch)
     task = tasks.Relay(3)
     teamtr.run_stage(make_team(3), task, dataclasses.replace(cfg, resample="stale"), 1, lambda r, line: None)
     assert len(calls) == 1 and all(eps is calls[0][1] for eps in seen)
     seen.clear(), calls.clear()
     teamtr.run_stage(make_team(3), task, dataclasses.replace(cfg, resample="fresh"), 1, lambda r, line: None)
-    assert len(calls) == 3  # B_1, then after updates 1 and 2
+    # B_1, then after updates 1 and 2
+    assert len(calls) == 3
     assert seen == [c[1] for c in calls] and len({id(b) for b in seen}) == 3
 
 
@@ -88,22 +95,37 @@ def test_fresh_batches_reuse_the_first_batchs_random_numbers(make_team, cfg, mon
     """Common random numbers: with no update in between, a fresh batch is the first batch; once
     the agents change, it differs only from the first updated agent's first turn on."""
     calls = count_plays(monkeypatch)
-    teamtr.run_stage(make_team(3, lr=lr), tasks.Relay(3), dataclasses.replace(cfg, resample="fresh", temperature=1.0), 1, lambda r, line: None)
+    teamtr.run_stage(
+        make_team(3, lr=lr),
+        tasks.Relay(3),
+        dataclasses.replace(cfg, resample="fresh", temperature=1.0),
+        1,
+        lambda r, line: None,
+    )
     first, *fresh = [out for _, out in calls]
     if lr == 0.0:
         assert all(transcripts(batch) == transcripts(first) for batch in fresh)
-    else:  # the updated agents changed a few choices; the other tokens repeat (by chance: about 1 in 20)
-        pairs = [(a, b) for e, f in zip(fresh[-1], first) for s, t in zip(e.steps, f.steps) for a, b in zip(s.tokens, t.tokens)]
+    # the updated agents changed a few choices; the other tokens repeat (by chance: about 1 in 20)
+    else:
+        pairs = [
+            (a, b)
+            for e, f in zip(fresh[-1], first)
+            for s, t in zip(e.steps, f.steps)
+            for a, b in zip(s.tokens, t.tokens)
+        ]
         same = sum(a == b for a, b in pairs) / len(pairs)
         assert transcripts(fresh[-1]) != transcripts(first) and same > 0.8, same
 
 
 @pytest.mark.parametrize("update_order,turns", [("turn", 8 + 8 * 9 // 2 - 1), ("reverse", 8 + 8 * 7 // 2)])
 def test_suffix_resampling_turn_counts(make_team, cfg, update_order, turns):
-    cfg = dataclasses.replace(cfg, agents=8, resample="fresh", update_order=update_order, questions=2, group=2, epochs=1)
+    cfg = dataclasses.replace(
+        cfg, agents=8, resample="fresh", update_order=update_order, questions=2, group=2, epochs=1
+    )
     logged = []
     record = teamtr.run_stage(make_team(8), tasks.Relay(8), cfg, 1, lambda r, line: logged.append(r))
-    assert record["stage/turns"] == turns  # 43 and 36 instead of 64 at n = 8
+    # 43 and 36 instead of 64 at n = 8
+    assert record["stage/turns"] == turns
     first = logged[0]
     assert len(logged) == 8 and first[f"agent{first['agent']}/stale_gap"] == 0.0
     assert all(r[f"agent{r['agent']}/stale_gap"] is not None for r in logged)
@@ -112,7 +134,19 @@ def test_suffix_resampling_turn_counts(make_team, cfg, update_order, turns):
 def test_update_metrics_have_the_spec_names(make_team, cfg):
     logged = []
     teamtr.run_stage(make_team(3), tasks.Relay(3), cfg, 1, lambda r, line: logged.append(r))
-    for name in ["kl_rev", "kl_k1", "kl_k3", "out_of_region", "clipfrac", "steps", "skipped_steps", "reverted", "backtracks", "surrogate", "stale_gap"]:
+    for name in [
+        "kl_rev",
+        "kl_k1",
+        "kl_k3",
+        "out_of_region",
+        "clipfrac",
+        "steps",
+        "skipped_steps",
+        "reverted",
+        "backtracks",
+        "surrogate",
+        "stale_gap",
+    ]:
         assert all(f"agent{r['agent']}/{name}" in r for r in logged)
 
 
@@ -123,21 +157,27 @@ def test_happo_weights_are_the_clipped_product_of_earlier_agents_sequence_ratios
 
     def recording(agent, i, eps, gap, c, seed, weights):
         out = update(agent, i, eps, gap, c, seed, weights)
-        with torch.no_grad():  # independent check: new log-probs against the behaviour log-probs in B_1
+        # independent check: new log-probs against the behaviour log-probs in B_1
+        with torch.no_grad():
             data = losses.agent_batch(eps, i, torch.zeros(len(eps)), agent.tokenizer.pad_token_id, "cpu")
             new = losses.token_logprobs(agent.model, data)[0]
-            expect = losses.sequence_log_ratio(new, data["sampler_logp"], data["mask"], data["episode"], len(eps))
+            expect = losses.sequence_log_ratio(
+                new, data["sampler_logp"], data["mask"], data["episode"], len(eps)
+            )
         torch.testing.assert_close(out["log_ratio"], expect, atol=1e-5, rtol=0)
         calls.append((eps, weights, out["log_ratio"].clone()))
         return out
+
     monkeypatch.setattr(teamtr, "update_agent", recording)
     teamtr.run_stage(team, tasks.Relay(3), cfg, 1, lambda r, line: None)
-    assert all(eps is calls[0][0] for eps, _, _ in calls)  # the stale batch throughout
+    # the stale batch throughout
+    assert all(eps is calls[0][0] for eps, _, _ in calls)
     assert torch.equal(calls[0][1], torch.ones(len(calls[0][0])))
     for k in (1, 2):
         product = sum(c[2] for c in calls[:k]).exp()
         torch.testing.assert_close(calls[k][1], product.clamp(1 / 1.05, 1.05))
-    assert (calls[2][1] != 1).any() and ((calls[2][1] - 1.05).abs() < 1e-6).any()  # weights act, some clipped
+    # weights act, some clipped
+    assert (calls[2][1] != 1).any() and ((calls[2][1] - 1.05).abs() < 1e-6).any()
 
 
 def test_measure_gap_in_stale_mode_measures_without_training_on_it(make_team, cfg):
@@ -146,7 +186,8 @@ def test_measure_gap_in_stale_mode_measures_without_training_on_it(make_team, cf
     record = teamtr.run_stage(make_team(3), tasks.Relay(3), cfg, 1, lambda r, line: logged.append(r))
     gaps = [r[f"agent{r['agent']}/stale_gap"] for r in logged]
     assert gaps[0] == 0.0 and all(g is not None and g >= 0 for g in gaps[1:]) and max(gaps) > 0
-    assert record["stage/turns"] == 3  # diagnostic batches are not training compute
+    # diagnostic batches are not training compute
+    assert record["stage/turns"] == 3
 
 
 def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights(make_team, cfg, monkeypatch):
@@ -157,7 +198,8 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights(make_team, cfg,
     stats = teamtr.update_agent(team[0], 0, batch, None, cfg, seed=0)
     assert stats["steps"] == 0 and stats["skipped_steps"] == cfg.epochs * -(-len(batch) // cfg.minibatch)
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(team[0])))
-    assert not team[0].optimizer.state  # no optimiser step was taken
+    # no optimiser step was taken
+    assert not team[0].optimizer.state
 
 
 def test_a_non_finite_gradient_skips_only_that_step(make_team, cfg):
@@ -165,9 +207,11 @@ def test_a_non_finite_gradient_skips_only_that_step(make_team, cfg):
     batch = played_batch(team, cfg)
     faults = []
 
-    def first_inf(grad):  # the first step's gradient of one tensor becomes non-finite
+    # the first step's gradient of one tensor becomes non-finite
+    def first_inf(grad):
         faults.append(grad)
         return grad * float("inf") if len(faults) == 1 else grad
+
     next(team[0].model.parameters()).register_hook(first_inf)
     stats = teamtr.update_agent(team[0], 0, batch, None, cfg, seed=0)
     assert stats["skipped_steps"] == 1 and stats["steps"] > 0
@@ -179,10 +223,12 @@ def test_a_non_finite_kl_reverts_the_update(make_team, cfg, monkeypatch):
     batch, before = played_batch(team, cfg), snapshot(team[0])
     mean_kl, calls = teamtr.mean_kl, []
 
-    def faulty(*args):  # the first measurement after a step comes out NaN
+    # the first measurement after a step comes out NaN
+    def faulty(*args):
         D, logp, kl_tok = mean_kl(*args)
         calls.append(1)
         return (float("nan") if len(calls) == 1 else D), logp, kl_tok
+
     monkeypatch.setattr(teamtr, "mean_kl", faulty)
     stats = teamtr.update_agent(team[0], 0, batch, None, cfg, seed=0)
     assert stats["reverted"] == 1 and stats["steps"] == 1 and stats["kl_rev"] == 0.0
@@ -196,7 +242,8 @@ def test_held_out_questions_take_no_part_in_the_update(make_team, cfg):
     team, other = make_team(3, lr=1e-2), make_team(3, lr=1e-2)
     batch = played_batch(team, cfg)
     held = teamtr.held_out(batch, 0.25, seed=0)
-    assert held.sum() == cfg.group  # one question of four, with all its samples
+    # one question of four, with all its samples
+    assert held.sum() == cfg.group
     stats = teamtr.update_agent(team[1], 1, batch, None, held_cfg, seed=0)
     teamtr.update_agent(other[1], 1, [e for e, h in zip(batch, held) if not h], None, cfg, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(team[1]), snapshot(other[1])))
@@ -214,14 +261,18 @@ def test_the_acceptance_test_keeps_only_updates_that_gain_on_held_out_questions(
         assert stats["rejected"] == (stats["heldout_surrogate"] <= 0) == unchanged
         assert stats["kl_rev"] == 0.0 if unchanged else stats["kl_rev"] > 0.0
         outcomes.add(unchanged)
-    assert outcomes == {True, False}  # random rewards: some updates pass, some do not
+    # random rewards: some updates pass, some do not
+    assert outcomes == {True, False}
 
 
 @pytest.mark.parametrize("reset", [False, True])
 def test_reset_optimizer_starts_each_update_without_adam_moments(make_team, cfg, reset):
     cfg = dataclasses.replace(cfg, reset_optimizer=reset)
     team = make_team(3, lr=1e-2)
-    steps = [teamtr.update_agent(team[1], 1, played_batch(team, cfg, seed), None, cfg, seed=seed)["steps"] for seed in (0, 1)]
+    steps = [
+        teamtr.update_agent(team[1], 1, played_batch(team, cfg, seed), None, cfg, seed=seed)["steps"]
+        for seed in (0, 1)
+    ]
     counted = team[1].optimizer.state[next(team[1].model.parameters())]["step"].item()
     assert counted == (steps[1] if reset else sum(steps))
 
@@ -231,16 +282,30 @@ def test_shared_prefix_groups_share_everything_before_the_updated_agent(make_tea
     turns before agent i, from the intermediate team's batch), and the samples differ after it."""
     seen = []
     update = teamtr.update_agent
-    monkeypatch.setattr(teamtr, "update_agent", lambda agent, i, eps, *rest: seen.append((i, eps)) or update(agent, i, eps, *rest))
+    monkeypatch.setattr(
+        teamtr,
+        "update_agent",
+        lambda agent, i, eps, *rest: seen.append((i, eps)) or update(agent, i, eps, *rest),
+    )
     calls = count_plays(monkeypatch)
-    teamtr.run_stage(make_team(3, lr=1e-2), tasks.Relay(3), dataclasses.replace(cfg, shared_prefix=True), 1, lambda r, line: None)
-    assert len(calls) == 5  # B_1; then for agents 1 and 2 the intermediate team's batch and its shared-prefix replay
+    teamtr.run_stage(
+        make_team(3, lr=1e-2),
+        tasks.Relay(3),
+        dataclasses.replace(cfg, shared_prefix=True),
+        1,
+        lambda r, line: None,
+    )
+    # B_1; then for agents 1 and 2 the intermediate team's batch and its shared-prefix replay
+    assert len(calls) == 5
     for i, batch in seen[1:]:
         intermediate = calls[2 * i - 1][1]
         leaders = {e.qid: e for e in intermediate if e.sample == 0}
         assert all(transcripts([e])[0][:i] == transcripts([leaders[e.qid]])[0][:i] for e in batch)
-        assert transcripts([e for e in batch if e.sample == 0]) == transcripts([e for e in intermediate if e.sample == 0])
-        assert len({tuple(map(tuple, (t for _, t in transcripts([e])[0]))) for e in batch}) > len(leaders)  # samples differ after the prefix
+        assert transcripts([e for e in batch if e.sample == 0]) == transcripts(
+            [e for e in intermediate if e.sample == 0]
+        )
+        # samples differ after the prefix
+        assert len({tuple(map(tuple, (t for _, t in transcripts([e])[0]))) for e in batch}) > len(leaders)
 
 
 def test_reusing_kv_caches_plays_the_same_stage(make_team, cfg, monkeypatch):
@@ -251,8 +316,15 @@ def test_reusing_kv_caches_plays_the_same_stage(make_team, cfg, monkeypatch):
     calls, played = count_plays(monkeypatch), {}
     for flag in (False, True):
         before = len(calls)
-        teamtr.run_stage(make_team(3, lr=1e-2), tasks.Relay(3), dataclasses.replace(cfg, reuse_kv=flag), 1, lambda r, line: None)
+        teamtr.run_stage(
+            make_team(3, lr=1e-2),
+            tasks.Relay(3),
+            dataclasses.replace(cfg, reuse_kv=flag),
+            1,
+            lambda r, line: None,
+        )
         played[flag] = [transcripts(out) for _, out in calls[before:]]
     assert played[True] == played[False] and len(played[True]) == 3
     episodes = cfg.questions * cfg.group
-    assert reused == [episodes] * 3  # after agent 0's update agents 1 and 2's turns, after agent 1's agent 2's
+    # after agent 0's update agents 1 and 2's turns, after agent 1's agent 2's
+    assert reused == [episodes] * 3

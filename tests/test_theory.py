@@ -1,4 +1,5 @@
 """The exact testbed: exactness, the HAPPO identity, and stale error growing faster in n."""
+
 import numpy as np
 import pytest
 
@@ -10,7 +11,8 @@ def monte_carlo_J(bed, pi, episodes, seed=0):
     q = rng.integers(bed.Q, size=episodes)
     msg = np.zeros(episodes, dtype=int)
     for t in range(bed.turns):
-        probs = pi[bed.agent(t)][q, msg]  # (episodes, M)
+        # (episodes, M)
+        probs = pi[bed.agent(t)][q, msg]
         msg = (probs.cumsum(-1) > rng.random((episodes, 1))).argmax(-1)
     rewards = bed.reward[q, msg]
     return rewards.mean(), rewards.std() / np.sqrt(episodes)
@@ -30,7 +32,9 @@ def test_intermediate_surrogate_is_the_true_improvement_with_one_round():
         new_policy = bed.kl_step(current, a, delta=0.02)
         updated = current.copy()
         updated[a] = new_policy
-        assert bed.surrogate(current, a, new_policy) == pytest.approx(bed.J(updated) - bed.J(current), abs=1e-12)
+        assert bed.surrogate(current, a, new_policy) == pytest.approx(
+            bed.J(updated) - bed.J(current), abs=1e-12
+        )
         current = updated
 
 
@@ -50,7 +54,8 @@ def test_happo_reweighted_stale_surrogate_equals_the_intermediate_one():
         new_policy = bed.kl_step(current, a, delta=0.05)
         reweighted = bed.happo_surrogate(start, current, a, new_policy)
         assert reweighted == pytest.approx(bed.surrogate(current, a, new_policy), abs=1e-12)
-        if a > 0:  # without the weights the stale surrogate is off
+        # without the weights the stale surrogate is off
+        if a > 0:
             assert abs(bed.surrogate(start, a, new_policy) - bed.surrogate(current, a, new_policy)) > 1e-6
         current[a] = new_policy
 

@@ -1,4 +1,5 @@
 """The real scripts as subprocesses, with tiny budgets."""
+
 import json
 import os
 import subprocess
@@ -7,11 +8,30 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--stages", "1", "--warmup-steps", "2", "--questions", "4", "--group", "2", "--eval-size", "8", "--epochs", "1"]
+TINY = [
+    "--stages",
+    "1",
+    "--warmup-steps",
+    "2",
+    "--questions",
+    "4",
+    "--group",
+    "2",
+    "--eval-size",
+    "8",
+    "--epochs",
+    "1",
+]
 
 
 def run(script, *args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_train_writes_a_run_directory_and_eval_reads_it(tmp_path):
@@ -23,7 +43,12 @@ def test_train_writes_a_run_directory_and_eval_reads_it(tmp_path):
     updates = [r for r in records if "update" in r]
     stages = [r for r in records if "stage/certificate" in r]
     assert len(updates) == 2 and {"agent0/kl_rev", "agent0/stale_gap"} <= set(updates[0])
-    assert len(stages) == 1 and {"stage/eval_acc", "stage/realized_gain", "stage/turns", "stage/tokens"} <= set(stages[0])
+    assert len(stages) == 1 and {
+        "stage/eval_acc",
+        "stage/realized_gain",
+        "stage/turns",
+        "stage/tokens",
+    } <= set(stages[0])
     for agent in ("agent0", "agent1"):
         assert (run_dir / agent / "config.json").exists() and (run_dir / agent / "model.safetensors").exists()
     assert "held-out accuracy" in (run_dir / "summary.md").read_text()
@@ -42,12 +67,28 @@ def test_every_mode_runs(tmp_path, mode):
     assert agents == (["agent0"] if mode == "single" else ["agent0", "agent1"])
 
 
-@pytest.mark.parametrize("args", [["--agents", "0"], ["--mode", "bogus"], ["--delta", "-1"], ["--group", "1"], ["--agents", "x"],
-                                  ["--agents", "2,4"], ["--seeds", "2"], ["--mode", "compare", "--modes", "teamtr,bogus"],
-                                  ["--mode", "compare", "--modes", "stale,stale"],
-                                  ["--codes", "--model", "some/model"], ["--accept", "heldout"], ["--holdout", "1"],
-                                  ["--mode", "naive", "--shared-prefix"], ["--mode", "stale", "--reuse-kv"], ["--name", "../elsewhere"], ["--prompts", "roles.json"],
-                                  ["--lora-rank", "2", "--lora-targets", "zzz"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--agents", "0"],
+        ["--mode", "bogus"],
+        ["--delta", "-1"],
+        ["--group", "1"],
+        ["--agents", "x"],
+        ["--agents", "2,4"],
+        ["--seeds", "2"],
+        ["--mode", "compare", "--modes", "teamtr,bogus"],
+        ["--mode", "compare", "--modes", "stale,stale"],
+        ["--codes", "--model", "some/model"],
+        ["--accept", "heldout"],
+        ["--holdout", "1"],
+        ["--mode", "naive", "--shared-prefix"],
+        ["--mode", "stale", "--reuse-kv"],
+        ["--name", "../elsewhere"],
+        ["--prompts", "roles.json"],
+        ["--lora-rank", "2", "--lora-targets", "zzz"],
+    ],
+)
 def test_bad_flags_give_one_line_exit_2_and_write_nothing(tmp_path, args):
     out = run("train.py", *args, cwd=tmp_path)
     assert out.returncode == 2

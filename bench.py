@@ -33,6 +33,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import lora
 import rollout
 import runs
 import tasks
@@ -53,9 +54,8 @@ SMOL = dict(
 )
 # new tokens per row in the sampler measures
 TOKENS = 32
-LORA = dict(
-    rank=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-)
+TRAINING = team_lib.Training(lr=1e-4)
+LORA = lora.spec(16, 32.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 def line(what: str, ours: float, theirs: float, unit: str, ratio: float):
@@ -77,10 +77,11 @@ def timed(*fns, repeats: int = 2) -> list[float]:
     return best
 
 
-def tiny_agent():
-    cfg = resolve(Config())
+def warmed_team(cfg: Config, n: int) -> list:
+    """n copies of the tiny agent after its warm-up, as train.py builds the default team."""
     tok = team_lib.char_tokenizer(tasks.CHARS)
-    return cfg, tok, warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers), tok, cfg)
+    model = warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers, seed=cfg.seed), tok, cfg)
+    return team_lib.clone_team(model, tok, n, team_lib.Training.of(cfg))
 
 
 def smol_llama():
@@ -123,9 +124,8 @@ def sampler_vs_generate(name: str, model, prompts: list[list[int]], pad_id: int,
 
 
 def bench_sampler():
-    cfg, tok, model = tiny_agent()
-    task = tasks.Relay(3)
-    agent = team_lib.make_agent("bench", model, tok, 1e-3)
+    agent = warmed_team(resolve(Config()), 1)[0]
+    model, tok, task = agent.model, agent.tokenizer, tasks.Relay(3)
     prompts = [
         agent.encode(task.render(q, list(q.steps[: i % 3])))
         for i, q in enumerate(tasks.questions(task, 8, seed=0, heldout=False))
@@ -145,10 +145,7 @@ def bench_suffix():
     that agent's caches. Suffix resampling is timed with and without --reuse-kv. Also counted: the
     prompt tokens the sampler prefills, which is where a stage's sampling time goes on the relay."""
     cfg = resolve(Config(agents=8, p_max_arg=0.12))
-    tok = team_lib.char_tokenizer(tasks.CHARS)
-    team = team_lib.clone_team(
-        warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers), tok, cfg), tok, 8, cfg.lr
-    )
+    team = warmed_team(cfg, 8)
     task = tasks.make(cfg)
     qs = task.train_questions(cfg.questions, 0)
 
@@ -182,7 +179,8 @@ def bench_suffix():
     names = {"reuse": "with --reuse-kv", "suffix": "without it"}
     for mode, name in names.items():
         line(
-            f"fresh stage sampling at n = 8, suffix resampling {name} vs full resampling ({turns[mode]} vs {turns['full']} turns per episode; seconds)",
+            f"fresh stage sampling at n = 8, suffix resampling {name} vs full resampling ({turns[mode]} vs "
+            f"{turns['full']} turns per episode; seconds)",
             seconds[mode],
             seconds["full"],
             "s",
@@ -190,7 +188,8 @@ def bench_suffix():
         )
     for mode, name in names.items():
         line(
-            f"fresh stage at n = 8, prompt tokens prefilled, suffix resampling {name} vs full resampling (tokens)",
+            f"fresh stage at n = 8, prompt tokens prefilled, suffix resampling {name} vs full resampling "
+            "(tokens)",
             tokens[mode],
             tokens["full"],
             "tokens",
@@ -223,9 +222,9 @@ def memory_probe(agents: int, lora_rank: int):
     # only its pad id is used here
     tok = team_lib.char_tokenizer(tasks.CHARS)
     if lora_rank:
-        team = team_lib.lora_team(smol_llama(), tok, agents, lora_rank, LORA["alpha"], LORA["targets"], 1e-4)
+        team = team_lib.lora_team(smol_llama(), tok, agents, {**LORA, "rank": lora_rank}, TRAINING)
     else:
-        team = [team_lib.make_agent(f"agent{i}", smol_llama(), tok, 1e-4) for i in range(agents)]
+        team = [team_lib.make_agent(f"agent{i}", smol_llama(), tok, TRAINING) for i in range(agents)]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, SMOL["vocab_size"], (8, 160), generator=gen)
     steps = [rollout.Step(0, row[:120].tolist(), row[120:].tolist(), [0.0] * 40, "") for row in ids]
@@ -233,7 +232,7 @@ def memory_probe(agents: int, lora_rank: int):
     for e, r in zip(episodes, torch.randn(8, generator=gen)):
         e.reward = float(r)
     cfg = resolve(Config(group=2, minibatch=4, epochs=1))
-    teamtr.update_agent(team[0], 0, episodes, None, cfg, seed=0)
+    teamtr.update_agent(team[0], 0, episodes, cfg, seed=0)
     print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}))
 
 
@@ -277,13 +276,7 @@ def bench_stages():
     seconds = {}
     for n in (2, 4, 8):
         cfg = resolve(Config(agents=n, p_max_arg=0.12 if n == 8 else 0.0))
-        tok = team_lib.char_tokenizer(tasks.CHARS)
-        team = team_lib.clone_team(
-            warmup.warmup(team_lib.tiny_model(tok, cfg.hidden, cfg.layers, seed=cfg.seed), tok, cfg),
-            tok,
-            n,
-            cfg.lr,
-        )
+        team = warmed_team(cfg, n)
         t0 = time.perf_counter()
         teamtr.run_stage(team, tasks.make(cfg), cfg, 1, lambda record, text: None)
         seconds[n] = time.perf_counter() - t0

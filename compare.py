@@ -35,10 +35,10 @@ import matplotlib
 from tqdm import tqdm
 
 import config
+import loop
 import parallel
 import runs
 import tasks
-import teamtr
 import theory
 import warmup
 
@@ -78,7 +78,8 @@ def run(
                     # what a resume keeps
                     runs.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results))
                     tqdm.write(
-                        f"n={n} seed {seed} {mode}: held-out {result['accs'][0]:.3f} -> {result['accs'][-1]:.3f}, "
+                        f"n={n} seed {seed} {mode}: held-out {result['accs'][0]:.3f} -> "
+                        f"{result['accs'][-1]:.3f}, "
                         f"{result['tokens'][-1]:,} tokens, {result['seconds']:.0f} s"
                     )
     if parallel.main():
@@ -104,7 +105,7 @@ def train_mode(cfg: config.Config, model, heldout, device, dtype, run_dir: str) 
     t0 = time.time()
     team = warmup.build_team(cfg, model, device, dtype)
     log = runs.Log(os.path.join(run_dir, f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}.jsonl"))
-    accs = teamtr.train_stages(team, tasks.make(cfg), heldout, cfg, log)
+    accs = loop.train_stages(team, tasks.make(cfg), heldout, cfg, log)
     return {
         "mode": cfg.mode,
         "n": cfg.agents,

@@ -1,8 +1,16 @@
-"""The config of a run: every flag of train.py is a field of Config, documented under it, and
-MODES are the presets of the two switches that define the methods (resampling and the trust region).
+"""The config of a run: every flag of train.py is a field of Config, with its doc under it and the
+values it accepts beside it (`flag`); MODES are the presets of the two switches that define the
+methods (resampling and the trust region). `python train.py --help` lists the fields in the groups
+below, each group opened by a comment line.
+
+One seed is given (--seed); every other seed is derived from it and from what it is for
+(`derive_seed`), so a run, its resume and a run on several processes draw the same numbers.
 """
 
-from dataclasses import dataclass
+import ast
+import hashlib
+import inspect
+from dataclasses import dataclass, field
 
 # mode -> (resample, trust_region); `single` and `none` are set up by train.py
 MODES = {
@@ -21,145 +29,161 @@ MODES = {
     # no training: the warm-up team, for reference
     "none": ("stale", "on"),
 }
+ALL_MODES = ",".join(MODES)
+
+
+def flag(default, choices=None, at_least=None, positive=False, at_most=None):
+    """A field's default, and what train.py accepts for it: one of `choices`, at least `at_least`,
+    more than 0 (`positive`), at most `at_most`."""
+    checks = dict(choices=choices, at_least=at_least, positive=positive, at_most=at_most)
+    return field(default=default, metadata=checks)
 
 
 @dataclass
 class Config:
     # run
+    mode: str = flag("teamtr", choices=[*MODES, "compare"])
+    """teamtr, stale, naive, fresh-no-tr, happo, single or none (presets of --resample and
+    --trust-region), or compare (several modes side by side, compare.py)"""
+    agents: int = flag(3, at_least=1)
+    """number of agents n (compare: a list such as 2,4,6,8 sweeps team sizes)"""
+    task: str = "relay"
+    """relay (built in); words (generated word problems, offline); gsm8k, math500, aime24, aime25
+    (hub datasets); or jsonl:PATH / parquet:PATH (question or problem, and answer fields). Real
+    tasks need --model or --models"""
+    model: str = ""
+    """Hugging Face name or local path for every agent (default: tiny agents built in code)"""
+    seed: int = 0
+    """the one seed; every other seed is derived from it"""
+    stages: int = flag(20, at_least=0)
+    """number of stages (one update of every agent each); --mode compare: 15 unless given"""
+    device: str = flag("auto", choices=["auto", "cpu", "cuda"])
+    """cpu, cuda, or auto (cuda when available)"""
+    dtype: str = flag("auto", choices=["auto", "fp32", "bf16"])
+    """fp32 or bf16 weights; auto = bf16 on CUDA, fp32 on CPU (log-probs are fp32 either way)"""
     name: str = ""
     """run directory name under --out-dir (default: <mode>-n<agents>-s<seed>, with a suffix if taken)"""
     out_dir: str = "runs"
     """where run directories are written"""
-    seed: int = 0
-    """the one seed; every other seed is derived from it"""
-    device: str = "auto"
-    """cpu, cuda, or auto (cuda when available)"""
-    dtype: str = "auto"
-    """fp32 or bf16 weights; auto = bf16 on CUDA, fp32 on CPU (log-probs are fp32 either way)"""
-    threads: int = 2
-    """torch CPU threads (0 = torch's default)"""
-    dist_timeout: float = 600.0
-    """under torchrun: seconds a process waits for the others (a rank that died or hangs) before it ends with an error"""
-    # team and task
-    agents: int = 3
-    """number of agents n (compare: a list such as 2,4,6,8 sweeps team sizes)"""
-    mode: str = "teamtr"
-    """teamtr, stale, naive, fresh-no-tr, happo, single or none (presets of --resample and --trust-region), or compare"""
-    modes: str = "teamtr,stale,naive,fresh-no-tr,happo,single,none"
+    modes: str = ALL_MODES
     """compare: the modes trained side by side from the same warm-up team"""
-    seeds: int = 3
+    seeds: int = flag(3, at_least=1)
     """compare: the seeds --seed, --seed + 1, ... (mean and spread over them)"""
-    resample: str = ""
-    """fresh (intermediate occupancy), stale (the stage's first batch) or reweight (stale, HAPPO weights); default: from --mode"""
-    measure_gap: bool = False
-    """stale/reweight: also sample diagnostic-only fresh batches, so stale_gap is measured (not trained on, not counted)"""
-    happo_max_weight: float = 2.0
-    """reweight: HAPPO importance weights are clipped to [1/w, w]"""
-    trust_region: str = ""
-    """on (KL penalty + radius) or off (beta = 0, no radius); default: from --mode"""
-    order: str = "fixed"
-    """turn order: fixed (agent 1..n) or random (a permutation per episode, the router)"""
-    update_order: str = "turn"
-    """update order within a stage: turn, reverse or random"""
-    rounds: int = 1
-    """the turn order is repeated this many times (agents speak `rounds` times)"""
-    task: str = "relay"
-    """relay (built in); words (generated word problems, offline); gsm8k, math500, aime24, aime25 (hub datasets); or jsonl:PATH / parquet:PATH (question or problem, and answer fields). Real tasks need --model or --models"""
-    prompts: str = ""
-    """real tasks: the roles file (default prompts/team.json)"""
-    max_new_tokens: int = 0
-    """tokens per message at most (0: the task's default, 256 for real tasks); messages cut there are counted in rollout/truncated"""
-    modulus: int = 10
-    """relay arithmetic is mod this (10: one digit per message)"""
-    max_arg: int = 3
-    """relay operations are +a or -a with a in 1..max_arg (larger is much slower to learn)"""
-    p_max_arg: float = 0.0
-    """probability of a +-max_arg operation, the kind the demonstrator gets wrong (0: a uniform in 1..max_arg); lower it to start larger teams near the accuracy of small ones"""
-    codes: bool = False
-    """coordination variant: the warm-up demonstrator writes each message but the last plainly or mirrored (modulus - 1 - v) at random, unmarked, so the team starts without a shared convention"""
-    model: str = ""
-    """Hugging Face name or local path for every agent (default: tiny agents built in code)"""
+    threads: int = flag(2, at_least=0)
+    """torch CPU threads (0 = torch's default)"""
+    dist_timeout: float = flag(600.0, positive=True)
+    """under torchrun: seconds a process waits for the others (a rank that died or hangs) before
+    it ends with an error"""
+    # team and task
     models: str = ""
     """comma-separated names or paths, one per agent (a heterogeneous team)"""
+    prompts: str = ""
+    """real tasks: the roles file (default prompts/team.json)"""
+    max_new_tokens: int = flag(0, at_least=0)
+    """tokens per message at most (0: the task's default, 256 for real tasks); messages cut there
+    are counted in rollout/truncated"""
+    order: str = flag("fixed", choices=["fixed", "random"])
+    """turn order: fixed (agent 1..n) or random (a permutation per episode, the router)"""
+    rounds: int = flag(1, at_least=1)
+    """the turn order is repeated this many times (agents speak `rounds` times)"""
     init: str = ""
-    """a saved run directory whose trained team (or last checkpoint) starts this run instead of a warm-up (replace.py)"""
+    """a saved run directory whose trained team (or last checkpoint) starts this run instead of a
+    warm-up (replace.py)"""
     replace: str = ""
     """with --init: i=PATH swaps agent i for the model at PATH, aligned first (Stage 0; replace.py)"""
-    align_steps: int = 50
+    align_steps: int = flag(50, at_least=0)
     """with --replace: behaviour-cloning steps of the Stage-0 alignment (0: swap without alignment)"""
-    grad_ckpt: bool = False
-    """gradient checkpointing during updates (for large models on GPU)"""
-    lora_rank: int = 0
-    """LoRA rank r (0: full fine-tuning): one frozen base model shared by the team, one adapter and optimiser per agent (lora.py); not with --models"""
-    lora_alpha: float = 16.0
+    lora_rank: int = flag(0, at_least=0)
+    """LoRA rank r (0: full fine-tuning): one frozen base model shared by the team, one adapter and
+    optimiser per agent (lora.py); not with --models"""
+    lora_alpha: float = flag(16.0, positive=True)
     """LoRA scale: an adapter adds (alpha / r) B A to its layer"""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     """the linear layers (by name) that get adapters"""
-    # tiny agents and their warm-up
-    hidden: int = 128
+    grad_ckpt: bool = False
+    """gradient checkpointing during updates (for large models on GPU)"""
+    # tiny agents and the relay
+    hidden: int = flag(128, at_least=8)
     """width of the tiny agents (128: about 0.4M parameters)"""
-    layers: int = 2
+    layers: int = flag(2, at_least=1)
     """layers of the tiny agents"""
-    warmup_steps: int = 250
+    warmup_steps: int = flag(250, at_least=0)
     """supervised steps on demonstrations before RL"""
-    warmup_lr: float = 1e-3
-    """learning rate of the warm-up"""
-    warmup_target: float = 0.0
-    """stop the warm-up once the team of copies reaches this greedy accuracy on 256 training-side questions (fewer if the task has fewer) (checked every 25 steps; 0: all --warmup-steps): a start set by the recipe, not by a machine's floating point"""
-    demo_error: float = 0.6
+    warmup_lr: float = flag(1e-3, positive=True)
+    """learning rate of the warm-up (and of the Stage-0 imitation of --replace)"""
+    demo_error: float = flag(0.6, at_least=0.0)
     """the demonstrator is wrong (one too high) this often on operations beyond +-demo_max_arg"""
-    demo_max_arg: int = 2
+    demo_max_arg: int = flag(2, at_least=0)
     """operations up to +-this are always demonstrated correctly"""
+    modulus: int = flag(10, at_least=2)
+    """relay arithmetic is mod this (10: one digit per message)"""
+    max_arg: int = flag(3, at_least=1)
+    """relay operations are +a or -a with a in 1..max_arg (larger is much slower to learn)"""
+    p_max_arg: float = flag(0.0, at_least=0.0)
+    """probability of a +-max_arg operation, the kind the demonstrator gets wrong (0: a uniform in
+    1..max_arg); lower it to start larger teams near the accuracy of small ones"""
+    codes: bool = False
+    """coordination variant: the warm-up demonstrator writes each message but the last plainly or
+    mirrored (modulus - 1 - v) at random, unmarked, so the team starts without a shared convention"""
     # rollouts
-    stages: int = 20
-    """number of stages (one update of every agent each); --mode compare: 15 unless given"""
-    questions: int = 32
+    questions: int = flag(32, at_least=1)
     """questions per batch"""
-    group: int = 8
+    group: int = flag(8, at_least=2)
     """samples per question (the GRPO group G)"""
-    temperature: float = 1.0
+    temperature: float = flag(1.0, at_least=0.0)
     """sampling temperature of training rollouts (1.0: behaviour = policy)"""
-    top_p: float = 1.0
+    top_p: float = flag(1.0, positive=True, at_most=1)
     """nucleus sampling mass of training rollouts"""
-    eval_size: int = 512
-    """held-out questions for eval_acc (greedy)"""
-    eval_every: int = 1
-    """held-out evaluation after every this many stages (and always after the last)"""
+    shared_prefix: bool = False
+    """fresh resampling (compare: its fresh modes): before agent i's update, the G samples of each
+    question are played again from one shared prefix (sample 0's turns before agent i's first),
+    so the group-normalised advantage compares only what agent i and the agents after it wrote"""
+    reuse_kv: bool = False
+    """fresh resampling: keep each turn's KV cache, so that suffix resampling prefills only what
+    the kept turns' contexts did not hold (the same samples, faster; memory: about two plays' KV
+    caches, small for tiny agents, gigabytes for LLM teams)"""
     # update
-    optimizer: str = "adam"
-    """optimiser of the RL updates: adam or sgd"""
-    lr: float = 3e-4
+    resample: str = flag("", choices=["", "fresh", "stale", "reweight"])
+    """fresh (intermediate occupancy), stale (the stage's first batch) or reweight (stale, HAPPO
+    weights); default: from --mode"""
+    trust_region: str = flag("", choices=["", "on", "off"])
+    """on (KL penalty + radius) or off (beta = 0, no radius); default: from --mode"""
+    delta: float = flag(0.02, positive=True)
+    """trust-region radius: mean token reverse KL of an update, in nats (trust region on only)"""
+    lr: float = flag(3e-4, positive=True)
     """learning rate of the RL updates"""
-    epochs: int = 4
+    optimizer: str = flag("adam", choices=["adam", "sgd"])
+    """optimiser of the RL updates: adam or sgd"""
+    epochs: int = flag(4, at_least=1)
     """passes over the batch per update (at most; the radius may stop it earlier)"""
-    minibatch: int = 64
+    minibatch: int = flag(64, at_least=1)
     """messages per optimiser step"""
-    clip_eps: float = 0.2
+    clip_eps: float = flag(0.2, positive=True)
     """PPO ratio clip"""
-    adv_max: float = 3.0
+    adv_max: float = flag(3.0, positive=True)
     """advantages are clipped to [-adv_max, adv_max] (bounded group-normalised advantages)"""
     beta: float = 0.1
     """weight of the reverse-KL penalty (trust region on only)"""
-    delta: float = 0.02
-    """trust-region radius: mean token reverse KL of an update, in nats (trust region on only)"""
-    kl: str = "kl_rev"
+    kl: str = flag("kl_rev", choices=["kl_rev", "full"])
     """trust-region KL: kl_rev (sample estimate r log r - r + 1) or full (exact over the vocabulary)"""
-    reduction: str = "token"
+    reduction: str = flag("token", choices=["token", "sequence"])
     """loss reduction: token or sequence (see losses.py for the length bias)"""
-    shared_prefix: bool = False
-    """fresh resampling (compare: its fresh modes): before agent i's update, the G samples of each question are played again from one shared prefix (sample 0's turns before agent i's first), so the group-normalised advantage compares only what agent i and the agents after it wrote"""
-    reuse_kv: bool = False
-    """fresh resampling: keep each turn's KV cache, so that suffix resampling prefills only what the kept turns' contexts did not hold (the same samples, faster; memory: about two plays' KV caches, small for tiny agents, gigabytes for LLM teams)"""
-    holdout: float = 0.0
-    """fraction of an update's questions (with all their samples) held out of its training; its surrogate on them is logged as heldout_surrogate (0: train on all)"""
-    accept: str = "always"
-    """always, or heldout: keep an update only if its surrogate on the held-out questions is positive, else restore the old weights (needs --holdout)"""
-    reset_optimizer: bool = False
-    """clear an agent's optimiser state (Adam moments) at the start of each of its updates"""
-    max_backtracks: int = 10
+    update_order: str = flag("turn", choices=["turn", "reverse", "random"])
+    """update order within a stage: turn, reverse or random"""
+    max_backtracks: int = flag(10, at_least=0)
     """halvings toward the old weights before an update is reverted"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = flag(1.0, positive=True)
     """gradient clipping"""
+    happo_max_weight: float = flag(2.0, at_least=1.0)
+    """reweight: HAPPO importance weights are clipped to [1/w, w]"""
+    # diagnostics
+    eval_size: int = flag(512, at_least=1)
+    """held-out questions for eval_acc (greedy)"""
+    eval_every: int = flag(1, at_least=1)
+    """held-out evaluation after every this many stages (and always after the last)"""
+    measure_gap: bool = False
+    """stale/reweight: also sample diagnostic-only fresh batches, so stale_gap is measured (not
+    trained on, not counted)"""
 
 
 def resolve(cfg: Config) -> Config:
@@ -170,3 +194,28 @@ def resolve(cfg: Config) -> Config:
     if cfg.mode == "none":
         cfg.stages = 0
     return cfg
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from the run seed and what it is for, e.g. (seed, "train", stage)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def documented_groups() -> dict[str, dict[str, str]]:
+    """{group: {field name: its doc}} in the order of Config: a group opens at a comment line,
+    and a field's doc is the string under it."""
+    source = inspect.getsource(Config)
+    body = ast.parse(source).body[0].body
+    docs = {
+        a.target.id: " ".join(b.value.value.split())
+        for a, b in zip(body, body[1:])
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+    }
+    groups, group = {}, ""
+    for line in source.splitlines():
+        text = line.strip()
+        if text.startswith("# "):
+            group = text[2:]
+        elif (name := text.split(":")[0]) in docs:
+            groups.setdefault(group, {})[name] = docs[name]
+    return groups

@@ -5,7 +5,7 @@
 
 On the relay it also prints each agent's turn accuracy (its message right given the value it
 read), greedy and sampled, and with --samples K > 1 which messages the team reward favours
-(`credit`): the diagnosis of why large teams stall (README, "Why eight agents did not learn").
+(`credit`): the diagnosis of why large teams stall (docs/results.md, "Eight agents").
 
 It works for every task of the run (relay or mathtask.py's). The single-agent comparison plays
 the same held-out questions with agent0 alone in the task's one-agent format (the relay's solo
@@ -25,12 +25,12 @@ from math import comb
 import torch
 
 import losses
-import mathtask
 import parallel
 import rollout
 import runs
 import tasks
 import team as team_lib
+from questions import TaskError
 
 
 def play(
@@ -64,23 +64,8 @@ def heldout_metrics(team, task, qs, cfg) -> dict:
     accuracy on the same episodes (eval_turn_acc/agent{i})."""
     played = play(team, task, qs, cfg)
     return {"eval_acc": accuracy(team, task, qs, cfg, played)} | {
-        f"eval_{key}": v for key, v in turn_accuracy(task, played, len(team)).items()
+        f"eval_{key}": v for key, v in tasks.turn_accuracy(task, played, len(team)).items()
     }
-
-
-def turn_accuracy(task, episodes, n: int) -> dict:
-    """{"turn_acc/agent{i}": the fraction of agent i's messages that were right given what it
-    read} over every rank's episodes, for tasks with a turn check (the relay's; {} otherwise).
-    A team is right only if every link of its chain is: where a team fails, these say which link."""
-    if not hasattr(task, "turn_correct") or task.turns == 1:
-        return {}
-    right, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    for e in episodes:
-        for step, ok in zip(e.steps, task.turn_correct(e.question, [s.text for s in e.steps])):
-            right[step.agent] += ok
-            count[step.agent] += 1
-    right, count = parallel.all_sum(right), parallel.all_sum(count)
-    return {f"turn_acc/agent{i}": (right[i] / count[i]).item() for i in range(n) if count[i] > 0}
 
 
 CREDIT = (
@@ -134,7 +119,7 @@ def main(argv=None):
     parser = runs.Parser(prog="eval.py", description=__doc__.splitlines()[0])
     parser.add_argument(
         "run_dir",
-        help="a run directory written by train.py (its trained team, or the last checkpoint of an unfinished run)",
+        help="a run directory written by train.py (its trained team, or an unfinished run's last checkpoint)",
     )
     parser.add_argument(
         "--samples",
@@ -158,8 +143,8 @@ def main(argv=None):
         parallel.init(device, cfg.dist_timeout)
         folder, paths = runs.saved_team(args.run_dir)
         task = tasks.make(cfg)
-        team = team_lib.load_team(paths, device, dtype, lr=0.0)
-    except (runs.RunError, mathtask.TaskError, team_lib.LoadError) as e:
+        team = team_lib.load_team(paths, device, dtype)
+    except (runs.RunError, TaskError, team_lib.LoadError) as e:
         parser.error(str(e))
     if folder != args.run_dir:
         parallel.print0(f"the run did not finish; evaluating its last checkpoint, {os.path.basename(folder)}")
@@ -181,10 +166,11 @@ def main(argv=None):
     turns = [v for key, v in greedy.items() if key.startswith("eval_turn_acc/")]
     if len(team) > 1 and turns:
         parallel.print0(
-            f"turn accuracy per agent (right given the value it read), greedy: {' '.join(f'{v:.3f}' for v in turns)}"
+            "turn accuracy per agent (right given the value it read), greedy: "
+            f"{' '.join(f'{v:.3f}' for v in turns)}"
         )
         if args.samples:
-            sampled = turn_accuracy(task, played, len(team))
+            sampled = tasks.turn_accuracy(task, played, len(team))
             parallel.print0(
                 f"turn accuracy per agent, sampled: {' '.join(f'{v:.3f}' for v in sampled.values())}"
             )

@@ -41,6 +41,11 @@ class LoRALinear(torch.nn.Module):
         return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
 
+def spec(rank: int, alpha: float, targets) -> dict:
+    """A team's adapters: their rank r, scale alpha and target layers (by last name)."""
+    return {"rank": rank, "alpha": alpha, "targets": list(targets)}
+
+
 def adapted(base: torch.nn.Module, rank: int, alpha: float, targets: list[str], seed: int) -> torch.nn.Module:
     """A new module tree sharing every parameter and buffer of `base` (frozen), with LoRALinear
     layers on the linear layers whose last name is in `targets`. ValueError if none matches."""

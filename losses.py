@@ -146,7 +146,7 @@ def sequence_log_ratio(logp, logp_old, mask, episode, n_episodes: int):
 
 
 def update_stats(logp, logp_old, adv, mask, kl_tok, clip_eps: float, delta: float) -> dict:
-    """The per-update metrics of SPEC section 5, all token means over the agent's tokens."""
+    """The per-update metrics (docs/design.md, "Metrics"), all token means over the agent's tokens."""
     log_r = logp - logp_old
     ratio = log_r.exp()
     mean = lambda x: token_mean(x, mask)

@@ -31,11 +31,9 @@ against the gold answer (so \\frac{1}{2} == 0.5 and 1,000 == 1000), with math-ve
 import json
 import os
 import random
-import re
-import zlib
-from dataclasses import dataclass
 
 import hub
+from questions import Question, TaskError, final_answer, split
 
 # --task name -> (hub path, config, train split or None, held-out split)
 HUB = {
@@ -48,20 +46,6 @@ LOCAL = ("jsonl", "parquet")
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "team.json")
 # seconds, math-verify's parsing and verification timeouts
 TIMEOUT = 5
-
-
-class TaskError(ValueError):
-    """A bad --task, data file or prompts file: the CLI prints it as one line and exits 2."""
-
-
-@dataclass(frozen=True)
-class Question:
-    text: str
-    answer: str
-
-
-def is_heldout(text: str) -> bool:
-    return zlib.crc32(text.encode()) % 4 == 0
 
 
 def is_math_task(name: str) -> bool:
@@ -139,7 +123,8 @@ def team_roles(path: str, agents: int) -> list:
         return [single]
     if len(roles) < agents:
         raise TaskError(
-            f"--prompts {path}: {len(roles)} roles, fewer than --agents {agents}; give a file with {agents} or more "
+            f"--prompts {path}: {len(roles)} roles, fewer than --agents {agents}; give a file with {agents} "
+            "or more "
             f"(a team takes the first n - 1 roles and the last)"
         )
     return roles[: agents - 1] + roles[-1:]
@@ -205,40 +190,12 @@ def rows_to_questions(rows, spec: str) -> list:
     text = "question" if "question" in rows.column_names else "problem"
     if text not in rows.column_names or "answer" not in rows.column_names:
         raise TaskError(
-            f"--task {spec}: needs a 'question' (or 'problem') and an 'answer' field; found {rows.column_names}"
+            f"--task {spec}: needs a 'question' (or 'problem') and an 'answer' field; found "
+            f"{rows.column_names}"
         )
     if len(rows) == 0:
         raise TaskError(f"--task {spec}: no questions")
     return [Question(str(r[text]), str(r["answer"]).split("####")[-1].strip()) for r in rows]
-
-
-def split(questions: list) -> tuple[list, list]:
-    return [q for q in questions if not is_heldout(q.text)], [q for q in questions if is_heldout(q.text)]
-
-
-def final_answer(message: str) -> str:
-    """The last \\boxed{...} (nested braces allowed), else the last "Answer: X", else the last number."""
-    boxed = boxed_contents(message)
-    if boxed:
-        return boxed[-1]
-    found = re.findall(r"Answer:\s*([^\n]+)", message)
-    if found:
-        return found[-1].strip().rstrip(".")
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", message)
-    return numbers[-1] if numbers else ""
-
-
-def boxed_contents(message: str) -> list:
-    out, start = [], message.find("\\boxed{")
-    while start != -1:
-        depth, i = 1, start + len("\\boxed{")
-        while i < len(message) and depth:
-            depth += {"{": 1, "}": -1}.get(message[i], 0)
-            i += 1
-        if depth == 0:
-            out.append(message[start + len("\\boxed{") : i - 1])
-        start = message.find("\\boxed{", i)
-    return out
 
 
 def grade(gold: str, answer: str) -> bool:

@@ -3,9 +3,10 @@
     python train.py --init runs/teamtr-n3-s0 --replace 1=runs/other/agent1 --stages 5
     python train.py --init runs/teamtr-n3-s0 --replace 1=runs/other/agent1 --stages 5 --align-steps 0
 
-The paper's plug-and-play claim (SPEC section 8). --init starts a run from a saved team (its
-trained agents, or the last checkpoint of a run that did not finish). With --replace i=PATH,
-agent i is swapped for the model at PATH, and a Stage-0 alignment runs before the normal stages:
+The paper's plug-and-play claim (docs/design.md, "Component replacement"). --init starts a run
+from a saved team (its trained agents, or the last checkpoint of a run that did not finish). With
+--replace i=PATH, agent i is swapped for the model at PATH, and a Stage-0 alignment runs before
+the normal stages:
   1. imitation: the old team plays training questions; from the episodes it got right, the new
      agent learns to write what the replaced agent wrote there, read through its own tokenizer
      and chat template (--align-steps behaviour-cloning steps at --warmup-lr, as in warmup.py);
@@ -25,7 +26,7 @@ import runs
 import team as team_lib
 import teamtr
 import warmup
-from config import Config
+from config import Config, derive_seed
 
 
 def target(cfg: Config) -> tuple[int, str]:
@@ -39,7 +40,7 @@ def load_init(cfg: Config, device, dtype) -> list:
     paths = runs.saved_team(cfg.init)[1]
     if len(paths) != cfg.agents:
         raise runs.RunError(f"--init {cfg.init}: its team has {len(paths)} agents, not --agents {cfg.agents}")
-    return team_lib.load_team(paths, device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+    return team_lib.load_team(paths, device, dtype, team_lib.Training.of(cfg))
 
 
 def swap_and_align(team, task, heldout, cfg: Config, log, device, dtype) -> list:
@@ -47,7 +48,7 @@ def swap_and_align(team, task, heldout, cfg: Config, log, device, dtype) -> list
     i, path = target(cfg)
     record = {"stage": 0, "replace/before": evaluation.accuracy(team, task, heldout, cfg)}
     new = team_lib.make_agent(
-        f"agent{i}", *team_lib.load_model(path, device, dtype), cfg.lr, cfg.grad_ckpt, cfg.optimizer
+        f"agent{i}", *team_lib.load_model(path, device, dtype), team_lib.Training.of(cfg)
     )
     # what the replaced agent wrote when the team was right
     pairs = successful_messages(team, i, task, cfg)
@@ -56,12 +57,12 @@ def swap_and_align(team, task, heldout, cfg: Config, log, device, dtype) -> list
     if cfg.align_steps:
         imitate(new, pairs, cfg)
         record["replace/imitated"] = evaluation.accuracy(team, task, heldout, cfg)
-        qs = task.train_questions(cfg.questions, rollout.derive_seed(cfg.seed, "align"))
+        qs = task.train_questions(cfg.questions, derive_seed(cfg.seed, "align"))
         # this rank's questions
         played = evaluation.play(
             team, task, qs, cfg, cfg.group, cfg.temperature, cfg.top_p, (cfg.seed, "align")
         )
-        update = teamtr.update_agent(new, i, played, None, cfg, (cfg.seed, "align"))
+        update = teamtr.update_agent(new, i, played, cfg, (cfg.seed, "align"))
         record.update(
             {
                 "replace/kl_rev": update["kl_rev"],
@@ -88,7 +89,7 @@ def successful_messages(team, i: int, task, cfg: Config) -> list[tuple]:
     example about once (align_steps x minibatch episodes; imitating a few hundred examples
     for many passes overfits them and costs the new agent what it knew)."""
     count = max(cfg.questions, -(-cfg.align_steps * cfg.minibatch // cfg.group))
-    qs = task.train_questions(count, rollout.derive_seed(cfg.seed, "imitate"))
+    qs = task.train_questions(count, derive_seed(cfg.seed, "imitate"))
     episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, "imitate"))
     played = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, "imitate"))[0]
     return [
@@ -108,7 +109,7 @@ def imitate(agent, pairs, cfg: Config):
         return
     optimizer = torch.optim.Adam([p for p in agent.model.parameters() if p.requires_grad], lr=cfg.warmup_lr)
     data = warmup.imitation_batch(agent, pairs)
-    gen = torch.Generator().manual_seed(rollout.derive_seed(cfg.seed, "imitate-batches"))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "imitate-batches"))
     for _ in range(cfg.align_steps):
         warmup.imitation_step(
             agent, optimizer, data, torch.randperm(len(pairs), generator=gen)[: cfg.minibatch]

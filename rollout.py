@@ -7,9 +7,10 @@ reads that text with its own tokenizer. The task scores the final message.
 Exact suffix resampling: after agent i is updated, only the turns from agent i's first turn on
 change distribution. `play(..., keep=...)` keeps each episode's earlier turns and regenerates the
 rest, which gives exact samples of the new intermediate team at about half the cost of
-resampling everything (SPEC section 3; counted in `turns` and `tokens`). With `reuse_kv` the
-regenerated turns also take the keys and values of their kept prefix from the last play's KV
-caches, where the same agent's same weights computed them, and prefill only the rest.
+resampling everything (docs/design.md, "Suffix resampling"; counted in `turns` and `tokens`).
+With `reuse_kv` the regenerated turns also take the keys and values of their kept prefix from the
+last play's KV caches, where the same agent's same weights computed them, and prefill only the
+rest.
 
 Randomness is derived, not global: each (episode, turn) draws its uniforms from a generator
 seeded by (run seed, stage, update, question, sample, turn), so a row samples the same tokens
@@ -20,7 +21,6 @@ untempered model, which tests compare with a teacher-forced forward (the ratio i
 update). Sampling runs in eval mode: gradient checkpointing in train mode turns the cache off.
 """
 
-import hashlib
 import os
 import random
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 import decode
+from config import derive_seed
 
 
 @dataclass
@@ -70,10 +71,6 @@ class Episode:
     order: list
     steps: list = field(default_factory=list)
     reward: float = 0.0
-
-
-def derive_seed(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
 @torch.no_grad()

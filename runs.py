@@ -159,7 +159,8 @@ def saved_team(run_dir: str) -> tuple[str, list[str]]:
 
 
 def lora_base(cfg: Config, run_dir: str) -> str:
-    """Where a LoRA run's base model is: --model, or the warmed-up tiny base saved in the run ('' without LoRA)."""
+    """Where a LoRA run's base model is: --model, or the warmed-up tiny base saved in the run ('' without "
+    "LoRA)."""
     return (cfg.model or os.path.join(run_dir, "base")) if cfg.lora_rank else ""
 
 
@@ -223,7 +224,7 @@ def load_checkpoint(run_dir: str, cfg: Config, device, dtype):
     try:
         state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
         agents = [os.path.join(path, f"agent{i}") for i in range(state["agents"])]
-        team = team_lib.load_team(agents, device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+        team = team_lib.load_team(agents, device, dtype, team_lib.Training.of(cfg))
         for i, agent in enumerate(team):
             agent.optimizer.load_state_dict(
                 torch.load(os.path.join(path, f"optimizer{i}.pt"), map_location=device, weights_only=True)
@@ -247,7 +248,8 @@ def load_checkpoint(run_dir: str, cfg: Config, device, dtype):
 
 
 def remove_partial(run_dir: str):
-    """What a crash left half-written: checkpoint .tmp folders (called once a resume has read its checkpoint)."""
+    """What a crash left half-written: checkpoint .tmp folders (called once a resume has read its "
+    "checkpoint)."""
     for name in os.listdir(run_dir):
         if name.endswith(TMP):
             path = os.path.join(run_dir, name)

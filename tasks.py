@@ -3,8 +3,8 @@
 The default task, `relay`, is built in code so that a fresh machine with no network can train:
 a start digit and one operation per turn, in arithmetic mod 10 ("7+3-2+1": 7, 0, 8, 9). The agent
 at turn t reads the question and the messages so far and writes the value after operation t;
-the final message is scored against the true result. Every agent's work matters, and when an upstream agent changes, what
-the downstream agents read changes with it: the occupancy shift TeamTR is about.
+the final message is scored against the true result. Every agent's work matters, and when an
+upstream agent changes, what the downstream agents read changes with it: the occupancy shift TeamTR is about.
 
 Rendering is plain text, the interface between agents (each agent re-tokenises it):
 
@@ -33,46 +33,21 @@ bucket of four, and training questions are drawn from the other three, so the tw
 Real math tasks for pretrained models (GSM8K, MATH-500, AIME, local files, generated word
 problems) with role prompts and math-verify grading are in mathtask.py; `make` picks by --task.
 
-Answers are compared after extraction ("Answer: X", \\boxed{X}, else the last number), so a
-solo message "0;8;9" is scored by its last value.
+Answers are read from the final message by questions.final_answer (the last \\boxed{X}, else the
+last "Answer: X", else the last number), so a solo message "0;8;9" is scored by its last value.
 """
 
 import random
-import re
-from dataclasses import dataclass
+
+import torch
 
 import mathtask
 import parallel
+from questions import Question, TaskError, final_answer, is_heldout
 
 # the relay alphabet; the character tokenizer is built from it
 CHARS = "0123456789+-|;>="
 HELDOUT_SEED = 1_000_003
-
-
-@dataclass(frozen=True)
-class Question:
-    text: str
-    answer: str
-    # the true message of every turn (relay only), for warm-up
-    steps: tuple = ()
-    # the operation of every turn, e.g. ("+3", "-2", "+1") (relay only)
-    ops: tuple = ()
-
-
-def extract_answer(message: str) -> str:
-    """The answer in a message: "Answer: X", else \\boxed{X}, else the last number."""
-    for pattern in (r"Answer:\s*([^\n]+)", r"\\boxed\{([^{}]*)\}"):
-        found = re.findall(pattern, message)
-        if found:
-            return normalise(found[-1])
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", message)
-    return normalise(numbers[-1]) if numbers else ""
-
-
-def normalise(answer: str) -> str:
-    """Strip spaces, dollar signs, thousands commas and a trailing '.0' so '1,000.0' == '1000'."""
-    answer = answer.strip().strip("$. ").replace(",", "").replace(" ", "")
-    return answer[:-2] if answer.endswith(".0") else answer
 
 
 class Relay:
@@ -123,17 +98,16 @@ class Relay:
     def render(self, q: Question, messages: list[str]) -> str:
         if self.solo:
             return f"{q.text}="
-        start = q.text[: len(q.text) - len("".join(q.ops))]
-        return f"{q.text}|{';'.join([start, *messages])}|{q.ops[len(messages)]}>"
+        return f"{q.text}|{';'.join([start_value(q), *messages])}|{q.ops[len(messages)]}>"
 
     def reward(self, q: Question, final_message: str) -> float:
-        return float(extract_answer(final_message) == q.answer)
+        return float(final_answer(final_message) == q.answer)
 
     def turn_correct(self, q: Question, messages: list[str]) -> list[bool]:
         """Per message: is it the value its writer's operation gives from the value it read (the
         previous message, or the start)? A turn after a wrong one can still be right; a turn after
         a malformed one cannot. The plain code only (--codes messages may be mirrored)."""
-        read, right = q.text[: len(q.text) - len("".join(q.ops))], []
+        read, right = start_value(q), []
         for op, message in zip(q.ops, messages):
             right.append(read.isdigit() and message == str(apply(int(read), op) % self.modulus))
             read = message
@@ -151,9 +125,11 @@ def make(cfg):
     # a short chain has few questions
     found = len(questions(relay, cfg.questions, 0, heldout=False, partial=True))
     if found < cfg.questions:
-        raise mathtask.TaskError(
-            f"--questions {cfg.questions}: the relay has only {found} distinct training questions at --agents {cfg.agents}, "
-            f"--rounds {cfg.rounds}, --max-arg {cfg.max_arg}; lower --questions, or raise --rounds or --max-arg"
+        raise TaskError(
+            f"--questions {cfg.questions}: the relay has only {found} distinct training questions at "
+            f"--agents {cfg.agents}, "
+            f"--rounds {cfg.rounds}, --max-arg {cfg.max_arg}; lower --questions, or raise --rounds or "
+            "--max-arg"
         )
     return relay
 
@@ -167,6 +143,11 @@ def heldout_set(task, count: int) -> list[Question]:
             f"note: the task has only {len(qs)} distinct held-out questions; evaluating on all of them"
         )
     return qs
+
+
+def start_value(q: Question) -> str:
+    """The relay's start value: its question's text before the operations ("7" of "7+3-2+1")."""
+    return q.text[: len(q.text) - len("".join(q.ops))]
 
 
 def apply(value: int, op: str) -> int:
@@ -186,7 +167,7 @@ def questions(task, count: int, seed: int, heldout: bool, partial: bool = False)
     for _ in range(200 * count):
         q = task.question(rng)
         # the one CRC32 split of every task
-        if mathtask.is_heldout(q.text) == heldout and q.text not in seen:
+        if is_heldout(q.text) == heldout and q.text not in seen:
             seen.add(q.text)
             out.append(q)
             if len(out) == count:
@@ -194,3 +175,18 @@ def questions(task, count: int, seed: int, heldout: bool, partial: bool = False)
     if partial:
         return out
     raise ValueError(f"could not draw {count} distinct {'held-out' if heldout else 'train'} questions")
+
+
+def turn_accuracy(task, episodes, n: int) -> dict:
+    """{"turn_acc/agent{i}": the fraction of agent i's messages that were right given what it
+    read} over every rank's episodes, for tasks with a turn check (the relay's; {} otherwise).
+    A team is right only if every link of its chain is: where a team fails, these say which link."""
+    if not hasattr(task, "turn_correct") or task.turns == 1:
+        return {}
+    right, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for e in episodes:
+        for step, ok in zip(e.steps, task.turn_correct(e.question, [s.text for s in e.steps])):
+            right[step.agent] += ok
+            count[step.agent] += 1
+    right, count = parallel.all_sum(right), parallel.all_sum(count)
+    return {f"turn_acc/agent{i}": (right[i] / count[i]).item() for i in range(n) if count[i] > 0}

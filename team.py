@@ -30,7 +30,7 @@ from transformers.utils import logging as hf_logging
 
 import hub
 import lora
-import rollout
+from config import derive_seed
 
 # a bar per checkpoint written or read would bury the training log
 hf_logging.disable_progress_bar()
@@ -117,7 +117,8 @@ def check_model(name: str):
         raise LoadError(f"--model {name}: no such file or folder")
     if not local and not hub.reachable():
         raise LoadError(
-            f"--model {name}: no such local path, and the hub cannot be reached; pass a local folder or .gguf file"
+            f"--model {name}: no such local path, and the hub cannot be reached; pass a local folder or "
+            ".gguf file"
         )
     try:
         config = AutoConfig.from_pretrained(path, gguf_file=gguf)
@@ -163,60 +164,57 @@ def check_output_layer(name: str, model):
         ours = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)
     if not torch.allclose(logits, ours, rtol=1e-3, atol=1e-3):
         raise LoadError(
-            f"--model {name}: its logits are post-processed (soft-capping or a logit scale), which this project does not score"
+            f"--model {name}: its logits are post-processed (soft-capping or a logit scale), which this "
+            "project does not score"
         )
 
 
-def make_agent(name, model, tokenizer, lr: float, grad_ckpt: bool = False, optimizer: str = "adam") -> Agent:
+@dataclass(frozen=True)
+class Training:
+    """How an agent's weights are trained: the optimiser of its RL updates (adam or sgd), its
+    learning rate, and gradient checkpointing. Training.of(cfg) gives a run's."""
+
+    lr: float = 3e-4
+    optimizer: str = "adam"
+    grad_ckpt: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "Training":
+        return cls(cfg.lr, cfg.optimizer, cfg.grad_ckpt)
+
+
+def make_agent(name, model, tokenizer, training: Training = Training()) -> Agent:
     model.config.use_cache = True
     # no dropout anywhere: the ratio must be exactly 1 before an update
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    # only active in train mode; sampling runs in eval mode. Non-reentrant: a frozen base's inputs need no grad
-    if grad_ckpt:
+    # checkpointing is only active in train mode, and sampling runs in eval mode; non-reentrant,
+    # because a frozen base's inputs need no grad
+    if training.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     # adam normalises each parameter's step (about lr per step); sgd steps in proportion to the gradient
-    opt = (
-        torch.optim.SGD(params, lr=lr)
-        if optimizer == "sgd"
-        else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    )
-    return Agent(name, model, tokenizer, opt)
+    if training.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=training.lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=0.0)
+    return Agent(name, model, tokenizer, optimizer)
 
 
-def clone_team(
-    model, tokenizer, n: int, lr: float, grad_ckpt: bool = False, optimizer: str = "adam"
-) -> list[Agent]:
+def clone_team(model, tokenizer, n: int, training: Training = Training()) -> list[Agent]:
     """n independent copies of one (warmed-up) model: a homogeneous team that diverges in training."""
-    return [
-        make_agent(f"agent{i}", copy.deepcopy(model), copy.deepcopy(tokenizer), lr, grad_ckpt, optimizer)
-        for i in range(n)
-    ]
+    copies = [(copy.deepcopy(model), copy.deepcopy(tokenizer)) for _ in range(n)]
+    return [make_agent(f"agent{i}", *pair, training) for i, pair in enumerate(copies)]
 
 
-def lora_team(
-    base,
-    tokenizer,
-    n: int,
-    rank: int,
-    alpha: float,
-    targets: list[str],
-    lr: float,
-    grad_ckpt: bool = False,
-    optimizer: str = "adam",
-    seed: int = 0,
-) -> list[Agent]:
-    """n agents on one frozen base: each its own LoRA adapter (lora.py) and an optimiser over it."""
-    check_lora_targets(base, targets)
-    models = [
-        lora.adapted(base, rank, alpha, targets, rollout.derive_seed(seed, "lora", i)) for i in range(n)
-    ]
-    return [
-        make_agent(f"agent{i}", model, tokenizer, lr, grad_ckpt, optimizer) for i, model in enumerate(models)
-    ]
+def lora_team(base, tokenizer, n: int, lora_spec: dict, training: Training = Training(), seed: int = 0):
+    """n agents on one frozen base: each its own LoRA adapter (lora.py) and an optimiser over it.
+    lora_spec: the adapters' rank, alpha and targets (lora.spec)."""
+    check_lora_targets(base, lora_spec["targets"])
+    models = [lora.adapted(base, **lora_spec, seed=derive_seed(seed, "lora", i)) for i in range(n)]
+    return [make_agent(f"agent{i}", model, tokenizer, training) for i, model in enumerate(models)]
 
 
 def check_lora_targets(model, targets: list[str]):
@@ -228,32 +226,17 @@ def check_lora_targets(model, targets: list[str]):
 
 
 def load_team(
-    paths: list[str],
-    device: str,
-    dtype: torch.dtype,
-    lr: float,
-    grad_ckpt: bool = False,
-    optimizer: str = "adam",
+    paths: list[str], device: str, dtype: torch.dtype, training: Training = Training()
 ) -> list[Agent]:
     """One agent per path (a heterogeneous team when the paths differ); folders of LoRA adapters
     (adapter_config.json) become a LoRA team on their common base."""
     if not all(os.path.exists(os.path.join(p, lora.CONFIG)) for p in paths):
-        return [
-            make_agent(f"agent{i}", *load_model(p, device, dtype), lr, grad_ckpt, optimizer)
-            for i, p in enumerate(paths)
-        ]
+        return [make_agent(f"agent{i}", *load_model(p, device, dtype), training) for i, p in enumerate(paths)]
     try:
         config = lora.read_config(paths[0])
-        team = lora_team(
-            *load_model(config["base_model_name_or_path"], device, dtype),
-            len(paths),
-            config["r"],
-            config["lora_alpha"],
-            config["target_modules"],
-            lr,
-            grad_ckpt,
-            optimizer,
-        )
+        base = load_model(config["base_model_name_or_path"], device, dtype)
+        spec = lora.spec(config["r"], config["lora_alpha"], config["target_modules"])
+        team = lora_team(*base, len(paths), spec, training)
         for agent, path in zip(team, paths):
             lora.load_adapter(agent.model, path)
     except (OSError, ValueError, KeyError) as e:

@@ -7,58 +7,148 @@ One stage updates every agent once, in an update order u_1..u_n. For k = 1..n, w
        Every batch of a stage draws the first batch's random numbers (common random numbers:
        the same derived uniforms per question, sample and turn), so a fresh batch differs from
        the first only where the updated agents now choose differently; each is still an exact
-       sample of its team, and the stale gap between them is not sampling noise.
-       With --shared-prefix (for large teams) agent i's batch is played once more so that the G
-       samples of a question share one prefix, sample 0's turns before agent i: its advantages
-       then compare only what agent i and the agents after it wrote, not upstream mistakes;
+       sample of its team, and the stale gap between them is not sampling noise;
     2. bounded group-normalised advantages of the final reward, given to every token i wrote;
     3. old log-probs of i's tokens under i's weights before this update, in fp32;
-    4. a PPO-clip step on i's tokens only, with a reverse-KL penalty, inside a hard trust
-       region: after every optimiser step the mean token reverse KL D is measured on i's batch;
-       the update stops once D > delta and backtracks toward the old weights until D <= delta;
-       optionally (--accept heldout) an acceptance test: the update is kept only if its surrogate
-       on questions held out of it is positive, as TRPO's line search checks its surrogate;
+    4. PPO-clip steps on i's tokens only, with a reverse-KL penalty, inside a hard trust region:
+       after every optimiser step the mean token reverse KL D is measured on i's whole batch;
+       the steps stop once D > delta and backtrack toward the old weights until D <= delta;
     5. log the update's metrics.
-Every other agent's weights stay bit-identical during agent i's update.
+Every other agent's weights stay bit-identical during agent i's update. docs/design.md gives the
+algorithm and the metric names in full.
 
 Unlike HAPPO, which reweights one stale buffer (our `happo` mode: each episode's advantage times
 the product of the sequence ratios pi_new / pi_old of the agents already updated this stage,
 clipped to [1/w, w]), TeamTR resamples after every agent's update; unlike GRPO, every step is
-bounded by a token-level KL radius.
-Updating all agents simultaneously from one batch (MAGRPO-style "joint" training) is the same
-computation as `stale`: each agent's loss involves only its own tokens and weights, and the batch
-and advantages do not change between the updates.
+bounded by a token-level KL radius. Updating all agents simultaneously from one batch
+(MAGRPO-style "joint" training) is the same computation as `stale`: each agent's loss involves
+only its own tokens and weights, and the batch and advantages do not change between the updates.
 
-Run it through the CLI: `python train.py --agents 3 --mode teamtr`. Under torchrun each process
-plays its block of the questions and every number below is reduced over processes (parallel.py).
+Left out on purpose: evaluation, checkpoints and printing (loop.py and train.py), and value
+functions (the advantage is the group-normalised team reward). Run it through the CLI:
+`python train.py --agents 3 --mode teamtr`. Under torchrun each process plays its block of the
+questions and every number below is reduced over processes (parallel.py).
 """
 
 import math
 import random
-import resource
 import time
+from collections import namedtuple
 
 import torch
-from tqdm import tqdm
 
-import eval as evaluation
 import losses
 import parallel
 import rollout
-from config import Config
+import tasks
+from config import Config, derive_seed
+
+# The trust region's measurement of the current weights: D (the mean token reverse KL on the
+# whole batch), the fp32 log-probs and the per-token KL it was computed from
+Measure = namedtuple("Measure", "D logp kl_tok")
 
 
-def update_order(cfg: Config, n: int, stage: int) -> list[int]:
-    order = list(range(n))
-    if cfg.update_order == "reverse":
-        order.reverse()
-    elif cfg.update_order == "random":
-        random.Random(rollout.derive_seed(cfg.seed, "update-order", stage)).shuffle(order)
-    return order
+# ---------------------------------------------------------------------------------------------
+# The algorithm: one stage, and one agent's trust-region update
+# ---------------------------------------------------------------------------------------------
+
+
+def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
+    """One stage: every agent updated once, in the update order. Returns the stage's metrics."""
+    start, fresh = time.time(), cfg.resample == "fresh"
+    # keep the intermediate team's rollouts: to train on (fresh) or to measure the stale gap
+    intermediate = fresh or cfg.measure_gap
+    plays = Plays(team, task, cfg, stage, reuse_kv=cfg.reuse_kv and intermediate)
+    # batch B_1: the stage's questions, G samples each, played by the team as the stage starts
+    qs = task.train_questions(cfg.questions, derive_seed(cfg.seed, "train", stage))
+    episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, stage))
+    # this rank's questions, with all their samples
+    first = plays.play([e for e in episodes if e.qid in parallel.shard(len(qs))])
+    current, previous, log_w, updates = first, None, torch.zeros(len(first)), []
+    for k, i in enumerate(update_order(cfg, len(team), stage)):
+        # the intermediate team pi_hat^{k-1}: exact suffix resampling from the last updated agent's
+        # first turn (a diagnostic with --measure-gap: not trained on, not counted)
+        if k > 0 and intermediate:
+            current = plays.play(current, [rollout.first_turn(e, previous) for e in current], counted=fresh)
+        # the batch agent i trains on: the intermediate team's (fresh) or the stage's first (stale)
+        batch = current if fresh else first
+        if fresh and cfg.shared_prefix:
+            batch = plays.from_shared_prefixes(batch, i)
+        # the stale gap's other batch, where the updated agent's surrogate is measured too
+        probe = StaleGap(team[i], i, first if fresh else current, cfg) if k > 0 and intermediate else None
+        weights, clipfrac = happo_weights(log_w, cfg) if cfg.resample == "reweight" else (None, None)
+        # the update of agent i alone
+        m = update_agent(team[i], i, batch, cfg, (cfg.seed, stage, k), weights)
+        log_w += m.pop("log_ratio").cpu()
+        # B_1 is the intermediate team's batch at k = 0: no gap
+        m["stale_gap"] = probe.gap(team[i], m["surrogate"]) if probe else (0.0 if intermediate else None)
+        if clipfrac is not None:
+            m["weight_clipfrac"] = clipfrac
+        # log
+        updates.append(m)
+        log_update(log, stage, k, i, batch, m)
+        previous = i
+    return stage_metrics(team, task, cfg, stage, first, plays, updates, time.time() - start)
+
+
+def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> dict:
+    """One trust-region update of agent i on its tokens in `episodes`. Returns its metrics, and
+    under "log_ratio" the (E,) per-episode sequence log-ratio log pi_new / pi_old of its tokens.
+    weights: (E,) HAPPO weights on the advantages (reweight mode)."""
+    model = agent.model
+    # advantages: each episode's group-normalised final reward, clipped, on every token i wrote
+    data, adv_clipfrac = agent_data(agent, i, episodes, cfg, weights)
+    # its weights change: KV caches of earlier versions are not reused (rollout.play)
+    agent.version += 1
+    # old log-probs: fp32, under the weights before the update
+    kl = TrustRegion(model, data, cfg)
+    drift = losses.token_mean((kl.old - data["sampler_logp"]).abs(), data["mask"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta_old = [p.detach().clone() for p in params]
+    # clipped steps inside the radius: D is measured after every step, and they stop once D > delta
+    steps, skipped, measured = clipped_steps(agent, data, kl, params, cfg, seed)
+    # backtrack toward theta_old until D <= delta
+    backtracks = 0
+    if measured is not None and measured.D > cfg.delta:
+        measured, backtracks = backtrack(model, params, theta_old, kl, cfg)
+    # without the trust region: measured once, at the end
+    measured = measured or kl.measure(model)
+    # a non-finite KL is a fault: the update is undone
+    reverted = not math.isfinite(measured.D)
+    if reverted:
+        restore(params, theta_old)
+        measured = kl.measure(model)
+    # log
+    stats = losses.update_stats(
+        measured.logp, kl.old, data["adv"], data["mask"], measured.kl_tok, cfg.clip_eps, cfg.delta
+    )
+    stats.update(steps=steps, skipped_steps=skipped, reverted=int(reverted), backtracks=backtracks)
+    stats.update(adv_clipfrac=adv_clipfrac, logp_drift=drift)
+    stats["log_ratio"] = losses.sequence_log_ratio(
+        measured.logp, kl.old, data["mask"], data["episode"], len(episodes)
+    )
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces the update calls: the agent's rows, the KL measurement, the steps, backtracking
+# ---------------------------------------------------------------------------------------------
+
+
+def agent_data(agent, i: int, episodes, cfg: Config, weights=None):
+    """Agent i's training rows (losses.agent_batch) with the advantages of their episodes'
+    group-normalised rewards (times the HAPPO weights, if given), and the fraction of episodes
+    whose advantage was clipped."""
+    rewards = torch.tensor([e.reward for e in episodes])
+    adv, clipped = losses.group_advantages(rewards, cfg.group, cfg.adv_max)
+    adv = adv if weights is None else adv * weights
+    device = next(agent.model.parameters()).device
+    data = losses.agent_batch(episodes, i, adv, agent.tokenizer.pad_token_id, device)
+    return data, global_mean(clipped * len(episodes), len(episodes))
 
 
 def batch_logprobs(model, data, full: bool, chunk: int):
-    """token_logprobs over all rows, in chunks, without gradients."""
+    """losses.token_logprobs over all rows, in chunks of `chunk` rows, without gradients."""
     with torch.no_grad():
         parts = [
             losses.token_logprobs(model, data, slice(s, s + chunk), full)
@@ -68,163 +158,91 @@ def batch_logprobs(model, data, full: bool, chunk: int):
     return logp, torch.cat([p[1] for p in parts]) if full else None
 
 
-def mean_kl(model, data, old, old_full, cfg: Config):
-    """D: the mean token reverse KL of the agent's current weights against its old ones on its batch."""
-    logp, full = batch_logprobs(model, data, cfg.kl == "full", cfg.minibatch)
-    kl_tok = losses.token_kl(logp, old, cfg.kl, full, old_full)
-    return losses.token_mean(kl_tok, data["mask"]), logp, kl_tok
+class TrustRegion:
+    """The trust region's measurement on one agent's batch: the old log-probs (fp32, under the
+    weights before the update; with --kl full also the whole old distributions), and `measure`,
+    D = the mean token reverse KL of the current weights against them, on every row."""
+
+    def __init__(self, model, data, cfg: Config):
+        self.data, self.cfg, self.full = data, cfg, cfg.kl == "full"
+        self.old, self.old_full = batch_logprobs(model, data, self.full, cfg.minibatch)
+
+    def token_kl(self, logp, full, rows=slice(None)):
+        """Per-token reverse KL(pi_new || pi_old) of `rows`, (S, L-1)."""
+        old_full = self.old_full[rows] if self.full else None
+        return losses.token_kl(logp, self.old[rows], self.cfg.kl, full, old_full)
+
+    def measure(self, model) -> Measure:
+        logp, full = batch_logprobs(model, self.data, self.full, self.cfg.minibatch)
+        kl_tok = self.token_kl(logp, full)
+        return Measure(losses.token_mean(kl_tok, self.data["mask"]), logp, kl_tok)
 
 
-def shared_prefixes(episodes, i: int):
-    """(episodes, keep) for rollout.play: every sample of a question given its sample 0's turn
-    order and turns before agent i's first (--shared-prefix). Each is still a sample of the team
-    (the prefix was one); within a group only agent i's turns and later ones differ, so upstream
-    mistakes no longer enter agent i's group-normalised advantages."""
-    leaders = {e.qid: e for e in episodes if e.sample == 0}
-    shared = [
-        rollout.Episode(e.question, e.qid, e.sample, leaders[e.qid].order, leaders[e.qid].steps)
-        for e in episodes
-    ]
-    return shared, [rollout.first_turn(e, i) for e in shared]
-
-
-def update_agent(agent, i: int, episodes, gap_episodes, cfg: Config, seed, weights=None) -> dict:
-    """One trust-region update of agent i on its tokens in `episodes`. Returns its metrics, and
-    under "log_ratio" the (E,) per-episode sequence log-ratio log pi_new / pi_old of its tokens.
-
-    gap_episodes: the other batch of the stale gap (fresh mode: the stage's first batch; stale
-    with --measure-gap: a fresh one), where the updated agent's surrogate is measured too;
-    stale_gap = |L_hat_i(B_1) - L_hat_i(B_fresh)|. weights: (E,) HAPPO weights on the advantages.
-    --holdout F keeps F of the questions out of the update and measures its surrogate there
-    (heldout_surrogate: does the update's direction carry signal beyond its own samples?);
-    --accept heldout then keeps the update only if that estimate is positive.
-    """
-    model, device = agent.model, next(agent.model.parameters()).device
-    pad, full = agent.tokenizer.pad_token_id, cfg.kl == "full"
-    trust_region = cfg.trust_region == "on"
-    beta = cfg.beta if trust_region else 0.0
-    data, adv_clipped = agent_data(episodes, i, pad, device, cfg, weights)
-    # rows of the questions held out of this update: its improvement is estimated on them
-    if cfg.holdout:
-        is_held = held_out(episodes, cfg.holdout, seed).to(device)[data["episode"]]
-        data, held = ({key: v[rows] for key, v in data.items()} for rows in (~is_held, is_held))
-        held_old = batch_logprobs(model, held, False, cfg.minibatch)[0]
-    # its weights change: KV caches of earlier versions are not reused (rollout.play)
-    agent.version += 1
-    # no Adam moments from the agent's previous update (an older batch)
-    if cfg.reset_optimizer:
-        agent.optimizer.state.clear()
-    # step 3: fp32, weights before the update
-    old, old_full = batch_logprobs(model, data, full, cfg.minibatch)
-    drift = losses.token_mean((old - data["sampler_logp"]).abs(), data["mask"])
-    if gap_episodes is not None:
-        gap_data = agent_data(gap_episodes, i, pad, device, cfg)[0]
-        gap_old = batch_logprobs(model, gap_data, False, cfg.minibatch)[0]
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    theta_old = [p.detach().clone() for p in params]
-    gen = torch.Generator().manual_seed(rollout.derive_seed(seed, "minibatches"))
-    # measured: mean_kl of the current weights
-    steps, skipped, D, stop, measured = 0, 0, 0.0, False, None
-    # this rank's rows among every rank's (one process: all)
+def clipped_steps(agent, data, kl: TrustRegion, params, cfg: Config, seed):
+    """Up to --epochs passes of PPO-clip steps over minibatches of the agent's rows. With the
+    trust region, D is measured on the whole batch after every step, and the steps stop once
+    D > delta (a non-finite D stops them too). Returns (steps, skipped steps, the last
+    measurement or None)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "minibatches"))
+    # this rank's rows among every rank's (one process: all of them)
     first, total = parallel.row_block(len(data["ids"]))
+    steps, skipped, measured = 0, 0, None
     for _ in range(cfg.epochs):
         for rows in torch.randperm(total, generator=gen).split(cfg.minibatch):
             # the minibatch's rows on this rank
             rows = rows[(rows >= first) & (rows < first + len(data["ids"]))] - first
-            denom = parallel.all_sum(losses.denominator(data["mask"][rows], cfg.reduction))
-            agent.optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=device)
-            if len(rows):
-                model.train()
-                logp, full_new = losses.token_logprobs(model, data, rows, full)
-                kl_tok = losses.token_kl(logp, old[rows], cfg.kl, full_new, old_full[rows] if full else None)
-                loss = losses.ppo_loss(
-                    logp,
-                    old[rows],
-                    data["adv"][rows],
-                    data["mask"][rows],
-                    kl_tok,
-                    cfg.clip_eps,
-                    beta,
-                    cfg.reduction,
-                    denom,
-                )
-                loss.backward()
-                model.eval()
-            # this rank's share of the minibatch's gradient -> the whole gradient
-            parallel.sum_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            # a fault: skip the step, weights untouched
-            if not (torch.isfinite(parallel.all_sum(loss.detach())) and torch.isfinite(grad_norm)):
+            if not minibatch_step(agent, data, kl, rows, params, cfg):
                 skipped += 1
                 continue
-            agent.optimizer.step()
             steps += 1
-            # the trust region, measured after every step on the whole batch
-            if trust_region:
-                measured = mean_kl(model, data, old, old_full, cfg)
-                # a non-finite D stops too
-                if stop := not (D := measured[0]) <= cfg.delta:
-                    break
-        if stop:
-            break
+            if cfg.trust_region == "on":
+                measured = kl.measure(agent.model)
+                if not measured.D <= cfg.delta:
+                    return steps, skipped, measured
+    return steps, skipped, measured
 
-    backtracks = 0
-    # backtrack: theta_old + alpha (theta - theta_old), alpha = 1/2, 1/4, ...
-    if trust_region and D > cfg.delta:
-        theta_new = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            while D > cfg.delta:
-                backtracks += 1
-                # 0: revert
-                alpha = 0.5**backtracks if backtracks <= cfg.max_backtracks else 0.0
-                for p, p_old, p_new in zip(params, theta_old, theta_new):
-                    p.copy_(p_old + alpha * (p_new - p_old))
-                measured = mean_kl(model, data, old, old_full, cfg)
-                D = measured[0]
-                if alpha == 0.0:
-                    break
 
-    # trust region off: measure once
-    measured = measured or mean_kl(model, data, old, old_full, cfg)
-    reverted = not math.isfinite(measured[0])
-    # a fault in the KL measurement: the update is undone
-    if reverted:
-        restore(params, theta_old)
-        measured = mean_kl(model, data, old, old_full, cfg)
-    held_stats = {}
-    # the improvement estimate on questions the update did not train on
-    if cfg.holdout:
-        held_logp = batch_logprobs(model, held, False, cfg.minibatch)[0]
-        held_stats["heldout_surrogate"] = losses.surrogate(held_logp, held_old, held["adv"], held["mask"])
-        held_stats["rejected"] = int(cfg.accept == "heldout" and not held_stats["heldout_surrogate"] > 0)
-        # the acceptance test failed: the old weights, bit for bit
-        if held_stats["rejected"]:
-            restore(params, theta_old)
-            measured, held_logp = mean_kl(model, data, old, old_full, cfg), held_old
-    D, logp, kl_tok = measured
-    stats = losses.update_stats(logp, old, data["adv"], data["mask"], kl_tok, cfg.clip_eps, cfg.delta)
-    stats.update(
-        steps=steps,
-        skipped_steps=skipped,
-        reverted=int(reverted),
-        backtracks=backtracks,
-        adv_clipfrac=adv_clipped,
-        logp_drift=drift,
-        stale_gap=None,
-        **held_stats,
-    )
-    stats["log_ratio"] = losses.sequence_log_ratio(logp, old, data["mask"], data["episode"], len(episodes))
-    if cfg.holdout:
-        stats["log_ratio"] += losses.sequence_log_ratio(
-            held_logp, held_old, held["mask"], held["episode"], len(episodes)
-        )
-    if gap_episodes is not None:
-        gap_logp = batch_logprobs(model, gap_data, False, cfg.minibatch)[0]
-        gap_surrogate = losses.surrogate(gap_logp, gap_old, gap_data["adv"], gap_data["mask"])
-        stats["stale_gap"] = abs(gap_surrogate - stats["surrogate"])
-    return stats
+def minibatch_step(agent, data, kl: TrustRegion, rows, params, cfg: Config) -> bool:
+    """One optimiser step on the loss of the minibatch `rows`: the PPO-clip surrogate with the
+    reverse-KL penalty (beta = 0 without the trust region). False, with the weights untouched,
+    if the loss or the gradient is not finite (a fault: the step is skipped)."""
+    beta = cfg.beta if cfg.trust_region == "on" else 0.0
+    denom = parallel.all_sum(losses.denominator(data["mask"][rows], cfg.reduction))
+    agent.optimizer.zero_grad(set_to_none=True)
+    loss = torch.zeros((), device=data["ids"].device)
+    if len(rows):
+        agent.model.train()
+        logp, full = losses.token_logprobs(agent.model, data, rows, kl.full)
+        old, adv, mask = kl.old[rows], data["adv"][rows], data["mask"][rows]
+        kl_tok = kl.token_kl(logp, full, rows)
+        loss = losses.ppo_loss(logp, old, adv, mask, kl_tok, cfg.clip_eps, beta, cfg.reduction, denom)
+        loss.backward()
+        agent.model.eval()
+    # this rank's share of the minibatch's gradient -> the whole gradient
+    parallel.sum_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    if not (torch.isfinite(parallel.all_sum(loss.detach())) and torch.isfinite(grad_norm)):
+        return False
+    agent.optimizer.step()
+    return True
+
+
+def backtrack(model, params, theta_old, kl: TrustRegion, cfg: Config) -> tuple[Measure, int]:
+    """theta = theta_old + alpha (theta - theta_old), alpha = 1/2, 1/4, ..., until D <= delta;
+    after --max-backtracks halvings alpha = 0 (the old weights). Returns the last measurement
+    and the number of backtracks."""
+    theta_new = [p.detach().clone() for p in params]
+    backtracks, measured = 0, None
+    with torch.no_grad():
+        while measured is None or measured.D > cfg.delta:
+            backtracks += 1
+            alpha = 0.5**backtracks if backtracks <= cfg.max_backtracks else 0.0
+            for p, p_old, p_new in zip(params, theta_old, theta_new):
+                p.copy_(p_old + alpha * (p_new - p_old))
+            measured = kl.measure(model)
+            if alpha == 0.0:
+                break
+    return measured, backtracks
 
 
 def restore(params, values):
@@ -233,187 +251,130 @@ def restore(params, values):
             p.copy_(value)
 
 
-def held_out(episodes, fraction: float, seed) -> torch.Tensor:
-    """(E,) bool: the episodes of `fraction` of the batch's questions, drawn from the update's
-    seed (every rank draws the same question ids; each holds its own block of them)."""
-    count = int(parallel.all_sum(len({e.qid for e in episodes})))
-    held = set(
-        random.Random(rollout.derive_seed(seed, "holdout")).sample(range(count), round(fraction * count))
-    )
-    return torch.tensor([e.qid in held for e in episodes])
-
-
-def agent_data(episodes, i, pad, device, cfg: Config, weights=None):
-    """Agent i's training rows with the advantages of their episodes' group-normalised rewards
-    (times the HAPPO weights, if given)."""
-    rewards = torch.tensor([e.reward for e in episodes])
-    adv, clipped = losses.group_advantages(rewards, cfg.group, cfg.adv_max)
-    return losses.agent_batch(
-        episodes, i, adv if weights is None else adv * weights, pad, device
-    ), global_mean(clipped * len(episodes), len(episodes))
-
-
 def global_mean(total, count) -> float:
     """total / count, each summed over ranks first."""
     return (parallel.all_sum(float(total)) / parallel.all_sum(float(count))).item()
 
 
-def happo_weights(log_w, max_weight: float):
-    """exp(sum of the already-updated agents' sequence log-ratios), clipped to [1/w, w]. (E,)"""
-    return log_w.exp().clamp(1 / max_weight, max_weight)
+# ---------------------------------------------------------------------------------------------
+# The pieces the stage calls: its plays, the order, the stale-gap probe, HAPPO weights, the log
+# ---------------------------------------------------------------------------------------------
 
 
-def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
-    """One stage: every agent updated once, in the update order. Returns the stage's metrics."""
-    start, fresh, reweight = time.time(), cfg.resample == "fresh", cfg.resample == "reweight"
-    # keep rollouts of the intermediate team pi_hat^{k-1}
-    measure = fresh or cfg.measure_gap
-    qs = task.train_questions(cfg.questions, rollout.derive_seed(cfg.seed, "train", stage))
-    episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, stage))
-    # this rank's questions, with all their samples
-    episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]
-    reuse_kv = cfg.reuse_kv and measure
-    first, turns, tokens, truncated = rollout.play(
-        team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0), reuse_kv=reuse_kv
-    )
-    current, sample_s, surrogates, radii = first, time.time() - start, [], []
-    # reweight: sum of the updated agents' sequence log-ratios on B_1
-    log_w = torch.zeros(len(first))
+class Plays:
+    """The stage's plays (rollout.play). Every play draws the stage's random numbers (common
+    random numbers: the same uniforms per question, sample and turn), so a batch played again
+    differs from the first only where the agents now choose differently. Counts what training
+    generates (turns, tokens, messages cut at max_new_tokens) and times all sampling."""
 
-    def replay(episodes, keep, training: bool = True):
-        """play from turn keep[e] on, with the stage's random numbers; timed, and counted if training compute."""
-        nonlocal sample_s, turns, tokens, truncated
-        t0 = time.time()
-        played, new_turns, new_tokens, new_cut = rollout.play(
-            team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, stage, 0), keep, reuse_kv
+    def __init__(self, team, task, cfg: Config, stage: int, reuse_kv: bool):
+        self.team, self.task, self.cfg, self.stage, self.reuse_kv = team, task, cfg, stage, reuse_kv
+        self.turns = self.tokens = self.truncated = 0
+        self.seconds = 0.0
+
+    def play(self, episodes, keep=None, counted: bool = True):
+        """Every episode played from turn keep[e] on (default 0); counted: training compute."""
+        t0, cfg = time.time(), self.cfg
+        seed = (cfg.seed, self.stage, 0)
+        played = rollout.play(
+            self.team, self.task, episodes, cfg.temperature, cfg.top_p, seed, keep, self.reuse_kv
         )
-        sample_s += time.time() - t0
-        if training:
-            turns, tokens, truncated = turns + new_turns, tokens + new_tokens, truncated + new_cut
-        return played
-
-    # the agent updated just before
-    previous = None
-    for k, i in enumerate(update_order(cfg, len(team), stage)):
-        # exact suffix resampling of the intermediate team pi_hat^{k-1}
-        if k > 0 and measure:
-            # --measure-gap: diagnostic only
-            current = replay(current, [rollout.first_turn(e, previous) for e in current], training=fresh)
-        # what agent i trains on
-        batch = current if fresh else first
-        if fresh and cfg.shared_prefix and any(rollout.first_turn(e, i) for e in current):
-            # each group again from its sample 0's prefix
-            batch = replay(*shared_prefixes(current, i))
-        # the stale gap's other batch
-        other = None if k == 0 or not measure else (first if fresh else current)
-        weights = happo_weights(log_w, cfg.happo_max_weight) if reweight else None
-        m = update_agent(team[i], i, batch, other, cfg, (cfg.seed, stage, k), weights)
-        # fraction of episodes whose weight was clipped in this update
-        if reweight:
-            m["weight_clipfrac"] = global_mean(
-                (log_w.abs() > math.log(cfg.happo_max_weight)).sum(), len(log_w)
+        episodes, turns, tokens, truncated = played
+        self.seconds += time.time() - t0
+        if counted:
+            self.turns, self.tokens, self.truncated = (
+                self.turns + turns,
+                self.tokens + tokens,
+                self.truncated + truncated,
             )
-        log_w += m.pop("log_ratio").cpu()
-        if measure and k == 0:
-            # B_1 is the intermediate team's batch
-            m["stale_gap"] = 0.0
-        surrogates.append(m["surrogate"])
-        radii.append(m["kl_rev"])
-        gap = "-" if m["stale_gap"] is None else f"{m['stale_gap']:.4f}"
-        reward = global_mean(sum(e.reward for e in batch), len(batch))
-        log(
-            {
-                "stage": stage,
-                "update": k + 1,
-                "agent": i,
-                "batch_reward": reward,
-                **{f"agent{i}/{key}": v for key, v in m.items()},
-            },
-            f"stage {stage} update {k + 1} agent{i}: reward {reward:.3f} "
-            f"kl {m['kl_rev']:.4f} steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} gap {gap}"
-            + (
-                f" held-out L {m['heldout_surrogate']:+.4f}{' rejected' * m['rejected']}"
-                if cfg.holdout
-                else ""
-            ),
-        )
-        previous = i
-    seconds, n_episodes = time.time() - start, int(parallel.all_sum(len(first)))
-    turns, tokens, truncated = (int(parallel.all_sum(x)) for x in (turns, tokens, truncated))
+        return episodes
+
+    def from_shared_prefixes(self, episodes, i: int):
+        """--shared-prefix: every sample of a question played again from its sample 0's turn order
+        and turns before agent i's first. Each is still a sample of the team (the prefix was one);
+        within a group only agent i's turns and later ones differ, so upstream mistakes no longer
+        enter agent i's group-normalised advantages."""
+        if not any(rollout.first_turn(e, i) for e in episodes):
+            return episodes
+        leaders = {e.qid: e for e in episodes if e.sample == 0}
+        shared = [
+            rollout.Episode(e.question, e.qid, e.sample, leaders[e.qid].order, leaders[e.qid].steps)
+            for e in episodes
+        ]
+        return self.play(shared, [rollout.first_turn(e, i) for e in shared])
+
+
+def update_order(cfg: Config, n: int, stage: int) -> list[int]:
+    order = list(range(n))
+    if cfg.update_order == "reverse":
+        order.reverse()
+    elif cfg.update_order == "random":
+        random.Random(derive_seed(cfg.seed, "update-order", stage)).shuffle(order)
+    return order
+
+
+class StaleGap:
+    """The stale gap of agent i's update: |L_hat_i(B_1) - L_hat_i(B_fresh)|, its surrogate on the
+    batch it trained on against the other batch (fresh mode: the stage's first; stale with
+    --measure-gap: the intermediate team's). The other batch's old log-probs are taken before
+    the update."""
+
+    def __init__(self, agent, i: int, other, cfg: Config):
+        self.data = agent_data(agent, i, other, cfg)[0]
+        self.minibatch = cfg.minibatch
+        self.old = batch_logprobs(agent.model, self.data, False, self.minibatch)[0]
+
+    def gap(self, agent, surrogate: float) -> float:
+        logp = batch_logprobs(agent.model, self.data, False, self.minibatch)[0]
+        return abs(losses.surrogate(logp, self.old, self.data["adv"], self.data["mask"]) - surrogate)
+
+
+def happo_weights(log_w, cfg: Config):
+    """HAPPO's weights: exp(sum of the already-updated agents' sequence log-ratios), clipped to
+    [1/w, w], (E,); and the fraction of episodes whose weight was clipped."""
+    w = cfg.happo_max_weight
+    clipfrac = global_mean((log_w.abs() > math.log(w)).sum(), len(log_w))
+    return log_w.exp().clamp(1 / w, w), clipfrac
+
+
+def log_update(log, stage: int, k: int, i: int, batch, m: dict):
+    """One update's record and its line."""
+    reward = global_mean(sum(e.reward for e in batch), len(batch))
+    gap = "-" if m["stale_gap"] is None else f"{m['stale_gap']:.4f}"
+    record = {"stage": stage, "update": k + 1, "agent": i, "batch_reward": reward}
+    record |= {f"agent{i}/{key}": v for key, v in m.items()}
+    line = (
+        f"stage {stage} update {k + 1} agent{i}: reward {reward:.3f} kl {m['kl_rev']:.4f} "
+        f"steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} gap {gap}"
+    )
+    log(record, line)
+
+
+def stage_metrics(team, task, cfg: Config, stage: int, first, plays: Plays, updates, seconds) -> dict:
+    """The stage's record: its first batch's reward and turn accuracy, the certificate, what it
+    generated and how long it took."""
+    n_episodes = int(parallel.all_sum(len(first)))
+    turns, tokens, truncated = (
+        int(parallel.all_sum(x)) for x in (plays.turns, plays.tokens, plays.truncated)
+    )
+    # a conservative proxy of the per-stage lower bound: sum_k L_k - lambda sum_k sqrt(2 D_k),
+    # lambda = adv_max (Pinsker: TV <= sqrt(D / 2), times 2 max |A|)
+    certificate = sum(m["surrogate"] for m in updates) - cfg.adv_max * sum(
+        (2 * m["kl_rev"]) ** 0.5 for m in updates
+    )
     return {
         "stage": stage,
         # sampled, on the first batch
         "stage/reward": global_mean(sum(e.reward for e in first), len(first)),
-        **{f"stage/sampled_{key}": v for key, v in evaluation.turn_accuracy(task, first, len(team)).items()},
-        # a conservative proxy of the per-stage lower bound: sum_k L_k - lambda sum_k sqrt(2 D_k),
-        # lambda = adv_max (Pinsker: TV <= sqrt(D / 2), times 2 max |A|)
-        "stage/certificate": sum(surrogates) - cfg.adv_max * sum((2 * d) ** 0.5 for d in radii),
+        **{f"stage/sampled_{key}": v for key, v in tasks.turn_accuracy(task, first, len(team)).items()},
+        "stage/certificate": certificate,
         # generated turns per episode
         "stage/turns": turns / n_episodes,
         "stage/tokens": tokens,
         # fraction of generated messages cut at max_new_tokens
         "rollout/truncated": truncated / turns,
         "stage/seconds": seconds,
-        "rollout/tokens_per_second": tokens / max(sample_s, 1e-9),
-        "perf/sample_seconds": sample_s,
-        "perf/update_seconds": seconds - sample_s,
-        "perf/peak_memory_mb": peak_memory_mb(next(team[0].model.parameters()).device),
+        "rollout/tokens_per_second": tokens / max(plays.seconds, 1e-9),
+        "perf/sample_seconds": plays.seconds,
+        "perf/update_seconds": seconds - plays.seconds,
     }
-
-
-def turns_line(record: dict) -> str:
-    """ ", turn accuracy 0.98 0.91 ..." from a record's per-agent held-out turn accuracies (if any)."""
-    turn = [v for key, v in record.items() if key.startswith("stage/eval_turn_acc/")]
-    return f", turn accuracy {' '.join(f'{v:.2f}' for v in turn)}" if turn else ""
-
-
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # Linux: KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-
-
-def evaluated_stages(cfg: Config) -> list[int]:
-    """The stages after which the held-out set is evaluated (0: before training)."""
-    return [s for s in range(cfg.stages + 1) if s % cfg.eval_every == 0 or s == cfg.stages]
-
-
-def train_stages(team, task, heldout, cfg: Config, log, done=(), checkpoint=None) -> list[float]:
-    """The stage loop, with a held-out evaluation before training and after every --eval-every
-    stages (and the last). Returns eval_acc per evaluation (with --eval-every 1, index s is stage
-    s). log(record, line) receives every update's and stage's metrics; checkpoint(stage), if
-    given, is called after stage 0's evaluation and after every stage. done: the records of a
-    resumed run, up to its checkpoint; the loop goes on from the stage after it."""
-    accs = [r["stage/eval_acc"] for r in done if r.get("stage/eval_acc") is not None]
-    evaluate = lambda: {
-        f"stage/{key}": v for key, v in evaluation.heldout_metrics(team, task, heldout, cfg).items()
-    }
-    if not done:
-        record = {"stage": 0, **evaluate()}
-        accs = [record["stage/eval_acc"]]
-        log(record, f"stage 0: held-out accuracy {accs[0]:.3f}{turns_line(record)}")
-        checkpoint and checkpoint(0)
-    first = done[-1]["stage"] + 1 if done else 1
-    stages = tqdm(
-        range(first, cfg.stages + 1),
-        desc="stages",
-        unit="stage",
-        initial=first - 1,
-        total=cfg.stages,
-        disable=not parallel.main(),
-    )
-    for stage in stages:
-        record, acc = run_stage(team, task, cfg, stage, log), ""
-        if stage in evaluated_stages(cfg):
-            record.update(evaluate())
-            accs.append(record["stage/eval_acc"])
-            record["stage/realized_gain"] = accs[-1] - accs[-2]
-            acc = f"held-out accuracy {accs[-1]:.3f} (gain {accs[-1] - accs[-2]:+.3f}){turns_line(record)} "
-        log(
-            record,
-            f"stage {stage}: {acc}certificate {record['stage/certificate']:+.4f} turns {record['stage/turns']:.0f} "
-            f"{record['stage/seconds']:.1f}s",
-        )
-        checkpoint and checkpoint(stage)
-    return accs

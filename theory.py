@@ -186,7 +186,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.delta > 0 and args.seeds >= 1 and args.stages >= 0):
         parser.error(
-            f"--delta must be positive, --seeds at least 1, --stages at least 0; got {args.delta}, {args.seeds}, {args.stages}"
+            f"--delta must be positive, --seeds at least 1, --stages at least 0; got {args.delta}, "
+            f"{args.seeds}, {args.stages}"
         )
     start, ns = time.time(), [2, 4, 8, 16, 32]
     print(

@@ -10,16 +10,13 @@ import random
 import torch
 from tqdm import tqdm
 
-import eval as evaluation
+import lora
 import losses
 import parallel
 import rollout
 import tasks
 import team as team_lib
-from config import Config
-
-# warm-up steps between checks of --warmup-target
-CHECK_EVERY = 25
+from config import Config, derive_seed
 
 
 def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[str, str]]:
@@ -51,52 +48,21 @@ def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[
 
 def warmup(model, tokenizer, cfg: Config, batch: int = 64):
     """Behaviour cloning on the demonstrator's messages (demonstration), every team turn and the
-    solo format. The agents learn its mixture, so they start greedy-wrong where it errs but give
-    the right value real probability, whatever the seed: room that RL can only fill from the
-    team reward. The agent_batch mask trains only the message (and EOS). The warm-up is the same
-    in every mode, so `single` and the teams start from the same model. With --warmup-target it
-    stops at the first check (every CHECK_EVERY steps) where n copies reach that greedy accuracy
-    on training-side questions: the start is then set by the recipe, not by where one machine's
-    floating point lands after a fixed number of steps.
+    solo format, for --warmup-steps steps. The agents learn its mixture, so they start
+    greedy-wrong where it errs but give the right value real probability, whatever the seed:
+    room that RL can only fill from the team reward. The agent_batch mask trains only the
+    message (and EOS). The warm-up is the same in every mode, so `single` and the teams start
+    from the same model.
     """
-    task, solo = (
-        tasks.Relay(cfg.agents * cfg.rounds, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg)
-        for s in (False, True)
-    )
-    agent = team_lib.make_agent("warmup", model, tokenizer, cfg.warmup_lr)
-    check = (
-        tasks.questions(task, 256, rollout.derive_seed(cfg.seed, "warmup-check"), heldout=False, partial=True)
-        if cfg.warmup_target
-        else []
-    )
+    n_ops = cfg.agents * cfg.rounds
+    task, solo = (tasks.Relay(n_ops, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg) for s in (False, True))
+    agent = team_lib.make_agent("warmup", model, tokenizer, team_lib.Training(lr=cfg.warmup_lr))
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step", disable=not parallel.main()):
-        if (
-            check
-            and step
-            and step % CHECK_EVERY == 0
-            and (acc := copies_accuracy(agent, cfg, task, check)) >= cfg.warmup_target
-        ):
-            parallel.print0(
-                f"warm-up: stopped after {step} steps, at greedy accuracy {acc:.3f} on {len(check)} training "
-                f"questions (--warmup-target {cfg.warmup_target})"
-            )
-            break
-        rng = random.Random(rollout.derive_seed(cfg.seed, "demonstrator", step))
-        # a short chain has fewer
-        qs = tasks.questions(
-            task, batch, rollout.derive_seed(cfg.seed, "warmup", step), heldout=False, partial=True
-        )
-        pairs = [
-            (q, context, message) for q in qs for context, message in demonstration(q, task, solo, cfg, rng)
-        ]
+        rng = random.Random(derive_seed(cfg.seed, "demonstrator", step))
+        # a short chain has fewer questions than the batch
+        qs = tasks.questions(task, batch, derive_seed(cfg.seed, "warmup", step), heldout=False, partial=True)
+        pairs = [(q, *pair) for q in qs for pair in demonstration(q, task, solo, cfg, rng)]
         imitation_step(agent, agent.optimizer, imitation_batch(agent, pairs))
-    else:
-        # the target was not reached: say where the start is instead
-        if check:
-            parallel.print0(
-                f"warm-up: --warmup-target {cfg.warmup_target} not reached in {cfg.warmup_steps} steps (greedy accuracy "
-                f"{copies_accuracy(agent, cfg, task, check):.3f} on {len(check)} training questions); raise --warmup-steps"
-            )
     model.eval()
     return model
 
@@ -124,12 +90,6 @@ def imitation_step(agent, optimizer, data, rows=slice(None)):
     agent.model.eval()
 
 
-def copies_accuracy(agent, cfg: Config, task, qs) -> float:
-    """Greedy accuracy of a team of n copies of the agent being warmed up (one model, no copy made)."""
-    agent.model.eval()
-    return evaluation.accuracy([agent] * cfg.agents, task, qs, cfg)
-
-
 def starting_model(cfg: Config, device, dtype):
     """(model, tokenizer) that every agent starts as: --model, or a tiny agent after its warm-up.
     None for --models (a heterogeneous team is loaded agent by agent)."""
@@ -149,24 +109,13 @@ def build_team(cfg: Config, start, device, dtype):
     """The agents of a run: copies of the starting model (one in `single` mode), LoRA adapters on
     it (--lora-rank), or --models. Under torchrun every rank builds them (each warms up the same
     tiny model) and then takes rank 0's weights."""
-    n = 1 if cfg.mode == "single" else cfg.agents
+    n, training = 1 if cfg.mode == "single" else cfg.agents, team_lib.Training.of(cfg)
     if cfg.models:
-        team = team_lib.load_team(
-            cfg.models.split(",")[:n], device, dtype, cfg.lr, cfg.grad_ckpt, cfg.optimizer
-        )
+        team = team_lib.load_team(cfg.models.split(",")[:n], device, dtype, training)
     elif cfg.lora_rank:
-        team = team_lib.lora_team(
-            *start,
-            n,
-            cfg.lora_rank,
-            cfg.lora_alpha,
-            cfg.lora_targets.split(","),
-            cfg.lr,
-            cfg.grad_ckpt,
-            cfg.optimizer,
-            cfg.seed,
-        )
+        spec = lora.spec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+        team = team_lib.lora_team(*start, n, spec, training, cfg.seed)
     else:
-        team = team_lib.clone_team(*start, n, cfg.lr, cfg.grad_ckpt, cfg.optimizer)
+        team = team_lib.clone_team(*start, n, training)
     parallel.broadcast_team(team)
     return team

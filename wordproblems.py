@@ -7,7 +7,7 @@ One- and two-step problems about a person and things, with whole numbers from 2 
 
 They are easy enough that a 135M-parameter instruct model solves some of them (about one in five,
 greedy), so a team of it has room to learn from the team reward alone.
-Questions are deterministic by seed and distinct; mathtask.split holds a quarter of them out.
+Questions are deterministic by seed and distinct; questions.split holds a quarter of them out.
 """
 
 import random
@@ -34,7 +34,8 @@ TEMPLATES = [
         lambda a, b, c: a + b,
     ),
     (
-        "{name} has {a} {thing}. {pronoun} gives {b} {thing} to a friend. How many {thing} does {name} have now?",
+        "{name} has {a} {thing}. {pronoun} gives {b} {thing} to a friend. How many {thing} does {name} have "
+        "now?",
         lambda a, b, c: a - b if b <= a else None,
     ),
     (
@@ -43,7 +44,8 @@ TEMPLATES = [
         lambda a, b, c: a + b - c if c <= a + b else None,
     ),
     (
-        "{name} has {a} {thing}. {pronoun} gets {b} more {thing} and then {c} more. How many {thing} does {name} have now?",
+        "{name} has {a} {thing}. {pronoun} gets {b} more {thing} and then {c} more. How many {thing} does "
+        "{name} have now?",
         lambda a, b, c: a + b + c,
     ),
     (
@@ -51,11 +53,13 @@ TEMPLATES = [
         lambda a, b, c: a * b,
     ),
     (
-        "{name} has {a} boxes with {b} {thing} in each box, and {c} more {thing}. How many {thing} does {name} have in all?",
+        "{name} has {a} boxes with {b} {thing} in each box, and {c} more {thing}. How many {thing} does "
+        "{name} have in all?",
         lambda a, b, c: a * b + c,
     ),
     (
-        "{name} had {a} {thing}. {pronoun} lost {b} {thing} and then found {c} {thing}. How many {thing} does {name} have now?",
+        "{name} had {a} {thing}. {pronoun} lost {b} {thing} and then found {c} {thing}. How many {thing} "
+        "does {name} have now?",
         lambda a, b, c: a - b + c if b <= a else None,
     ),
 ]

@@ -33,7 +33,9 @@ def disk_full_at(stage: int):
 def make_team():
     def make(n=3, seed=0, lr=1e-3):
         tok = team_lib.char_tokenizer(tasks.CHARS)
-        return team_lib.clone_team(team_lib.tiny_model(tok, hidden=32, seed=seed), tok, n, lr)
+        return team_lib.clone_team(
+            team_lib.tiny_model(tok, hidden=32, seed=seed), tok, n, team_lib.Training(lr=lr)
+        )
 
     return make
 

@@ -15,7 +15,7 @@ def test_prefilled_counts_shared_prefixes_distinct_tails_and_only_new_tokens_on_
     # one group: prefix 5 6 (short of the shortest prompt's last token), tails 7 | 7 8 | 7 9 10 once each
     prompts = [[5, 6, 7], [5, 6, 7], [5, 6, 7, 8], [5, 6, 7, 9, 10]]
     assert bench.prefilled([agent], lambda: sample(prompts)) == 2 + (1 + 2 + 3)
-    # three groups: the first two have prefix 5 6 (and tail 7) alike; the last, alone, prefix 5 6 7 9 and tail 10
+    # three groups: the first two have prefix 5 6 (and tail 7) alike; the last, alone, prefix 5 6 7 9, tail 10
     assert bench.prefilled([agent], lambda: sample(prompts, groups=[0, 1, 1, 2])) == (2 + 4) + (1 + 2 + 1)
     _, _, kv = sample(prompts)
     # on the earlier call's rows: only the new tokens, plus each prompt's last

@@ -19,7 +19,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_bf16_team_with_checkpointing_keeps_fp32_logprobs_and_the_radius(cfg):
     tok = team_lib.char_tokenizer(tasks.CHARS)
     model = team_lib.tiny_model(tok, hidden=64, seed=0).to("cuda", torch.bfloat16)
-    team = team_lib.clone_team(model, tok, 3, lr=1e-2, grad_ckpt=True)
+    team = team_lib.clone_team(model, tok, 3, team_lib.Training(lr=1e-2, grad_ckpt=True))
     task = tasks.Relay(3)
     eps = rollout.new_episodes(tasks.questions(task, 4, 0, False), 4, 3, 1, "fixed", 0)
     played = random_rewards(rollout.play(team, task, eps, 1.0, 1.0, 0)[0])
@@ -30,5 +30,5 @@ def test_bf16_team_with_checkpointing_keeps_fp32_logprobs_and_the_radius(cfg):
     mask = data["mask"].bool()
     # bf16: batched vs teacher-forced
     assert (logp - data["sampler_logp"])[mask].abs().max() < 0.05
-    stats = teamtr.update_agent(team[1], 1, played, None, dataclasses.replace(cfg, delta=0.005), seed=0)
+    stats = teamtr.update_agent(team[1], 1, played, dataclasses.replace(cfg, delta=0.005), seed=0)
     assert stats["kl_rev"] <= 0.005 and stats["steps"] > 0

@@ -14,6 +14,7 @@ from test_teamtr import played_batch, snapshot
 from transformers import AutoModelForCausalLM
 
 import eval as evaluation
+import lora
 import losses
 import rollout
 import tasks
@@ -28,8 +29,9 @@ def lora_team(n, seed=0, lr=1e-3, rank=4, perturbed=False):
     """A LoRA team on a tiny relay model; perturbed=True gives the adapters random non-zero B, so
     they change the outputs (a fresh adapter does not)."""
     tok = team_lib.char_tokenizer(tasks.CHARS)
+    base = team_lib.tiny_model(tok, hidden=32, seed=seed)
     team = team_lib.lora_team(
-        team_lib.tiny_model(tok, hidden=32, seed=seed), tok, n, rank, 8.0, TARGETS, lr, seed=seed
+        base, tok, n, lora.spec(rank, 8.0, TARGETS), team_lib.Training(lr=lr), seed=seed
     )
     if perturbed:
         gen = torch.Generator().manual_seed(seed)
@@ -56,7 +58,7 @@ def test_the_team_shares_one_frozen_base_and_each_agent_trains_only_its_adapter(
     for agent in team:
         for p in filter(lambda p: p.requires_grad, agent.model.parameters()):
             p.register_post_accumulate_grad_hook(lambda p, agent=agent: seen_grad.append(agent.name))
-    stats = teamtr.update_agent(team[1], 1, batch, None, cfg, seed=0)
+    stats = teamtr.update_agent(team[1], 1, batch, cfg, seed=0)
     assert stats["steps"] > 0 and set(seen_grad) == {"agent1"}
     for i, agent in enumerate(team):
         changed = [
@@ -72,8 +74,8 @@ def test_the_team_shares_one_frozen_base_and_each_agent_trains_only_its_adapter(
 def test_fresh_adapters_give_the_base_models_logprobs(cfg):
     tok = team_lib.char_tokenizer(tasks.CHARS)
     base = team_lib.tiny_model(tok, hidden=32, seed=2)
-    reference = team_lib.clone_team(base, tok, 1, 1e-3)[0]
-    team = team_lib.lora_team(base, tok, 2, 4, 8.0, TARGETS, 1e-3, seed=2)
+    reference = team_lib.clone_team(base, tok, 1, team_lib.Training(lr=1e-3))[0]
+    team = team_lib.lora_team(base, tok, 2, lora.spec(4, 8.0, TARGETS), team_lib.Training(lr=1e-3), seed=2)
     data = losses.agent_batch(
         played_batch([reference] * 3, cfg), 0, torch.zeros(cfg.questions * cfg.group), tok.pad_token_id, "cpu"
     )
@@ -108,7 +110,7 @@ def test_every_lora_update_ends_inside_the_radius(cfg):
     team = lora_team(3, lr=3e-2, perturbed=True)
     backtracks = 0
     for i in range(3):
-        stats = teamtr.update_agent(team[i], i, played_batch(team, cfg, i), None, cfg, seed=i)
+        stats = teamtr.update_agent(team[i], i, played_batch(team, cfg, i), cfg, seed=i)
         assert stats["kl_rev"] <= cfg.delta
         backtracks += stats["backtracks"]
     assert backtracks > 0
@@ -118,7 +120,7 @@ def test_a_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     peft = pytest.importorskip("peft")
     base_dir = save_chat_model(tmp_path / "base", "llama")
     model, tok = team_lib.load_model(base_dir, "cpu", torch.float32)
-    agent = team_lib.lora_team(model, tok, 1, 4, 8.0, ["q_proj", "v_proj", "down_proj"], 1e-3, seed=1)[0]
+    agent = team_lib.lora_team(model, tok, 1, lora.spec(4, 8.0, ["q_proj", "v_proj", "down_proj"]), seed=1)[0]
     for name, p in agent.model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
@@ -135,7 +137,7 @@ def test_a_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     assert not torch.allclose(ours, base_logits, atol=1e-3)
     torch.testing.assert_close(peft_logits, ours, atol=1e-5, rtol=1e-5)
     # and our own loader
-    reloaded = team_lib.load_team([str(saved)], "cpu", torch.float32, 1e-3)[0]
+    reloaded = team_lib.load_team([str(saved)], "cpu", torch.float32)[0]
     with torch.no_grad():
         assert torch.equal(reloaded.model(input_ids=ids).logits, ours)
 

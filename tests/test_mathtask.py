@@ -9,6 +9,7 @@ from chat_models import save_chat_model
 
 import config
 import mathtask
+import questions
 import rollout
 import team as team_lib
 
@@ -33,14 +34,14 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
     ],
 )
 def test_math_verify_grading(gold, message, right):
-    assert mathtask.grade(gold, mathtask.final_answer(message)) is right
+    assert mathtask.grade(gold, questions.final_answer(message)) is right
 
 
 def test_final_answer_prefers_the_last_box_then_answer_then_the_last_number():
-    assert mathtask.final_answer("\\boxed{1} then \\boxed{\\frac{2}{3}} Answer: 9") == "\\frac{2}{3}"
-    assert mathtask.final_answer("3 apples... Answer: 12.") == "12"
-    assert mathtask.final_answer("7 + 5 = 12, minus 3 is 9") == "9"
-    assert mathtask.final_answer("nothing here") == ""
+    assert questions.final_answer("\\boxed{1} then \\boxed{\\frac{2}{3}} Answer: 9") == "\\frac{2}{3}"
+    assert questions.final_answer("3 apples... Answer: 12.") == "12"
+    assert questions.final_answer("7 + 5 = 12, minus 3 is 9") == "9"
+    assert questions.final_answer("nothing here") == ""
 
 
 def task_cfg(**kw):
@@ -51,7 +52,7 @@ def task_cfg(**kw):
 def test_a_local_file_is_split_by_hash_and_eval_size_is_respected():
     task = mathtask.make(task_cfg())
     train, held = {q.text for q in task.pool}, {q.text for q in task.heldout(1000)}
-    assert len(train) + len(held) == 40 and not train & held and all(mathtask.is_heldout(t) for t in held)
+    assert len(train) + len(held) == 40 and not train & held and all(questions.is_heldout(t) for t in held)
     assert len(task.heldout(3)) == 3 and task.heldout(3) == task.heldout(1000)[:3]
     # derived seeds reproduce
     assert task.train_questions(4, seed=1) == task.train_questions(4, seed=1)
@@ -90,7 +91,7 @@ def test_roles_come_from_the_prompts_file_and_label_the_transcript():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_each_agent_renders_with_its_own_chat_template_and_roles_follow_agents(tmp_path, arch):
     model, tok = team_lib.load_model(save_chat_model(tmp_path / arch, arch), "cpu", None)
-    team = team_lib.clone_team(model, tok, 2, lr=1e-3)
+    team = team_lib.clone_team(model, tok, 2, team_lib.Training(lr=1e-3))
     task = mathtask.make(task_cfg())
     eps = rollout.new_episodes(task.heldout(3), 2, 2, 1, "random", seed=0)
     played, turns, _, cut = rollout.play(team, task, eps, 1.0, 1.0, seed=0)
@@ -106,7 +107,7 @@ def test_each_agent_renders_with_its_own_chat_template_and_roles_follow_agents(t
 
 def test_a_context_longer_than_the_model_is_a_clear_error(tmp_path):
     model, tok = team_lib.load_model(save_chat_model(tmp_path / "m"), "cpu", None)
-    team = team_lib.clone_team(model, tok, 2, lr=1e-3)
+    team = team_lib.clone_team(model, tok, 2, team_lib.Training(lr=1e-3))
     task = mathtask.make(task_cfg(max_new_tokens=1020))
     with pytest.raises(rollout.ContextTooLong, match="exceeds the model's maximum of 1024"):
         rollout.play(team, task, rollout.new_episodes(task.heldout(1), 1, 2, 1, "fixed", 0), 1.0, 1.0, seed=0)
@@ -119,7 +120,7 @@ def test_prompts_need_enough_roles(tmp_path):
             {"roles": [{"name": "a", "instructions": "x"}], "single": {"name": "s", "instructions": "y"}}
         )
     )
-    with pytest.raises(mathtask.TaskError, match="1 roles, fewer than --agents 2"):
+    with pytest.raises(questions.TaskError, match="1 roles, fewer than --agents 2"):
         mathtask.make(task_cfg(prompts=str(path)))
 
 
@@ -133,7 +134,7 @@ def test_gsm8k_gold_is_after_the_hashes_and_parquet_files_load(tmp_path):
         }
     )
     qs = mathtask.rows_to_questions(rows, "gsm8k")
-    assert qs[7] == mathtask.Question("Add 7 and 7.", "14") and mathtask.grade(qs[39].answer, "78")
+    assert qs[7] == questions.Question("Add 7 and 7.", "14") and mathtask.grade(qs[39].answer, "78")
     rows.to_parquet(tmp_path / "q.parquet")
     train, held = mathtask.load_questions(f"parquet:{tmp_path / 'q.parquet'}")
     assert sorted(q.text for q in train + held) == sorted(q.text for q in qs) and held

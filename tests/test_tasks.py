@@ -9,7 +9,7 @@ import pytest
 
 import config
 import eval as evaluation
-import mathtask
+import questions
 import rollout
 import tasks
 import team as team_lib
@@ -34,10 +34,12 @@ def test_heldout_and_training_questions_are_disjoint():
     assert len(heldout) == 200 and not heldout & train
 
 
-def test_extract_answer_reads_tags_boxes_and_the_last_number():
-    assert tasks.extract_answer("so Answer: 1,000.0") == "1000"
-    assert tasks.extract_answer("the sum is \\boxed{42} done") == "42"
-    assert tasks.extract_answer("3;6;2") == "2" and tasks.extract_answer("none") == ""
+def test_the_relay_scores_the_last_value_of_its_final_message():
+    q = tasks.Question("7+3-2+1", "9", ("0", "8", "9"), ("+3", "-2", "+1"))
+    relay = tasks.Relay(3)
+    assert relay.reward(q, "9") == 1.0 and relay.reward(q, "0;8;9") == 1.0
+    assert relay.reward(q, "8") == 0.0 and relay.reward(q, "9;8") == 0.0 and relay.reward(q, "") == 0.0
+    assert tasks.start_value(q) == "7" and relay.render(q, ["0"]) == "7+3-2+1|7;0|-2>"
 
 
 def test_p_max_arg_sets_the_share_of_the_largest_operation():
@@ -79,35 +81,6 @@ def test_with_codes_the_demonstrator_mirrors_half_the_messages_but_never_the_las
     assert all(tasks.mirror(tasks.mirror(v, 10), 10) == v for v in range(10))
 
 
-def test_the_warm_up_stops_at_the_first_check_that_reaches_its_target(capsys, monkeypatch):
-    tok = team_lib.char_tokenizer(tasks.CHARS)
-    reached, accuracy = [], warmup.copies_accuracy
-    monkeypatch.setattr(
-        warmup, "copies_accuracy", lambda *args: reached.append(accuracy(*args)) or reached[-1]
-    )
-    cfg = config.Config(agents=2, hidden=32, warmup_steps=200, warmup_target=0.05)
-    warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, cfg)
-    assert reached and reached[-1] >= 0.05 and all(a < 0.05 for a in reached[:-1])
-    steps = warmup.CHECK_EVERY * len(reached)
-    assert steps < cfg.warmup_steps
-    assert (
-        f"warm-up: stopped after {steps} steps, at greedy accuracy {reached[-1]:.3f}"
-        in capsys.readouterr().out
-    )
-
-
-def test_a_warm_up_that_misses_its_target_says_so(capsys):
-    tok = team_lib.char_tokenizer(tasks.CHARS)
-    warmup.warmup(
-        team_lib.tiny_model(tok, 32, seed=0),
-        tok,
-        config.Config(agents=2, hidden=32, warmup_steps=30, warmup_target=0.99),
-    )
-    assert (
-        "warm-up: --warmup-target 0.99 not reached in 30 steps (greedy accuracy 0." in capsys.readouterr().out
-    )
-
-
 def test_a_turn_is_right_given_the_value_it_read():
     q = tasks.Question("7+3-2+1", "9", ("0", "8", "9"), ("+3", "-2", "+1"))
     relay = tasks.Relay(3)
@@ -125,13 +98,13 @@ def test_turn_accuracy_counts_each_agents_messages():
         e = rollout.Episode(q, 0, 0, [0, 1, 2])
         e.steps = [rollout.Step(agent, [], [], [], text) for agent, text in enumerate(texts)]
         played.append(e)
-    assert evaluation.turn_accuracy(tasks.Relay(3), played, 3) == {
+    assert tasks.turn_accuracy(tasks.Relay(3), played, 3) == {
         "turn_acc/agent0": 1.0,
         "turn_acc/agent1": 0.5,
         "turn_acc/agent2": 1.0,
     }
     # one message: no turns to check
-    assert evaluation.turn_accuracy(tasks.Relay(3, solo=True), played, 3) == {}
+    assert tasks.turn_accuracy(tasks.Relay(3, solo=True), played, 3) == {}
 
 
 def test_credit_sorts_sampled_messages_by_what_was_read_and_written():
@@ -159,7 +132,7 @@ def test_a_one_operation_relay_warms_up_on_all_its_questions_and_refuses_too_man
     warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, cfg)
     assert len(tasks.make(config.Config(agents=1, questions=45)).train_questions(45, seed=3)) == 45
     with pytest.raises(
-        mathtask.TaskError,
+        questions.TaskError,
         match="--questions 46: the relay has only 45 distinct training questions at --agents 1",
     ):
         tasks.make(config.Config(agents=1, questions=46))

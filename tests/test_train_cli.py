@@ -1,11 +1,15 @@
 """The real scripts as subprocesses, with tiny budgets."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+import cli
+import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -80,8 +84,8 @@ def test_every_mode_runs(tmp_path, mode):
         ["--mode", "compare", "--modes", "teamtr,bogus"],
         ["--mode", "compare", "--modes", "stale,stale"],
         ["--codes", "--model", "some/model"],
-        ["--accept", "heldout"],
-        ["--holdout", "1"],
+        ["--top-p", "1.5"],
+        ["--lr", "0"],
         ["--mode", "naive", "--shared-prefix"],
         ["--mode", "stale", "--reuse-kv"],
         ["--name", "../elsewhere"],
@@ -102,3 +106,34 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
     out = run("train.py", "--name", "taken", *TINY, cwd=tmp_path)
     assert out.returncode == 2 and "exists" in out.stderr
     assert os.listdir(tmp_path / "runs" / "taken") == ["keep.txt"]
+
+
+def test_every_flag_has_a_doc_a_help_group_and_its_checks_beside_its_field():
+    groups = config.documented_groups()
+    assert list(groups) == [
+        "run",
+        "team and task",
+        "tiny agents and the relay",
+        "rollouts",
+        "update",
+        "diagnostics",
+    ]
+    named = [name for docs in groups.values() for name in docs]
+    fields = [f.name for f in dataclasses.fields(config.Config)]
+    assert sorted(named) == sorted(fields) and len(set(named)) == len(named)
+    assert all(doc and "  " not in doc for docs in groups.values() for doc in docs.values())
+    help_text = cli.parser("train").format_help()
+    assert all(f"\n{group}:\n" in help_text for group in groups)
+    assert help_text.index("--mode") < help_text.index("--hidden") < help_text.index("--delta")
+
+
+def test_a_value_outside_what_its_field_accepts_is_refused(capsys):
+    for argv, message in [
+        (["--top-p", "1.5"], "--top-p must be at most 1, got 1.5"),
+        (["--lr", "0"], "--lr must be positive, got 0.0"),
+        (["--agents", "2,0", "--mode", "compare"], "--agents must be at least 1, got 0"),
+        (["--kl", "forward"], "argument --kl: invalid choice: 'forward'"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            cli.parse("train", argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err

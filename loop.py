@@ -1,0 +1,69 @@
+"""The training loop around the algorithm: teamtr.run_stage for every stage, with the held-out
+evaluation, the printed lines, peak memory and the checkpoint callback. train.py (one run) and
+compare.py (modes side by side) both run their stages here.
+"""
+
+import resource
+
+import torch
+from tqdm import tqdm
+
+import eval as evaluation
+import parallel
+import teamtr
+from config import Config
+
+
+def train_stages(team, task, heldout, cfg: Config, log, done=(), checkpoint=None) -> list[float]:
+    """The stage loop, with a held-out evaluation before training and after every --eval-every
+    stages (and the last). Returns eval_acc per evaluation (with --eval-every 1, index s is stage
+    s). log(record, line) receives every update's and stage's metrics; checkpoint(stage), if
+    given, is called after stage 0's evaluation and after every stage. done: the records of a
+    resumed run, up to its checkpoint; the loop goes on from the stage after it."""
+    accs = [r["stage/eval_acc"] for r in done if r.get("stage/eval_acc") is not None]
+    if not done:
+        record = {"stage": 0, **evaluate(team, task, heldout, cfg)}
+        accs = [record["stage/eval_acc"]]
+        log(record, f"stage 0: held-out accuracy {accs[0]:.3f}{turns_line(record)}")
+        checkpoint and checkpoint(0)
+    first = done[-1]["stage"] + 1 if done else 1
+    bar = dict(desc="stages", unit="stage", initial=first - 1, total=cfg.stages, disable=not parallel.main())
+    for stage in tqdm(range(first, cfg.stages + 1), **bar):
+        record, acc = teamtr.run_stage(team, task, cfg, stage, log), ""
+        record["perf/peak_memory_mb"] = peak_memory_mb(next(team[0].model.parameters()).device)
+        if stage in evaluated_stages(cfg):
+            record.update(evaluate(team, task, heldout, cfg))
+            accs.append(record["stage/eval_acc"])
+            record["stage/realized_gain"] = accs[-1] - accs[-2]
+            acc = f"held-out accuracy {accs[-1]:.3f} (gain {accs[-1] - accs[-2]:+.3f}){turns_line(record)} "
+        certificate, turns = record["stage/certificate"], record["stage/turns"]
+        log(
+            record,
+            f"stage {stage}: {acc}certificate {certificate:+.4f} turns {turns:.0f} "
+            f"{record['stage/seconds']:.1f}s",
+        )
+        checkpoint and checkpoint(stage)
+    return accs
+
+
+def evaluate(team, task, heldout, cfg: Config) -> dict:
+    """The held-out metrics, named as in a stage's record."""
+    return {f"stage/{key}": v for key, v in evaluation.heldout_metrics(team, task, heldout, cfg).items()}
+
+
+def evaluated_stages(cfg: Config) -> list[int]:
+    """The stages after which the held-out set is evaluated (0: before training)."""
+    return [s for s in range(cfg.stages + 1) if s % cfg.eval_every == 0 or s == cfg.stages]
+
+
+def turns_line(record: dict) -> str:
+    """ ", turn accuracy 0.98 0.91 ..." from a record's per-agent held-out turn accuracies (if any)."""
+    turn = [v for key, v in record.items() if key.startswith("stage/eval_turn_acc/")]
+    return f", turn accuracy {' '.join(f'{v:.2f}' for v in turn)}" if turn else ""
+
+
+def peak_memory_mb(device) -> float:
+    """The process's peak memory so far: allocated on CUDA, resident (ru_maxrss, KiB on Linux) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

@@ -11,17 +11,7 @@ import compare
 
 def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plots(tmp_path, monkeypatch):
     out = run(
-        "train.py",
-        "--mode",
-        "compare",
-        "--agents",
-        "2,3",
-        "--seeds",
-        "2",
-        "--modes",
-        "teamtr,stale,none",
-        "--name",
-        "cmp",
+        *"train.py --mode compare --agents 2,3 --seeds 2 --modes teamtr,stale,none --name cmp".split(),
         *TINY,
         cwd=tmp_path,
     )

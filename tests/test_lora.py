@@ -146,24 +146,9 @@ def test_a_lora_run_checkpoints_adapters_resumes_to_the_same_metrics_and_evaluat
     tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    args = [
-        "--agents",
-        "2",
-        "--stages",
-        "2",
-        "--warmup-steps",
-        "2",
-        "--questions",
-        "4",
-        "--group",
-        "2",
-        "--eval-size",
-        "4",
-        "--lora-rank",
-        "4",
-        "--lr",
-        "1e-2",
-    ]
+    args = (
+        "--agents 2 --stages 2 --warmup-steps 2 --questions 4 --group 2 --eval-size 4 --lora-rank 4 --lr 1e-2"
+    ).split()
     train.main([*args, "--name", "straight"])
     monkeypatch.setattr(torch, "save", disk_full_at(2))
     with pytest.raises(SystemExit):

@@ -13,24 +13,10 @@ from safetensors.torch import load_file
 from test_runs import UNTIMED, wait_for_update
 from test_train_cli import ROOT
 
-RUN = [
-    "--agents",
-    "3",
-    "--stages",
-    "3",
-    "--warmup-steps",
-    "30",
-    "--questions",
-    "12",
-    "--group",
-    "4",
-    "--minibatch",
-    "8",
-    "--eval-size",
-    "40",
-    "--threads",
-    "1",
-]
+RUN = (
+    "--agents 3 --stages 3 --warmup-steps 30 "
+    "--questions 12 --group 4 --minibatch 8 --eval-size 40 --threads 1"
+).split()
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
@@ -150,28 +136,10 @@ def test_a_hung_process_ends_the_other_within_the_timeout(tmp_path):
 
 
 def test_compare_under_torchrun_trains_every_mode_as_one_process(tmp_path):
-    tiny = [
-        "--mode",
-        "compare",
-        "--agents",
-        "2",
-        "--modes",
-        "teamtr,naive,single",
-        "--seeds",
-        "1",
-        "--stages",
-        "2",
-        "--warmup-steps",
-        "20",
-        "--questions",
-        "8",
-        "--group",
-        "4",
-        "--eval-size",
-        "32",
-        "--threads",
-        "1",
-    ]
+    tiny = (
+        "--mode compare --agents 2 --modes teamtr,naive,single --seeds 1 "
+        "--stages 2 --warmup-steps 20 --questions 8 --group 4 --eval-size 32 --threads 1"
+    ).split()
     for processes in (1, 2):
         out = launch(tmp_path, *tiny, "--name", f"p{processes}", processes=processes)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -14,20 +14,7 @@ import team
 import train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
-TINY = [
-    "--stages",
-    "1",
-    "--questions",
-    "4",
-    "--group",
-    "2",
-    "--eval-size",
-    "4",
-    "--epochs",
-    "1",
-    "--max-new-tokens",
-    "8",
-]
+TINY = "--stages 1 --questions 4 --group 2 --eval-size 4 --epochs 1 --max-new-tokens 8".split()
 
 
 @pytest.fixture(scope="module")

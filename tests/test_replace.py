@@ -6,20 +6,7 @@ import pytest
 from safetensors.torch import load_file
 from test_train_cli import run
 
-BASE = [
-    "--agents",
-    "2",
-    "--warmup-steps",
-    "5",
-    "--questions",
-    "4",
-    "--group",
-    "2",
-    "--eval-size",
-    "8",
-    "--epochs",
-    "1",
-]
+BASE = "--agents 2 --warmup-steps 5 --questions 4 --group 2 --eval-size 8 --epochs 1".split()
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +29,7 @@ def test_only_the_new_agent_moves_in_stage_0(saved, align_steps):
     out = run(
         "train.py",
         *BASE,
-        "--stages",
-        "0",
-        "--init",
-        "runs/team",
-        "--replace",
-        "1=runs/other/agent1",
-        "--align-steps",
+        *"--stages 0 --init runs/team --replace 1=runs/other/agent1 --align-steps".split(),
         str(align_steps),
         "--name",
         name,

@@ -16,22 +16,7 @@ from test_train_cli import ROOT
 import eval as evaluation
 import train
 
-RUN = [
-    "--agents",
-    "2",
-    "--stages",
-    "3",
-    "--warmup-steps",
-    "20",
-    "--questions",
-    "32",
-    "--group",
-    "8",
-    "--eval-size",
-    "16",
-    "--threads",
-    "1",
-]
+RUN = "--agents 2 --stages 3 --warmup-steps 20 --questions 32 --group 8 --eval-size 16 --threads 1".split()
 # timing and memory fields differ between runs
 UNTIMED = ("stage/seconds", "rollout/tokens_per_second", "perf/")
 
@@ -140,20 +125,7 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tmp_path):
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch, "save", disk_full_at(2))
-    small = [
-        "--agents",
-        "2",
-        "--stages",
-        "2",
-        "--warmup-steps",
-        "2",
-        "--questions",
-        "4",
-        "--group",
-        "2",
-        "--eval-size",
-        "4",
-    ]
+    small = "--agents 2 --stages 2 --warmup-steps 2 --questions 4 --group 2 --eval-size 4".split()
     with pytest.raises(SystemExit) as stop:
         train.main([*small, "--name", "full"])
     # after the progress bars
@@ -176,28 +148,10 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(tm
 
 def test_compare_resumes_skipping_the_runs_it_finished(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = [
-        "--mode",
-        "compare",
-        "--modes",
-        "none,teamtr",
-        "--seeds",
-        "1",
-        "--agents",
-        "2",
-        "--stages",
-        "1",
-        "--warmup-steps",
-        "2",
-        "--questions",
-        "4",
-        "--group",
-        "2",
-        "--eval-size",
-        "4",
-        "--name",
-        "cmp",
-    ]
+    args = (
+        "--mode compare --modes none,teamtr --seeds 1 --agents 2 "
+        "--stages 1 --warmup-steps 2 --questions 4 --group 2 --eval-size 4 --name cmp"
+    ).split()
     train_mode, trained = train.compare.train_mode, []
 
     def interrupted_second(cfg, *rest):

@@ -12,20 +12,7 @@ import cli
 import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--stages",
-    "1",
-    "--warmup-steps",
-    "2",
-    "--questions",
-    "4",
-    "--group",
-    "2",
-    "--eval-size",
-    "8",
-    "--epochs",
-    "1",
-]
+TINY = "--stages 1 --warmup-steps 2 --questions 4 --group 2 --eval-size 8 --epochs 1".split()
 
 
 def run(script, *args, cwd):

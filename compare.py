@@ -77,10 +77,10 @@ def run(
                 if parallel.main():
                     # what a resume keeps
                     runs.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results))
+                    accs, tokens = result["accs"], result["tokens"][-1]
+                    held = f"held-out {accs[0]:.3f} -> {accs[-1]:.3f}"
                     tqdm.write(
-                        f"n={n} seed {seed} {mode}: held-out {result['accs'][0]:.3f} -> "
-                        f"{result['accs'][-1]:.3f}, "
-                        f"{result['tokens'][-1]:,} tokens, {result['seconds']:.0f} s"
+                        f"n={n} seed {seed} {mode}: {held}, {tokens:,} tokens, {result['seconds']:.0f} s"
                     )
     if parallel.main():
         print(write_outputs(results, run_dir))

@@ -274,19 +274,14 @@ class Plays:
 
     def play(self, episodes, keep=None, counted: bool = True):
         """Every episode played from turn keep[e] on (default 0); counted: training compute."""
-        t0, cfg = time.time(), self.cfg
-        seed = (cfg.seed, self.stage, 0)
-        played = rollout.play(
-            self.team, self.task, episodes, cfg.temperature, cfg.top_p, seed, keep, self.reuse_kv
-        )
-        episodes, turns, tokens, truncated = played
+        t0, cfg, seed = time.time(), self.cfg, (self.cfg.seed, self.stage, 0)
+        args = (cfg.temperature, cfg.top_p, seed, keep, self.reuse_kv)
+        episodes, turns, tokens, truncated = rollout.play(self.team, self.task, episodes, *args)
         self.seconds += time.time() - t0
         if counted:
-            self.turns, self.tokens, self.truncated = (
-                self.turns + turns,
-                self.tokens + tokens,
-                self.truncated + truncated,
-            )
+            self.turns += turns
+            self.tokens += tokens
+            self.truncated += truncated
         return episodes
 
     def from_shared_prefixes(self, episodes, i: int):
@@ -359,9 +354,9 @@ def stage_metrics(team, task, cfg: Config, stage: int, first, plays: Plays, upda
     )
     # a conservative proxy of the per-stage lower bound: sum_k L_k - lambda sum_k sqrt(2 D_k),
     # lambda = adv_max (Pinsker: TV <= sqrt(D / 2), times 2 max |A|)
-    certificate = sum(m["surrogate"] for m in updates) - cfg.adv_max * sum(
-        (2 * m["kl_rev"]) ** 0.5 for m in updates
-    )
+    surrogates = sum(m["surrogate"] for m in updates)
+    radii = sum((2 * m["kl_rev"]) ** 0.5 for m in updates)
+    certificate = surrogates - cfg.adv_max * radii
     return {
         "stage": stage,
         # sampled, on the first batch

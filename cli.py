@@ -12,7 +12,7 @@ import sys
 import torch
 
 import config
-import mathtask
+import mathdata
 import parallel
 import runs
 from config import Config
@@ -33,6 +33,22 @@ def team_sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
+def per_agent(kind):
+    """A per-agent flag: one value, or a comma-separated list of one value per agent (a list)."""
+
+    def parse(text: str):
+        try:
+            values = [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a {kind.__name__} or a list such as 1,2, got {text!r}"
+            )
+        return values[0] if len(values) == 1 else values
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """Every field of Config as a flag, grouped as in config.py; flags are matched exactly."""
     parser = runs.Parser(prog="train.py", description=description, allow_abbrev=False)
@@ -45,6 +61,7 @@ def parser(description: str) -> argparse.ArgumentParser:
                 options.add_argument(flag, action="store_true", help=doc)
                 continue
             kind, default = (team_sizes, [f.default]) if name == "agents" else (f.type, f.default)
+            kind = per_agent(kind) if f.metadata.get("per_agent") else kind
             options.add_argument(
                 flag, type=kind, default=default, choices=f.metadata.get("choices"), help=doc
             )
@@ -91,10 +108,14 @@ def resumed(cli, run_dir: str, args: dict, given: set) -> tuple[Config, list[int
 
 
 def check_values(cli, cfg: Config, sizes: list[int]):
-    """Each value against what its field accepts (config.flag)."""
+    """Each value against what its field accepts (config.flag); a per-agent list has one value
+    per agent."""
     for f in dataclasses.fields(Config):
-        checks, flag = f.metadata, "--" + f.name.replace("_", "-")
-        for value in sizes if f.name == "agents" else [getattr(cfg, f.name)]:
+        checks, flag, value = f.metadata, "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
+        if isinstance(value, list) and (len(value) != cfg.agents or len(sizes) > 1):
+            cli.error(f"{flag} gives {len(value)} values, one per agent: needs --agents {len(value)}")
+        values = sizes if f.name == "agents" else value if isinstance(value, list) else [value]
+        for value in values:
             if checks.get("at_least") is not None and value < checks["at_least"]:
                 cli.error(f"{flag} must be at least {checks['at_least']}, got {value}")
             if checks.get("positive") and not value > 0:
@@ -131,13 +152,14 @@ def check_combinations(cli, cfg: Config, sizes: list[int], given: set):
         check_compare(cli, cfg, given)
     if cfg.codes and (cfg.model or cfg.models):
         cli.error("--codes changes the warm-up of the tiny agents; --model/--models are not warmed up")
-    if cfg.task != "relay" and not mathtask.is_math_task(cfg.task):
-        tasks = f"relay, words, {', '.join(mathtask.HUB)}, jsonl:PATH or parquet:PATH"
+    if cfg.task != "relay" and not mathdata.is_math_task(cfg.task):
+        tasks = f"relay, words, {', '.join(mathdata.HUB)}, jsonl:PATH or parquet:PATH"
         cli.error(f"--task: unknown task {cfg.task!r} ({tasks})")
-    if cfg.task != "relay" and not (cfg.model or cfg.models):
+    check_eval_tasks(cli, cfg)
+    if cfg.task != "relay" and not (cfg.model or cfg.models or cfg.init):
         cli.error(
-            f"--task {cfg.task} needs pretrained agents: pass --model or --models (the tiny agents only "
-            "learn the relay)"
+            f"--task {cfg.task} needs pretrained agents: pass --model, --models or --init RUN_DIR (the "
+            "tiny agents only learn the relay)"
         )
     if cfg.codes and cfg.task != "relay":
         cli.error("--codes is a variant of the relay task")
@@ -149,6 +171,23 @@ def check_combinations(cli, cfg: Config, sizes: list[int], given: set):
         cli.error(f"--models names {len(cfg.models.split(','))} models for --agents {cfg.agents}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         cli.error("--device cuda, but CUDA is not available")
+
+
+def check_eval_tasks(cli, cfg: Config):
+    """--eval-tasks: benchmarks of a real task, each named once."""
+    names = cfg.eval_tasks.split(",") if cfg.eval_tasks else []
+    if names and cfg.task == "relay":
+        cli.error(
+            "--eval-tasks evaluates a real task's team on math benchmarks; the relay has its held-out set"
+        )
+    for name in names:
+        if not mathdata.is_benchmark(name):
+            benchmarks = (
+                f"words, {', '.join(n for n in mathdata.HUB if mathdata.is_benchmark(n))}, jsonl:PATH"
+            )
+            cli.error(f"--eval-tasks: {name!r} is not a benchmark ({benchmarks} or parquet:PATH)")
+    if len({mathdata.short_name(n) for n in names}) < len(names):
+        cli.error(f"--eval-tasks names a task twice (files are named by their file name): {cfg.eval_tasks}")
 
 
 def check_compare(cli, cfg: Config, given: set):
@@ -170,9 +209,8 @@ def check_compare(cli, cfg: Config, given: set):
 def make_paths_absolute(cfg: Config):
     """Local files as absolute paths in config.json, so that eval.py and a resume find them from
     anywhere; hub names as they are."""
-    kind, _, path = cfg.task.partition(":")
-    if kind in mathtask.LOCAL:
-        cfg.task = f"{kind}:{os.path.abspath(path)}"
+    cfg.task = mathdata.absolute(cfg.task)
+    cfg.eval_tasks = ",".join(map(mathdata.absolute, cfg.eval_tasks.split(","))) if cfg.eval_tasks else ""
     cfg.prompts = cfg.prompts and os.path.abspath(cfg.prompts)
     cfg.model = local_path(cfg.model) if cfg.model else ""
     cfg.models = ",".join(map(local_path, cfg.models.split(","))) if cfg.models else ""
@@ -194,6 +232,17 @@ def check_replacement(cli, cfg: Config):
         cli.error("--replace swaps an agent of a saved team: give the team with --init RUN_DIR")
     if not os.path.isdir(cfg.init):
         cli.error(f"--init {cfg.init}: no such run directory")
+    try:
+        saved = runs.read_config(cfg.init)[0]
+    except runs.RunError as e:
+        cli.error(f"--init {e}")
+    # the tiny agents know the relay's alphabet only
+    if (saved.task == "relay") != (cfg.task == "relay"):
+        agents = "tiny agents" if saved.task == "relay" else "pretrained models"
+        cli.error(
+            f"--init {cfg.init}: its team ({agents}) was trained on --task {saved.task}, and this run's "
+            f"--task is {cfg.task}"
+        )
     index, _, path = cfg.replace.partition("=")
     if cfg.replace and not (index.isdigit() and int(index) < cfg.agents and path):
         cli.error(f"--replace expects i=PATH with 0 <= i < --agents {cfg.agents}, got {cfg.replace!r}")

@@ -15,11 +15,12 @@ last stage whose cumulative training tokens fit the cheapest mode's total); the 
 per stage; the out-of-region token fraction; generated tokens; and seconds (stages and held-out
 evaluations; the shared warm-up is reported once per n and seed).
 
-runs/<name>/ gets <mode>-n<n>-s<seed>.jsonl (each run's metrics, as in train.py),
-results.json (one record per run), compare.md (the table) and PNG plots (matplotlib):
-accuracy_n<n>.png (held-out accuracy per stage), tokens_n<n>.png (accuracy against generated
-tokens: the equal-compute view) and stale_gap.png (summed stale gap per stage against team size,
-log-log).
+runs/<name>/ gets <mode>-n<n>-s<seed>.jsonl (each run's metrics, as in train.py) and
+<mode>-n<n>-s<seed>.transcripts.jsonl (its evaluations' transcripts; with --tracker, one tracker
+run each, TensorBoard's in tensorboard/<mode>-n<n>-s<seed>/), results.json (one record per run),
+compare.md (the table) and PNG plots (matplotlib): accuracy_n<n>.png (held-out accuracy per
+stage), tokens_n<n>.png (accuracy against generated tokens: the equal-compute view) and
+stale_gap.png (summed stale gap per stage against team size, log-log).
 No checkpoints are saved; train one mode with train.py for those. results.json is rewritten after
 every run, so `python train.py --resume RUN_DIR` skips the runs that finished and trains the rest.
 """
@@ -40,6 +41,7 @@ import parallel
 import runs
 import tasks
 import theory
+import tracking
 import warmup
 
 matplotlib.use("Agg")
@@ -101,11 +103,18 @@ def finished(run_dir: str) -> list[dict]:
 
 
 def train_mode(cfg: config.Config, model, heldout, device, dtype, run_dir: str) -> dict:
-    """One mode from a copy of the starting model; its metrics go to <mode>-n<n>-s<seed>.jsonl."""
+    """One mode from a copy of the starting model; its metrics go to <mode>-n<n>-s<seed>.jsonl (and
+    its tracker run, closed at its end)."""
     t0 = time.time()
     team = warmup.build_team(cfg, model, device, dtype)
-    log = runs.Log(os.path.join(run_dir, f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}.jsonl"))
+    name = f"{cfg.mode}-n{cfg.agents}-s{cfg.seed}"
+    log = runs.Log(
+        os.path.join(run_dir, f"{name}.jsonl"),
+        tracker=tracking.start(cfg, run_dir, name),
+        transcripts=os.path.join(run_dir, f"{name}.transcripts.jsonl"),
+    )
     accs = loop.train_stages(team, tasks.make(cfg), heldout, cfg, log)
+    log.close()
     return {
         "mode": cfg.mode,
         "n": cfg.agents,

@@ -8,9 +8,10 @@ One seed is given (--seed); every other seed is derived from it and from what it
 """
 
 import ast
+import dataclasses
 import hashlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 # mode -> (resample, trust_region); `single` and `none` are set up by train.py
 MODES = {
@@ -32,10 +33,11 @@ MODES = {
 ALL_MODES = ",".join(MODES)
 
 
-def flag(default, choices=None, at_least=None, positive=False, at_most=None):
+def flag(default, choices=None, at_least=None, positive=False, at_most=None, per_agent=False):
     """A field's default, and what train.py accepts for it: one of `choices`, at least `at_least`,
-    more than 0 (`positive`), at most `at_most`."""
-    checks = dict(choices=choices, at_least=at_least, positive=positive, at_most=at_most)
+    more than 0 (`positive`), at most `at_most`; per_agent: one value, or a comma-separated list
+    of one value per agent (see of_agent)."""
+    checks = dict(choices=choices, at_least=at_least, positive=positive, at_most=at_most, per_agent=per_agent)
     return field(default=default, metadata=checks)
 
 
@@ -74,14 +76,19 @@ class Config:
     dist_timeout: float = flag(600.0, positive=True)
     """under torchrun: seconds a process waits for the others (a rank that died or hangs) before
     it ends with an error"""
+    tracker: str = flag("", choices=["", "tensorboard", "wandb"])
+    """also mirror every metrics.jsonl record (and the evaluations' transcripts) to tensorboard or
+    wandb (optional packages; metrics.jsonl stays the record)"""
     # team and task
     models: str = ""
     """comma-separated names or paths, one per agent (a heterogeneous team)"""
     prompts: str = ""
     """real tasks: the roles file (default prompts/team.json)"""
-    max_new_tokens: int = flag(0, at_least=0)
-    """tokens per message at most (0: the task's default, 256 for real tasks); messages cut there
-    are counted in rollout/truncated"""
+    thinking: str = flag("off", choices=["off", "on"])
+    """real tasks: enable_thinking for chat templates that take it (Qwen3's thinking mode)"""
+    max_new_tokens: int = flag(0, at_least=0, per_agent=True)
+    """tokens per message at most (0: the task's default, 256 for real tasks), or one value per
+    agent (256,1024,...); messages cut there are counted in rollout/truncated"""
     order: str = flag("fixed", choices=["fixed", "random"])
     """turn order: fixed (agent 1..n) or random (a permutation per episode, the router)"""
     rounds: int = flag(1, at_least=1)
@@ -148,10 +155,11 @@ class Config:
     weights); default: from --mode"""
     trust_region: str = flag("", choices=["", "on", "off"])
     """on (KL penalty + radius) or off (beta = 0, no radius); default: from --mode"""
-    delta: float = flag(0.02, positive=True)
-    """trust-region radius: mean token reverse KL of an update, in nats (trust region on only)"""
-    lr: float = flag(3e-4, positive=True)
-    """learning rate of the RL updates"""
+    delta: float = flag(0.02, positive=True, per_agent=True)
+    """trust-region radius: mean token reverse KL of an update, in nats (trust region on only), or
+    one value per agent (0.02,0.01,...)"""
+    lr: float = flag(3e-4, positive=True, per_agent=True)
+    """learning rate of the RL updates, or one value per agent (1e-5,5e-6,...)"""
     optimizer: str = flag("adam", choices=["adam", "sgd"])
     """optimiser of the RL updates: adam or sgd"""
     epochs: int = flag(4, at_least=1)
@@ -179,6 +187,10 @@ class Config:
     # diagnostics
     eval_size: int = flag(512, at_least=1)
     """held-out questions for eval_acc (greedy)"""
+    eval_tasks: str = ""
+    """real tasks: also evaluate on the whole benchmark set of each named task (aime24, aime25,
+    math500, gsm8k's test split, words, jsonl:PATH or parquet:PATH), logged as eval_acc/<task>;
+    their questions are removed from the training pool"""
     eval_every: int = flag(1, at_least=1)
     """held-out evaluation after every this many stages (and always after the last)"""
     measure_gap: bool = False
@@ -194,6 +206,25 @@ def resolve(cfg: Config) -> Config:
     if cfg.mode == "none":
         cfg.stages = 0
     return cfg
+
+
+def of_agent(value, i: int):
+    """Agent i's value of a per-agent field (config.flag(per_agent=True)): the value itself, or
+    the i-th of a list of one value per agent."""
+    return value[i] if isinstance(value, (list, tuple)) else value
+
+
+def or_default(value, default):
+    """A per-agent field with 0 meaning the default (--max-new-tokens), 0s replaced by it."""
+    return [v or default for v in value] if isinstance(value, (list, tuple)) else value or default
+
+
+def for_agent(cfg: Config, i: int) -> Config:
+    """The config as agent i's update reads it: its own radius, learning rate and message length."""
+    return dataclasses.replace(
+        cfg,
+        **{f.name: of_agent(getattr(cfg, f.name), i) for f in fields(Config) if f.metadata.get("per_agent")},
+    )
 
 
 def derive_seed(*parts) -> int:

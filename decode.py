@@ -5,26 +5,26 @@ step also builds a 4D attention mask, concatenates every layer's cache and runs 
 attention kernel, and on a small model that costs more than the arithmetic: on this project's
 CPU the default tiny agent's forward calls alone ran at 1.25x `model.generate` over 32 tokens
 (timed by forward hooks in a bench.py run before this file), so no sampler calling that forward
-could reach 1.5x. `Cache.step` is the same computation as the Hugging Face forward of Llama and
-Qwen2 models, written out: the model's own modules (embedding, rotary embedding, projections,
-norms, MLP, output layer, and so LoRA layers too) around attention as matmul, softmax, matmul
-over keys and values that are allocated once per sampler call and written in place (as
-nanochat's engine does). A test checks its logits against the model's forward. Other
-architectures (Qwen3's query and key norms, Gemma's scaled embeddings, sliding windows) go
-through the model's forward: `supported` is False.
+could reach 1.5x. `Cache.step` is the same computation as the Hugging Face forward of Llama, Qwen2
+and Qwen3 models, written out: the model's own modules (embedding, rotary embedding, projections,
+Qwen3's per-head query and key norms, norms, MLP, output layer, and so LoRA layers too) around
+attention as matmul, softmax, matmul over keys and values that are allocated once per sampler
+call and written in place (as nanochat's engine does). A test checks its logits against the
+model's forward. Other architectures (Gemma's scaled embeddings and extra norms, Mistral) and
+any model with a sliding-window layer go through the model's forward: `supported` is False.
 """
 
 import torch
 
-# Qwen2's is the same function
+# Qwen2's and Qwen3's are the same function
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-FAMILY = ("llama", "qwen2")
+FAMILY = ("llama", "qwen2", "qwen3")
 
 
 def supported(model) -> bool:
-    """Whether `Cache.step` computes this model's forward: a Llama or Qwen2 model attending to
-    every earlier position in every layer."""
+    """Whether `Cache.step` computes this model's forward: a Llama, Qwen2 or Qwen3 model attending
+    to every earlier position in every layer."""
     config = model.config
     return config.model_type in FAMILY and set(
         getattr(config, "layer_types", None) or ["full_attention"]
@@ -64,6 +64,9 @@ class Cache:
                 proj(x).view(B, 1, -1, self_attn.head_dim).transpose(1, 2)
                 for proj in (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj)
             )
+            # Qwen3: RMSNorm over each query and key head (the head dim), before the rotation
+            if hasattr(self_attn, "q_norm"):
+                q, k = self_attn.q_norm(q), self_attn.k_norm(k)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             K[:, :, n], V[:, :, n] = k[:, :, 0], v[:, :, 0]
             # query heads grouped by the key head they read

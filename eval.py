@@ -25,6 +25,7 @@ from math import comb
 import torch
 
 import losses
+import mathdata
 import parallel
 import rollout
 import runs
@@ -59,10 +60,11 @@ def accuracy(team, task, qs, cfg, played=None) -> float:
     return sum(correct_counts(played, len(qs))) / len(qs)
 
 
-def heldout_metrics(team, task, qs, cfg) -> dict:
+def heldout_metrics(team, task, qs, cfg, played=None) -> dict:
     """Greedy held-out accuracy (eval_acc) and, on tasks with a turn check, each agent's turn
-    accuracy on the same episodes (eval_turn_acc/agent{i})."""
-    played = play(team, task, qs, cfg)
+    accuracy on the same episodes (eval_turn_acc/agent{i}); played: this rank's greedy episodes,
+    if already played."""
+    played = play(team, task, qs, cfg) if played is None else played
     return {"eval_acc": accuracy(team, task, qs, cfg, played)} | {
         f"eval_{key}": v for key, v in tasks.turn_accuracy(task, played, len(team)).items()
     }
@@ -104,10 +106,16 @@ def credit(task, episodes, group: int, adv_max: float) -> dict:
     }
 
 
+def solo_task(cfg):
+    """agent0 alone in the task's one-agent format: (task, config)."""
+    solo = dataclasses.replace(cfg, mode="single", rounds=1, order="fixed", eval_tasks="")
+    return tasks.make(solo), solo
+
+
 def single_accuracy(agent, cfg, qs) -> float:
     """Greedy accuracy of one agent alone, in the task's one-agent format."""
-    solo = dataclasses.replace(cfg, mode="single", rounds=1, order="fixed")
-    return accuracy([agent], tasks.make(solo), qs, solo)
+    task, solo = solo_task(cfg)
+    return accuracy([agent], task, qs, solo)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -115,24 +123,106 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def main(argv=None):
+def ks(samples: int) -> list[int]:
+    """k = 1, 2, 4, ... up to `samples`, and `samples` itself."""
+    return sorted({2**j for j in range(samples.bit_length()) if 2**j <= samples} | {samples})
+
+
+def mean_se(values) -> tuple[float, float]:
+    """The mean over questions and its standard error (sample standard deviation / sqrt(N))."""
+    x = torch.tensor(values, dtype=torch.float64)
+    return x.mean().item(), (x.std() / len(x) ** 0.5).item() if len(x) > 1 else 0.0
+
+
+def scores(team, task, qs, cfg, samples: int, temperature: float, top_p: float) -> dict:
+    """{metric: (mean, standard error)} over the questions: greedy accuracy, and with samples K,
+    avg@K and unbiased pass@k for k = 1, 2, 4, ..., K."""
+    out = {"greedy": mean_se(correct_counts(play(team, task, qs, cfg), len(qs)))}
+    if samples:
+        counts = correct_counts(play(team, task, qs, cfg, samples, temperature, top_p), len(qs))
+        out[f"avg@{samples}"] = mean_se([c / samples for c in counts])
+        out.update({f"pass@{k}": mean_se([pass_at_k(samples, c, k) for c in counts]) for k in ks(samples)})
+    return out
+
+
+def report(name: str, count: int, columns: dict, args):
+    """One task's table: a row per metric, a column per player (team, agent0 alone)."""
+    sampled = f", {args.samples} samples each (temperature {args.temperature}, top-p {args.top_p})"
+    parallel.print0(f"{name}: {count} questions{sampled if args.samples else ''}")
+    parallel.print0((f"  {'metric':<10}" + "".join(f"{player:<20}" for player in columns)).rstrip())
+    for metric in next(iter(columns.values())):
+        row = "".join(f"{f'{m:.4f} ± {se:.4f}':<20}" for m, se in (c[metric] for c in columns.values()))
+        parallel.print0(f"  {metric:<10}{row}".rstrip())
+
+
+def benchmark_sets(names: str, cfg, task, size: int) -> dict:
+    """{name: questions} of --tasks: `heldout` is the run's held-out set, any other name a whole
+    benchmark set of a real-task run (mathdata.benchmark)."""
+    for name in names.split(","):
+        if name != "heldout" and not (mathdata.is_benchmark(name) and cfg.task != "relay"):
+            raise TaskError(f"--tasks: {name!r} is neither heldout nor a math benchmark of a real-task run")
+    return {
+        mathdata.short_name(n): task.heldout(size)
+        if n == "heldout"
+        else mathdata.benchmark(mathdata.absolute(n))
+        for n in names.split(",")
+    }
+
+
+def relay_diagnosis(team, task, qs, cfg, args):
+    """The relay: each agent's turn accuracy, greedy and sampled, and which messages the team
+    reward favours (credit)."""
+    greedy = heldout_metrics(team, task, qs, cfg)
+    turns = [v for key, v in greedy.items() if key.startswith("eval_turn_acc/")]
+    if len(team) < 2 or not turns:
+        return
+    greedy_turns = " ".join(f"{v:.3f}" for v in turns)
+    parallel.print0(f"turn accuracy per agent (right given the value it read), greedy: {greedy_turns}")
+    if args.samples:
+        played = play(team, task, qs, cfg, args.samples, args.temperature, args.top_p)
+        sampled = tasks.turn_accuracy(task, played, len(team))
+        parallel.print0(f"turn accuracy per agent, sampled: {' '.join(f'{v:.3f}' for v in sampled.values())}")
+    if args.samples > 1:
+        parallel.print0(f"mean advantage of sampled messages (groups of {args.samples}), by kind:")
+        for kind, (mean, count) in credit(task, played, args.samples, cfg.adv_max).items():
+            parallel.print0(f"  {kind}: {mean:+.3f} ({count} messages)")
+
+
+def arguments(argv):
     parser = runs.Parser(prog="eval.py", description=__doc__.splitlines()[0])
     parser.add_argument(
         "run_dir",
         help="a run directory written by train.py (its trained team, or an unfinished run's last checkpoint)",
     )
     parser.add_argument(
+        "--tasks",
+        default="heldout",
+        help="comma-separated: heldout (the run's held-out set) and whole benchmarks: aime24, aime25, "
+        "math500, gsm8k (its test split), words, jsonl:PATH, parquet:PATH",
+    )
+    parser.add_argument(
         "--samples",
         type=int,
         default=0,
-        help="sampled episodes per question for avg@k and pass@k (0: greedy only)",
+        help="sampled episodes per question for avg@K and pass@k (0: greedy only)",
     )
+    parser.add_argument("--temperature", type=float, default=1.0, help="temperature of the sampled episodes")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of the sampled episodes")
     parser.add_argument(
         "--size", type=int, default=0, help="held-out questions (0, the default: the run's eval_size)"
     )
     args = parser.parse_args(argv)
     if args.samples < 0 or args.size < 0:
         parser.error(f"--samples and --size must be at least 0, got {args.samples} and {args.size}")
+    if not (args.temperature > 0 and 0 < args.top_p <= 1):
+        parser.error(
+            f"--temperature must be positive and --top-p in (0, 1], got {args.temperature}, {args.top_p}"
+        )
+    return parser, args
+
+
+def main(argv=None):
+    parser, args = arguments(argv)
     try:
         cfg = runs.read_config(args.run_dir)[0]
         if cfg.mode == "compare":
@@ -142,42 +232,22 @@ def main(argv=None):
         device, dtype = runs.placement(cfg)
         parallel.init(device, cfg.dist_timeout)
         folder, paths = runs.saved_team(args.run_dir)
+        cfg = dataclasses.replace(cfg, eval_tasks="")
         task = tasks.make(cfg)
+        sets = benchmark_sets(args.tasks, cfg, task, args.size or cfg.eval_size)
         team = team_lib.load_team(paths, device, dtype)
     except (runs.RunError, TaskError, team_lib.LoadError) as e:
         parser.error(str(e))
     if folder != args.run_dir:
         parallel.print0(f"the run did not finish; evaluating its last checkpoint, {os.path.basename(folder)}")
-    qs = task.heldout(args.size or cfg.eval_size)
-    greedy = heldout_metrics(team, task, qs, cfg)
-    parallel.print0(
-        f"greedy held-out accuracy: {greedy['eval_acc']:.4f} ({len(qs)} questions, {len(team)} agents)"
-    )
-    if len(team) > 1:
-        parallel.print0(
-            f"single agent (agent0 alone, one-agent format): {single_accuracy(team[0], cfg, qs):.4f}"
-        )
-    if args.samples:
-        played = play(team, task, qs, cfg, args.samples, temperature=1.0)
-        counts = correct_counts(played, len(qs))
-        parallel.print0(f"avg@{args.samples}: {sum(counts) / (len(qs) * args.samples):.4f}")
-        for k in sorted({1, args.samples // 2, args.samples} - {0}):
-            parallel.print0(f"pass@{k}: {sum(pass_at_k(args.samples, c, k) for c in counts) / len(qs):.4f}")
-    turns = [v for key, v in greedy.items() if key.startswith("eval_turn_acc/")]
-    if len(team) > 1 and turns:
-        parallel.print0(
-            "turn accuracy per agent (right given the value it read), greedy: "
-            f"{' '.join(f'{v:.3f}' for v in turns)}"
-        )
-        if args.samples:
-            sampled = tasks.turn_accuracy(task, played, len(team))
-            parallel.print0(
-                f"turn accuracy per agent, sampled: {' '.join(f'{v:.3f}' for v in sampled.values())}"
-            )
-        if args.samples > 1:
-            parallel.print0(f"mean advantage of sampled messages (groups of {args.samples}), by kind:")
-            for kind, (mean, count) in credit(task, played, args.samples, cfg.adv_max).items():
-                parallel.print0(f"  {kind}: {mean:+.3f} ({count} messages)")
+    sampling, (solo, solo_cfg) = (args.samples, args.temperature, args.top_p), solo_task(cfg)
+    for name, qs in sets.items():
+        columns = {f"team of {len(team)}": scores(team, task, qs, cfg, *sampling)}
+        if len(team) > 1:
+            columns["agent0 alone"] = scores([team[0]], solo, qs, solo_cfg, *sampling)
+        report(name, len(qs), columns, args)
+        if name == "heldout":
+            relay_diagnosis(team, task, qs, cfg, args)
     parallel.close()
 
 

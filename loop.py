@@ -11,6 +11,7 @@ from tqdm import tqdm
 import eval as evaluation
 import parallel
 import teamtr
+import tracking
 from config import Config
 
 
@@ -22,7 +23,7 @@ def train_stages(team, task, heldout, cfg: Config, log, done=(), checkpoint=None
     resumed run, up to its checkpoint; the loop goes on from the stage after it."""
     accs = [r["stage/eval_acc"] for r in done if r.get("stage/eval_acc") is not None]
     if not done:
-        record = {"stage": 0, **evaluate(team, task, heldout, cfg)}
+        record = {"stage": 0, **evaluate(team, task, heldout, cfg, log, 0)}
         accs = [record["stage/eval_acc"]]
         log(record, f"stage 0: held-out accuracy {accs[0]:.3f}{turns_line(record)}")
         checkpoint and checkpoint(0)
@@ -32,7 +33,7 @@ def train_stages(team, task, heldout, cfg: Config, log, done=(), checkpoint=None
         record, acc = teamtr.run_stage(team, task, cfg, stage, log), ""
         record["perf/peak_memory_mb"] = peak_memory_mb(next(team[0].model.parameters()).device)
         if stage in evaluated_stages(cfg):
-            record.update(evaluate(team, task, heldout, cfg))
+            record.update(evaluate(team, task, heldout, cfg, log, stage))
             accs.append(record["stage/eval_acc"])
             record["stage/realized_gain"] = accs[-1] - accs[-2]
             acc = f"held-out accuracy {accs[-1]:.3f} (gain {accs[-1] - accs[-2]:+.3f}){turns_line(record)} "
@@ -46,9 +47,17 @@ def train_stages(team, task, heldout, cfg: Config, log, done=(), checkpoint=None
     return accs
 
 
-def evaluate(team, task, heldout, cfg: Config) -> dict:
-    """The held-out metrics, named as in a stage's record."""
-    return {f"stage/{key}": v for key, v in evaluation.heldout_metrics(team, task, heldout, cfg).items()}
+def evaluate(team, task, heldout, cfg: Config, log, stage: int) -> dict:
+    """The held-out metrics, named as in a stage's record, and each benchmark's greedy accuracy
+    (stage/eval_acc/<task>, --eval-tasks); the held-out set's first greedy episodes go to the
+    log's transcripts (tracking.py)."""
+    played = evaluation.play(team, task, heldout, cfg)
+    log.transcripts(tracking.transcripts(task, played, stage))
+    metrics = evaluation.heldout_metrics(team, task, heldout, cfg, played)
+    record = {f"stage/{key}": v for key, v in metrics.items()}
+    for name, qs in task.benchmarks.items():
+        record[f"stage/eval_acc/{name}"] = evaluation.accuracy(team, task, qs, cfg)
+    return record
 
 
 def evaluated_stages(cfg: Config) -> list[int]:
@@ -57,9 +66,13 @@ def evaluated_stages(cfg: Config) -> list[int]:
 
 
 def turns_line(record: dict) -> str:
-    """ ", turn accuracy 0.98 0.91 ..." from a record's per-agent held-out turn accuracies (if any)."""
+    """ ", turn accuracy 0.98 0.91 ..." from a record's per-agent held-out turn accuracies (if any),
+    and ", aime24 0.033 ..." from its benchmarks' accuracies."""
     turn = [v for key, v in record.items() if key.startswith("stage/eval_turn_acc/")]
-    return f", turn accuracy {' '.join(f'{v:.2f}' for v in turn)}" if turn else ""
+    benchmarks = [
+        f", {key.split('/')[-1]} {v:.3f}" for key, v in record.items() if key.startswith("stage/eval_acc/")
+    ]
+    return (f", turn accuracy {' '.join(f'{v:.2f}' for v in turn)}" if turn else "") + "".join(benchmarks)
 
 
 def peak_memory_mb(device) -> float:

@@ -48,14 +48,14 @@ def swap_and_align(team, task, heldout, cfg: Config, log, device, dtype) -> list
     i, path = target(cfg)
     record = {"stage": 0, "replace/before": evaluation.accuracy(team, task, heldout, cfg)}
     new = team_lib.make_agent(
-        f"agent{i}", *team_lib.load_model(path, device, dtype), team_lib.Training.of(cfg)
+        f"agent{i}", *team_lib.load_model(path, device, dtype), team_lib.Training.of(cfg).agent(i)
     )
     # what the replaced agent wrote when the team was right
     pairs = successful_messages(team, i, task, cfg)
     team = [new if j == i else agent for j, agent in enumerate(team)]
     record["replace/swapped"] = evaluation.accuracy(team, task, heldout, cfg)
     if cfg.align_steps:
-        imitate(new, pairs, cfg)
+        imitate(new, pairs, cfg, task.chat)
         record["replace/imitated"] = evaluation.accuracy(team, task, heldout, cfg)
         qs = task.train_questions(cfg.questions, derive_seed(cfg.seed, "align"))
         # this rank's questions
@@ -101,14 +101,14 @@ def successful_messages(team, i: int, task, cfg: Config) -> list[tuple]:
     ]
 
 
-def imitate(agent, pairs, cfg: Config):
+def imitate(agent, pairs, cfg: Config, chat=None):
     """--align-steps behaviour-cloning steps of --minibatch examples each, at --warmup-lr, with an
     optimiser of their own (the agent's RL optimiser starts fresh after them). Every rank takes
     the same steps on the same examples."""
     if not pairs:
         return
     optimizer = torch.optim.Adam([p for p in agent.model.parameters() if p.requires_grad], lr=cfg.warmup_lr)
-    data = warmup.imitation_batch(agent, pairs)
+    data = warmup.imitation_batch(agent, pairs, chat)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "imitate-batches"))
     for _ in range(cfg.align_steps):
         warmup.imitation_step(

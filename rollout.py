@@ -10,7 +10,7 @@ rest, which gives exact samples of the new intermediate team at about half the c
 resampling everything (docs/design.md, "Suffix resampling"; counted in `turns` and `tokens`).
 With `reuse_kv` the regenerated turns also take the keys and values of their kept prefix from the
 last play's KV caches, where the same agent's same weights computed them, and prefill only the
-rest.
+rest (not on a model with a sliding-window layer, which prefills every row whole).
 
 Randomness is derived, not global: each (episode, turn) draws its uniforms from a generator
 seeded by (run seed, stage, update, question, sample, turn), so a row samples the same tokens
@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 
 import decode
-from config import derive_seed
+from config import derive_seed, of_agent
 
 
 @dataclass
@@ -97,14 +97,23 @@ def sample(
     reference the tests compare with). past instead gives each row an earlier call's KV-cache row
     by the same weights (past[r] = (KV, row)); its prompt's prefix in common with that row's prompt
     is taken from there, and only the rest is prefilled. The prefill computes logits at the last
-    position only. The decode loop runs decode.Cache.step for Llama and Qwen2 models (a step
+    position only. The decode loop runs decode.Cache.step for Llama and Qwen models (a step
     written out, on a cache allocated once), the model's forward otherwise. temperature 0 is
     greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per prompt (inverse-CDF sampling).
     Returns per row (tokens, fp32 log-probs of those tokens under the untempered model), each cut
-    after the row's first EOS, and the call's KV cache at its end (a later call's past; None where
-    the cache dropped positions, as a sliding window does).
+    after the row's first EOS, and the call's KV cache at its end (a later call's past; None for a
+    model with a sliding-window layer, or where the cache dropped positions).
+
+    A sliding window (Gemma 3, Mistral) counts cache slots, not positions (transformers' masks and
+    its sliding cache layer), so padding between a prefix and its tail would take slots of the
+    window: a model with a sliding-window layer prefills every row whole, padded on the left only,
+    and ignores groups and past.
     """
     device = next(model.parameters()).device
+    # no padding after a real token, so each row's slots are its positions
+    windowed = sliding(model)
+    if windowed:
+        share_prefix, past = False, None
     # part 1 from earlier calls
     if past is not None:
         unique, expand, cache, head_attn = reuse(past, prompts, model.config)
@@ -175,8 +184,14 @@ def sample(
     tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
     cut = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in tokens]
     layers = cache.filled() if written else [(layer.keys, layer.values) for layer in cache.layers]
-    kv = KV(layers, attn.bool(), prompts) if all(k.shape[2] == attn.shape[1] for k, _ in layers) else None
+    whole = not windowed and all(k.shape[2] == attn.shape[1] for k, _ in layers)
+    kv = KV(layers, attn.bool(), prompts) if whole else None
     return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)], kv
+
+
+def sliding(model) -> bool:
+    """Whether a layer of the model attends to a sliding window: the cache its forward builds says."""
+    return any(DynamicCache(config=model.config).is_sliding)
 
 
 def reuse(past, prompts, config):
@@ -309,12 +324,14 @@ def play(team, task, episodes, temperature, top_p, seed, keep=None, reuse_kv=Fal
             ]
             if not rows:
                 continue
-            prompts = [agent.encode(task.context(eps[i].question, eps[i].steps, a)) for i in rows]
-            check_length(agent, max(map(len, prompts)) + task.max_new_tokens)
+            prompts = [agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat) for i in rows]
+            # agent a's message length (--max-new-tokens may give one per agent)
+            new_tokens = of_agent(task.max_new_tokens, a)
+            check_length(agent, max(map(len, prompts)) + new_tokens)
             uniforms = torch.stack(
                 [
                     torch.rand(
-                        task.max_new_tokens,
+                        new_tokens,
                         generator=torch.Generator().manual_seed(
                             derive_seed(seed, eps[i].qid, eps[i].sample, t)
                         ),
@@ -333,7 +350,7 @@ def play(team, task, episodes, temperature, top_p, seed, keep=None, reuse_kv=Fal
                 prompts,
                 tok.eos_token_id,
                 tok.pad_token_id,
-                task.max_new_tokens,
+                new_tokens,
                 temperature,
                 top_p,
                 uniforms,

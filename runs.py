@@ -2,6 +2,7 @@
 
     runs/<name>/config.json             the resolved config; --resume reads it
     runs/<name>/metrics.jsonl           one JSON object per update and per stage
+    runs/<name>/transcripts.jsonl       the first held-out episodes of every evaluation (tracking.py)
     runs/<name>/checkpoint-stage<S>/    the last complete checkpoint (see save_checkpoint)
     runs/<name>/agent<i>/, summary.md   the trained team and its summary, at the end
 
@@ -116,13 +117,22 @@ class Log:
     """metrics.jsonl: every record is written and flushed as it comes (and its line printed with
     echo). A resumed run's log starts again from its checkpoint's records, so it never holds the
     half stage that a crash interrupted. Under torchrun rank 0 writes and prints; every rank keeps
-    the records (they are reduced over ranks, so they are the same)."""
+    the records (they are reduced over ranks, so they are the same). tracker (tracking.start):
+    mirrors every record and the transcripts; transcripts: the path of the evaluations'
+    transcripts.jsonl, cut on resume to the stages of the checkpoint's records."""
 
-    def __init__(self, path: str, records=(), echo: bool = False):
+    def __init__(self, path: str, records=(), echo: bool = False, tracker=None, transcripts: str = ""):
         self.records, self.echo, self.file = list(records), echo and parallel.main(), None
+        self.tracker, self.transcript_file = tracker, None
         if parallel.main():
             write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
             self.file = open(path, "a")
+        # a resume keeps the transcripts of the stages whose records it keeps
+        if parallel.main() and transcripts:
+            last = self.records[-1]["stage"] if self.records else -1
+            rows = [row for row in read_lines(transcripts) if row["stage"] <= last]
+            write_atomic(transcripts, "".join(json.dumps(row) + "\n" for row in rows))
+            self.transcript_file = open(transcripts, "a")
 
     def __call__(self, record: dict, line: str):
         if self.file:
@@ -131,6 +141,30 @@ class Log:
         self.records.append(record)
         if self.echo:
             tqdm.write(line)
+        if self.tracker:
+            self.tracker.metrics(record)
+
+    def transcripts(self, rows: list[dict]):
+        """An evaluation's transcripts (tracking.transcripts), one line each."""
+        if self.transcript_file:
+            self.transcript_file.write("".join(json.dumps(row) + "\n" for row in rows))
+            self.transcript_file.flush()
+        if self.tracker:
+            self.tracker.transcripts(rows)
+
+    def close(self):
+        for f in (self.file, self.transcript_file):
+            f and f.close()
+        self.tracker and self.tracker.close()
+
+
+def read_lines(path: str) -> list[dict]:
+    """The complete lines of a JSON-lines file, parsed (none if there is no file; a line a crash
+    cut has no newline)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def write_atomic(path: str, text: str):

@@ -43,6 +43,7 @@ import torch
 
 import mathtask
 import parallel
+from config import or_default
 from questions import Question, TaskError, final_answer, is_heldout
 
 # the relay alphabet; the character tokenizer is built from it
@@ -64,6 +65,8 @@ class Relay:
             p_max_arg,
         )
         self.turns = 1 if solo else n_ops
+        # chat template options: the tiny agents have no template; no benchmarks but the held-out set
+        self.chat, self.benchmarks = {}, {}
         digits = len(str(modulus - 1))
         # "3;6;2" + EOS, or "3" + slack
         self.max_new_tokens = (digits + 1) * n_ops if solo else digits + 2
@@ -121,7 +124,7 @@ def make(cfg):
     if cfg.task != "relay":
         return mathtask.make(cfg)
     relay = Relay(cfg.agents * cfg.rounds, cfg.mode == "single", cfg.modulus, cfg.max_arg, cfg.p_max_arg)
-    relay.max_new_tokens = cfg.max_new_tokens or relay.max_new_tokens
+    relay.max_new_tokens = or_default(cfg.max_new_tokens, relay.max_new_tokens)
     # a short chain has few questions
     found = len(questions(relay, cfg.questions, 0, heldout=False, partial=True))
     if found < cfg.questions:

@@ -13,7 +13,7 @@ EOS (safe, because no mask in this project is built from pad_token_id).
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -30,7 +30,7 @@ from transformers.utils import logging as hf_logging
 
 import hub
 import lora
-from config import derive_seed
+from config import derive_seed, of_agent
 
 # a bar per checkpoint written or read would bury the training log
 hf_logging.disable_progress_bar()
@@ -45,18 +45,22 @@ class Agent:
     # counts updates of the weights: a KV cache is reused only by the version that made it
     version: int = 0
 
-    def encode(self, context) -> list[int]:
+    def encode(self, context, chat: dict | None = None) -> list[int]:
         """Prompt ids for a context: a rendered string (relay), or chat messages (a real task's
-        role and transcript). Chat models apply their own template; without one, the messages'
-        contents are read as plain text."""
+        role and transcript). Chat models apply their own template, with the task's `chat`
+        options (enable_thinking; a template that does not read one ignores it). Without a
+        template, the plain format: the tokenizer's BOS token where it has one, then each
+        message's content followed by a blank line."""
         tok = self.tokenizer
         messages = [{"role": "user", "content": context}] if isinstance(context, str) else context
         if tok.chat_template:
             return tok.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False, **(chat or {})
             )
         text = context if isinstance(context, str) else "".join(m["content"] + "\n\n" for m in messages)
-        return tok(text, add_special_tokens=False)["input_ids"]
+        # a base model was trained on documents that start with BOS; without it some write nonsense
+        bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+        return bos + tok(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -172,15 +176,19 @@ def check_output_layer(name: str, model):
 @dataclass(frozen=True)
 class Training:
     """How an agent's weights are trained: the optimiser of its RL updates (adam or sgd), its
-    learning rate, and gradient checkpointing. Training.of(cfg) gives a run's."""
+    learning rate (or a list of one per agent), and gradient checkpointing. Training.of(cfg)
+    gives a run's; agent(i) agent i's."""
 
-    lr: float = 3e-4
+    lr: float | tuple = 3e-4
     optimizer: str = "adam"
     grad_ckpt: bool = False
 
     @classmethod
     def of(cls, cfg) -> "Training":
-        return cls(cfg.lr, cfg.optimizer, cfg.grad_ckpt)
+        return cls(tuple(cfg.lr) if isinstance(cfg.lr, list) else cfg.lr, cfg.optimizer, cfg.grad_ckpt)
+
+    def agent(self, i: int) -> "Training":
+        return replace(self, lr=of_agent(self.lr, i))
 
 
 def make_agent(name, model, tokenizer, training: Training = Training()) -> Agent:
@@ -206,7 +214,7 @@ def make_agent(name, model, tokenizer, training: Training = Training()) -> Agent
 def clone_team(model, tokenizer, n: int, training: Training = Training()) -> list[Agent]:
     """n independent copies of one (warmed-up) model: a homogeneous team that diverges in training."""
     copies = [(copy.deepcopy(model), copy.deepcopy(tokenizer)) for _ in range(n)]
-    return [make_agent(f"agent{i}", *pair, training) for i, pair in enumerate(copies)]
+    return [make_agent(f"agent{i}", *pair, training.agent(i)) for i, pair in enumerate(copies)]
 
 
 def lora_team(base, tokenizer, n: int, lora_spec: dict, training: Training = Training(), seed: int = 0):
@@ -214,7 +222,7 @@ def lora_team(base, tokenizer, n: int, lora_spec: dict, training: Training = Tra
     lora_spec: the adapters' rank, alpha and targets (lora.spec)."""
     check_lora_targets(base, lora_spec["targets"])
     models = [lora.adapted(base, **lora_spec, seed=derive_seed(seed, "lora", i)) for i in range(n)]
-    return [make_agent(f"agent{i}", model, tokenizer, training) for i, model in enumerate(models)]
+    return [make_agent(f"agent{i}", model, tokenizer, training.agent(i)) for i, model in enumerate(models)]
 
 
 def check_lora_targets(model, targets: list[str]):
@@ -231,7 +239,10 @@ def load_team(
     """One agent per path (a heterogeneous team when the paths differ); folders of LoRA adapters
     (adapter_config.json) become a LoRA team on their common base."""
     if not all(os.path.exists(os.path.join(p, lora.CONFIG)) for p in paths):
-        return [make_agent(f"agent{i}", *load_model(p, device, dtype), training) for i, p in enumerate(paths)]
+        return [
+            make_agent(f"agent{i}", *load_model(p, device, dtype), training.agent(i))
+            for i, p in enumerate(paths)
+        ]
     try:
         config = lora.read_config(paths[0])
         base = load_model(config["base_model_name_or_path"], device, dtype)

@@ -41,7 +41,7 @@ import losses
 import parallel
 import rollout
 import tasks
-from config import Config, derive_seed
+from config import Config, derive_seed, for_agent
 
 # The trust region's measurement of the current weights: D (the mean token reverse KL on the
 # whole batch), the fp32 log-probs and the per-token KL it was computed from
@@ -96,6 +96,8 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> di
     under "log_ratio" the (E,) per-episode sequence log-ratio log pi_new / pi_old of its tokens.
     weights: (E,) HAPPO weights on the advantages (reweight mode)."""
     model = agent.model
+    # agent i's own radius (--delta may give one per agent)
+    cfg = for_agent(cfg, i)
     # advantages: each episode's group-normalised final reward, clipped, on every token i wrote
     data, adv_clipfrac = agent_data(agent, i, episodes, cfg, weights)
     # its weights change: KV caches of earlier versions are not reused (rollout.play)

@@ -14,8 +14,9 @@ and after. A bad input ends in one line on stderr, exit 2, before anything is wr
 prints the command that resumes the run.
 
 runs/<name>/ holds config.json (the resolved config), metrics.jsonl (one JSON object per update
-and per stage; its names are in docs/design.md, "Metrics"), checkpoint-stage<S>/ (the last stage's weights,
-optimiser and RNG states), agent{i}/ (save_pretrained) and summary.md.
+and per stage; its names are in docs/design.md, "Metrics"), transcripts.jsonl (the first held-out
+episodes of every evaluation), checkpoint-stage<S>/ (the last stage's weights, optimiser and RNG
+states), agent{i}/ (save_pretrained), summary.md, and with --tracker tensorboard, tensorboard/.
 Every flag is a field of config.Config; `python train.py --help` lists them in groups (cli.py).
 """
 
@@ -38,6 +39,7 @@ import rollout
 import runs
 import tasks
 import team as team_lib
+import tracking
 import warmup
 from config import Config
 from questions import TaskError
@@ -77,8 +79,10 @@ def checked_inputs(cfg: Config, sizes: list[int]):
             filter(None, [cfg.model, *cfg.models.split(","), cfg.replace and replace.target(cfg)[1]])
         ):
             team_lib.check_model(name)
+        # --tracker's package, before any run directory exists
+        tracking.check(cfg.tracker)
         return [tasks.make(dataclasses.replace(cfg, agents=n)) for n in sizes][0]
-    except (TaskError, team_lib.LoadError) as e:
+    except (TaskError, team_lib.LoadError, tracking.TrackerError) as e:
         fail(str(e))
 
 
@@ -163,10 +167,14 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
         f"run directory: {run_dir}" + (f" (resumed after stage {done[-1]['stage']})" if done else "")
     )
     heldout = task.heldout(cfg.eval_size)
-    log, base = (
-        runs.Log(os.path.join(run_dir, "metrics.jsonl"), done, echo=True),
-        runs.lora_base(cfg, run_dir),
+    log = runs.Log(
+        os.path.join(run_dir, "metrics.jsonl"),
+        done,
+        echo=True,
+        tracker=tracking.start(cfg, run_dir, done=done),
+        transcripts=os.path.join(run_dir, "transcripts.jsonl"),
     )
+    base = runs.lora_base(cfg, run_dir)
     try:
         with stops_cleanly(run_dir):
             if cfg.replace and not done:
@@ -174,6 +182,7 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
             accs = loop.train_stages(
                 team, task, heldout, cfg, log, done, lambda stage: checkpoint(run_dir, team, stage, log, base)
             )
+        log.close()
     except rollout.ContextTooLong as e:
         # found by the very first sampling: nothing worth keeping was written
         if parallel.main() and not runs.checkpoints(run_dir):

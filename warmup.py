@@ -67,15 +67,18 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
     return model
 
 
-def imitation_batch(agent, pairs) -> dict:
+def imitation_batch(agent, pairs, chat=None) -> dict:
     """Teacher-forcing rows for the agent to learn to write `message` (then EOS) after `context`,
-    for each (question, context, message); the mask covers the message and EOS only."""
+    for each (question, context, message); the mask covers the message and EOS only. chat: the
+    task's chat template options."""
     eos, device = agent.tokenizer.eos_token_id, next(agent.model.parameters()).device
     episodes = []
     for q, context, message in pairs:
         ids = agent.tokenizer(message, add_special_tokens=False)["input_ids"] + [eos]
         episodes.append(
-            rollout.Episode(q, 0, 0, [0], [rollout.Step(0, agent.encode(context), ids, [0.0] * len(ids), "")])
+            rollout.Episode(
+                q, 0, 0, [0], [rollout.Step(0, agent.encode(context, chat), ids, [0.0] * len(ids), "")]
+            )
         )
     return losses.agent_batch(episodes, 0, torch.ones(len(episodes)), agent.tokenizer.pad_token_id, device)
 

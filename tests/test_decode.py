@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from chat_models import gemma3_config, gemma_tokenizer
 from transformers import (
+    Gemma3ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
@@ -24,21 +26,31 @@ SHAPE = dict(
 )
 
 
-@pytest.mark.parametrize(
-    "family", [(LlamaConfig, LlamaForCausalLM), (Qwen2Config, Qwen2ForCausalLM)], ids=["llama", "qwen2"]
-)
+FAMILIES = [
+    (LlamaConfig, LlamaForCausalLM),
+    (Qwen2Config, Qwen2ForCausalLM),
+    (Qwen3Config, Qwen3ForCausalLM),
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=["llama", "qwen2", "qwen3"])
 @torch.no_grad()
 def test_written_steps_give_the_models_logits(family):
-    """Left-padded prompts of different lengths, rows repeated (a group's samples), GQA, and
-    Qwen2's projection biases: each step's logits equal a full forward on the unpadded sequence."""
+    """Left-padded prompts of different lengths, rows repeated (a group's samples), GQA, Qwen2's
+    projection biases, and Qwen3's query and key norms and head dim of 128 (not hidden / heads):
+    each step's logits equal a full forward on the unpadded sequence."""
     config, lm = family
     torch.manual_seed(0)
     model = lm(config(**SHAPE)).eval()
-    # Qwen2's biases, non-zero
+    # Qwen2's biases and Qwen3's norm weights, away from their initial 0 and 1
     for layer in model.model.layers:
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+        attn = layer.self_attn
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             if proj.bias is not None:
                 proj.bias.normal_()
+        for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+            if norm is not None:
+                norm.weight.uniform_(0.5, 2.0)
     assert decode.supported(model)
     prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
     ids, attn = rollout.left_pad(prompts, 0, "cpu")
@@ -56,9 +68,15 @@ def test_written_steps_give_the_models_logits(family):
     assert cache.n == attn.shape[1] and all(k.shape[2] == attn.shape[1] for k, _ in cache.filled())
 
 
-def test_other_attention_goes_through_the_models_forward():
-    assert not decode.supported(
-        Qwen2ForCausalLM(Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=4, max_window_layers=0))
-    )
-    # query and key norms
-    assert not decode.supported(Qwen3ForCausalLM(Qwen3Config(**SHAPE)))
+@pytest.mark.parametrize("family", FAMILIES[1:], ids=["qwen2", "qwen3"])
+def test_a_sliding_window_layer_goes_through_the_models_forward(family):
+    config, lm = family
+    # layer 0 attends to everything, layer 1 to a window
+    windowed = config(**SHAPE, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert windowed.layer_types == ["full_attention", "sliding_attention"]
+    assert not decode.supported(lm(windowed))
+
+
+def test_other_architectures_go_through_the_models_forward():
+    # Gemma 3: scaled embeddings, four norms per layer, a sliding window
+    assert not decode.supported(Gemma3ForCausalLM(gemma3_config(gemma_tokenizer())))

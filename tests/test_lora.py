@@ -172,4 +172,4 @@ def test_a_lora_run_checkpoints_adapters_resumes_to_the_same_metrics_and_evaluat
     assert untimed(stopped / "metrics.jsonl") == untimed(tmp_path / "runs" / "straight" / "metrics.jsonl")
     capsys.readouterr()
     evaluation.main([str(stopped)])
-    assert "greedy held-out accuracy" in capsys.readouterr().out
+    assert "heldout: " in capsys.readouterr().out

@@ -8,6 +8,7 @@ import pytest
 from chat_models import save_chat_model
 
 import config
+import mathdata
 import mathtask
 import questions
 import rollout
@@ -133,10 +134,10 @@ def test_gsm8k_gold_is_after_the_hashes_and_parquet_files_load(tmp_path):
             "answer": [f"{i} + {i} = {2 * i}\n#### {2 * i:,}" for i in range(40)],
         }
     )
-    qs = mathtask.rows_to_questions(rows, "gsm8k")
+    qs = mathdata.rows_to_questions(rows, "gsm8k")
     assert qs[7] == questions.Question("Add 7 and 7.", "14") and mathtask.grade(qs[39].answer, "78")
     rows.to_parquet(tmp_path / "q.parquet")
-    train, held = mathtask.load_questions(f"parquet:{tmp_path / 'q.parquet'}")
+    train, held = mathdata.load_questions(f"parquet:{tmp_path / 'q.parquet'}")
     assert sorted(q.text for q in train + held) == sorted(q.text for q in qs) and held
 
 

@@ -55,11 +55,7 @@ def test_a_real_task_stage_runs_end_to_end_and_eval_reads_it(tmp_path, models):
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("agent")) == ["agent0", "agent1"]
     evaluated = run("eval.py", str(run_dir), "--samples", "2", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert (
-        "greedy held-out accuracy" in evaluated.stdout
-        and "single agent" in evaluated.stdout
-        and "pass@2" in evaluated.stdout
-    )
+    assert "agent0 alone" in evaluated.stdout and "pass@2" in evaluated.stdout
 
 
 def bad_inputs(tmp, models):

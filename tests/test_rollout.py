@@ -1,7 +1,9 @@
 """The sampler against uncached references; team rollouts; exact suffix resampling."""
 
+import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from chat_models import gemma3_config, gemma_tokenizer
+from transformers import Gemma3ForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import losses
 import rollout
@@ -199,7 +201,8 @@ def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team,
 
 
 def test_a_sliding_window_cache_is_not_kept_for_reuse():
-    """A sliding window drops keys and values of early positions: there is no prefix to reuse."""
+    """A sliding window drops keys and values of early positions, and counts slots, not positions:
+    no cache of a sliding-window model is reused, even one that dropped nothing (3 positions)."""
     for window, kept in ((True, False), (False, True)):
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(
@@ -214,5 +217,79 @@ def test_a_sliding_window_cache_is_not_kept_for_reuse():
                 sliding_window=4,
                 max_window_layers=0,
             )
+        ).eval()
+        for prompts, new_tokens in (([[2, 3, 4, 5, 6, 7], [2, 3]], 4), ([[2, 3], [4]], 2)):
+            assert (rollout.sample(model, prompts, 1, 0, new_tokens)[2] is not None) == kept
+
+
+# ----------------------------------------------------------------------------- sliding windows
+
+WINDOW = 4
+
+
+@pytest.fixture(scope="module", params=["gemma3", "mistral"])
+def windowed(request):
+    """(model, tokenizer): a tiny Gemma 3 (layer 0 a window of 4 tokens, layer 1 full attention) or
+    Mistral (a window of 4 in both layers), on the Gemma tokenizer's ids."""
+    tok = gemma_tokenizer()
+    torch.manual_seed(0)
+    if request.param == "gemma3":
+        model = Gemma3ForCausalLM(gemma3_config(tok))
+    else:
+        config = MistralConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=WINDOW,
         )
-        assert (rollout.sample(model.eval(), [[2, 3, 4, 5, 6, 7], [2, 3]], 1, 0, 4)[2] is not None) == kept
+        model = MistralForCausalLM(config)
+    assert rollout.sliding(model) and model.config.sliding_window == WINDOW
+    return model.eval(), tok
+
+
+def windowed_prompts():
+    """Two groups: prompts sharing 9 tokens with own tails of 1 to 5 (so a shared-prefix prefill
+    would pad between prefix and tail), the same 3 tokens shorter, and a prompt of 2 tokens (left
+    padding past the window). (prompts, groups)."""
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(5, 300, (n,), generator=g).tolist()  # noqa: E731
+    head = ids(9)
+    prompts = [head + ids(k) for k in (1, 3, 5, 2)]
+    prompts += [p[3:] for p in prompts] + [ids(2)]
+    return prompts, [0] * 4 + [1] * 4 + [2]
+
+
+def test_sliding_window_sampler_matches_uncached_argmax(windowed):
+    model, tok = windowed
+    prompts, groups = windowed_prompts()
+    # longer than the window, of different lengths, and groups a prefix sharing would split
+    assert min(map(len, prompts[:8])) > WINDOW and len({len(p) for p in prompts}) > 5
+    assert min(len(head) for head, _ in rollout.split_prompts(prompts[:8], groups[:8])) > WINDOW
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    got, _, kv = rollout.sample(model, prompts, eos, pad, 8, temperature=0.0, groups=groups)
+    assert kv is None
+    for p, g in zip(prompts, got):
+        assert g == uncached_greedy(model, p, eos, 8)
+    # every row decodes past the window, the short one too
+    assert min(len(p) + len(g) for p, g in zip(prompts, got)) > WINDOW
+
+
+def test_sliding_window_logprobs_match_teacher_forced_forward(windowed):
+    model, tok = windowed
+    prompts, groups = windowed_prompts()
+    uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(1))
+    toks, logps, _ = rollout.sample(
+        model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, groups
+    )
+    # right-padded rows, no cache
+    steps = [rollout.Step(0, p, t, lp, "") for p, t, lp in zip(prompts, toks, logps)]
+    eps = [rollout.Episode(None, i, 0, [0], [s]) for i, s in enumerate(steps)]
+    data = losses.agent_batch(eps, 0, torch.zeros(len(eps)), tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp = losses.token_logprobs(model, data)[0]
+    mask = data["mask"].bool()
+    assert mask.sum() == sum(map(len, toks)) > 4 * len(prompts)
+    torch.testing.assert_close(logp[mask], data["sampler_logp"][mask], atol=1e-5, rtol=0)

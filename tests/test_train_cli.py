@@ -46,7 +46,7 @@ def test_train_writes_a_run_directory_and_eval_reads_it(tmp_path):
     assert "starting team" in out.stdout and "trained team" in out.stdout
     evaluated = run("eval.py", str(run_dir), "--samples", "2", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert "greedy held-out accuracy" in evaluated.stdout and "pass@2" in evaluated.stdout
+    assert "heldout: 8 questions" in evaluated.stdout and "pass@2" in evaluated.stdout
 
 
 @pytest.mark.parametrize("mode", ["stale", "naive", "fresh-no-tr", "happo", "single", "none"])

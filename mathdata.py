@@ -1,0 +1,186 @@
+"""Where a math task's questions come from: hub datasets, local files and generated word problems,
+read into questions.Question(text, gold), and which of them a run trains on and which it reports.
+
+Two kinds of sets, kept apart as the paper's protocol does:
+  - training sets (--task): a run draws its training questions from one, and holds a quarter of
+    it out (questions.split) for the held-out accuracy eval_acc;
+  - benchmarks (--eval-tasks): evaluated whole (eval_acc/<task>), and every question of theirs is
+    removed from the training pool, so a benchmark never contributes a training question.
+
+    name        dataset (split)                               as --task              as --eval-tasks
+    gsm8k       openai/gsm8k, config main                     train (test held out)  test (1,319)
+    dapo17k     BytedTsinghua-SIA/DAPO-Math-17k (train)        divided by split       (a training set)
+    deepscaler  agentica-org/DeepScaleR-Preview-Dataset        divided by split       (a training set)
+    math500     HuggingFaceH4/MATH-500 (test)                  divided by split       whole (500)
+    aime24      HuggingFaceH4/aime_2024 (train)                divided by split       whole (30)
+    aime25      yentinglin/aime_2025 (train)                   divided by split       whole (30)
+    words       generated in code (wordproblems.py)            divided by split       its held-out quarter
+    jsonl:PATH  a local file (parquet:PATH too)               divided by split       the whole file
+
+Rows are read by their columns, the same for a hub dataset and for its file downloaded by hand
+(what `--task parquet:PATH` reads without network): `question` or `problem` with `answer` (GSM8K
+writes its gold after "####"; MATH-500 and DeepScaleR as LaTeX, AIME as an integer), or `prompt`
+with `reward_model.ground_truth` (DAPO-Math-17k and verl's parquet files: the problem is the
+prompt's first message without DAPO's instruction lines, since each agent's role gives its own
+answer format). Questions are deduplicated by text (DAPO-Math-17k repeats each of its 17k
+problems many times).
+"""
+
+import json
+import os
+
+import hub
+from questions import Question, TaskError, split
+
+# name -> (hub path, config, split, the split's role): "train" a training split, "test" a
+# benchmark split, "one" a benchmark's only split (divided when it is --task), "pool" a training
+# set's only split
+HUB = {
+    "gsm8k": ("openai/gsm8k", "main", {"train": "train", "test": "test"}),
+    "dapo17k": ("BytedTsinghua-SIA/DAPO-Math-17k", None, {"pool": "train"}),
+    "deepscaler": ("agentica-org/DeepScaleR-Preview-Dataset", None, {"pool": "train"}),
+    "math500": ("HuggingFaceH4/MATH-500", None, {"one": "test"}),
+    "aime24": ("HuggingFaceH4/aime_2024", None, {"one": "train"}),
+    "aime25": ("yentinglin/aime_2025", None, {"one": "train"}),
+}
+LOCAL = ("jsonl", "parquet")
+# DAPO-Math-17k's prompt: these paragraphs around the problem ask for an "Answer:" line
+DAPO_INSTRUCTIONS = ("Solve the following math problem", "Remember to put your answer")
+
+
+def is_math_task(name: str) -> bool:
+    return name in HUB or name == "words" or name.split(":", 1)[0] in LOCAL
+
+
+def is_benchmark(name: str) -> bool:
+    """Whether --eval-tasks can evaluate it: anything but a training set alone."""
+    return is_math_task(name) and "pool" not in HUB.get(name, (None, None, {}))[2]
+
+
+def absolute(spec: str) -> str:
+    """A task's local file (jsonl:PATH, parquet:PATH) as an absolute path; any other task as it is."""
+    kind, _, path = spec.partition(":")
+    return f"{kind}:{os.path.abspath(path)}" if kind in LOCAL else spec
+
+
+def short_name(spec: str) -> str:
+    """A task's name in metrics: the hub name, or a local file's name without its extension."""
+    kind, _, path = spec.partition(":")
+    return os.path.splitext(os.path.basename(path))[0] if kind in LOCAL else spec
+
+
+def load_questions(spec: str) -> tuple[list, list]:
+    """(training questions, held-out questions) of --task."""
+    if spec == "words":
+        return split(words())
+    if spec in HUB:
+        splits = HUB[spec][2]
+        if "train" in splits:
+            return hub_split(spec, splits["train"]), hub_split(spec, splits["test"])
+        return split(hub_split(spec, splits.get("one") or splits["pool"]))
+    return split(local_file(spec))
+
+
+def benchmark(spec: str) -> list:
+    """The whole benchmark set of an --eval-tasks name."""
+    if spec == "words":
+        return split(words())[1]
+    if spec in HUB:
+        splits = HUB[spec][2]
+        return hub_split(spec, splits.get("test") or splits["one"])
+    return local_file(spec)
+
+
+def without(pool: list, benchmarks) -> list:
+    """The training pool without any question of the benchmarks (compared by text, ignoring case
+    and spacing)."""
+    seen = {key(q.text) for qs in benchmarks for q in qs}
+    return [q for q in pool if key(q.text) not in seen]
+
+
+def key(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def words() -> list:
+    import wordproblems
+
+    return [Question(text, answer) for text, answer in wordproblems.generate(4000, seed=0)]
+
+
+def hub_split(spec: str, name: str) -> list:
+    """One split of a hub dataset, loaded with `datasets` (cached after the first time); without
+    network, one line naming the local-file alternative."""
+    path, config, _ = HUB[spec]
+    offline = (
+        f"--task {spec}: the hub ({path}) cannot be reached; without network, download its files "
+        f"elsewhere and pass one: --task parquet:PATH or jsonl:PATH (also for --eval-tasks)"
+    )
+    if not hub.reachable():
+        raise TaskError(offline)
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return rows_to_questions(datasets.load_dataset(path, config, split=name), spec)
+    # no network, no cache: one line, and what to do instead
+    except Exception as e:
+        raise TaskError(f"{offline} ({type(e).__name__})") from None
+
+
+def local_file(spec: str) -> list:
+    """The rows of a jsonl: or parquet: file, loaded with `datasets`."""
+    kind, path = spec.split(":", 1)
+    if not os.path.isfile(path):
+        raise TaskError(f"{spec}: no such file {path}")
+    if kind == "jsonl":
+        check_jsonl(path)
+    # imported here: the relay never needs it
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset("json" if kind == "jsonl" else "parquet", data_files=path, split="train")
+    except Exception as e:
+        raise TaskError(f"{spec}: {path} could not be read as {kind} ({type(e).__name__})") from None
+    return rows_to_questions(rows, spec)
+
+
+def check_jsonl(path: str):
+    """Name the first malformed line (datasets' own error does not)."""
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError:
+                    raise TaskError(f"{path}, line {number}: not valid JSON") from None
+
+
+def rows_to_questions(rows, spec: str) -> list:
+    """Question(text, gold) per row, read by its columns (see the module's doc), without repeats."""
+    columns = rows.column_names
+    if {"prompt", "reward_model"} <= set(columns):
+        pairs = ((dapo_problem(r["prompt"]), r["reward_model"]["ground_truth"]) for r in rows)
+    elif {"question", "answer"} <= set(columns) or {"problem", "answer"} <= set(columns):
+        text = "question" if "question" in columns else "problem"
+        pairs = ((r[text], str(r["answer"]).split("####")[-1].strip()) for r in rows)
+    else:
+        raise TaskError(
+            f"{spec}: needs a 'question' (or 'problem') and an 'answer' field, or 'prompt' and "
+            f"'reward_model'; found {columns}"
+        )
+    unique = {}
+    for problem, gold in pairs:
+        unique.setdefault(str(problem), Question(str(problem), str(gold)))
+    questions = list(unique.values())
+    if not questions:
+        raise TaskError(f"{spec}: no questions")
+    return questions
+
+
+def dapo_problem(prompt) -> str:
+    """The problem of a DAPO-style prompt (a list of chat messages, or a string): its content
+    without the instruction paragraphs before and after it."""
+    content = prompt[0]["content"] if isinstance(prompt, list) else str(prompt)
+    return "\n\n".join(p for p in content.split("\n\n") if not p.startswith(DAPO_INSTRUCTIONS)).strip()

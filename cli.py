@@ -112,7 +112,11 @@ def check_values(cli, cfg: Config, sizes: list[int]):
     per agent."""
     for f in dataclasses.fields(Config):
         checks, flag, value = f.metadata, "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
-        if isinstance(value, list) and (len(value) != cfg.agents or len(sizes) > 1):
+        if isinstance(value, list) and len(sizes) > 1:
+            cli.error(
+                f"{flag} gives one value per agent: it needs one team size, not --agents {len(sizes)} sizes"
+            )
+        if isinstance(value, list) and len(value) != cfg.agents:
             cli.error(f"{flag} gives {len(value)} values, one per agent: needs --agents {len(value)}")
         values = sizes if f.name == "agents" else value if isinstance(value, list) else [value]
         for value in values:
@@ -236,6 +240,11 @@ def check_replacement(cli, cfg: Config):
         saved = runs.read_config(cfg.init)[0]
     except runs.RunError as e:
         cli.error(f"--init {e}")
+    if saved.lora_rank:
+        cli.error(
+            f"--init {cfg.init}: a LoRA team cannot start a new run yet (its adapters' base is not "
+            "carried over)"
+        )
     # the tiny agents know the relay's alphabet only
     if (saved.task == "relay") != (cfg.task == "relay"):
         agents = "tiny agents" if saved.task == "relay" else "pretrained models"

@@ -113,8 +113,10 @@ def train_mode(cfg: config.Config, model, heldout, device, dtype, run_dir: str) 
         tracker=tracking.start(cfg, run_dir, name),
         transcripts=os.path.join(run_dir, f"{name}.transcripts.jsonl"),
     )
-    accs = loop.train_stages(team, tasks.make(cfg), heldout, cfg, log)
-    log.close()
+    try:
+        accs = loop.train_stages(team, tasks.make(cfg), heldout, cfg, log)
+    finally:
+        log.close()
     return {
         "mode": cfg.mode,
         "n": cfg.agents,

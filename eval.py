@@ -2,6 +2,10 @@
 
     python eval.py runs/teamtr-n3-s0              # greedy held-out accuracy of a saved team
     python eval.py runs/teamtr-n3-s0 --samples 8  # plus avg@8 and pass@k (unbiased estimator)
+    python eval.py RUN --tasks aime24,math500 --samples 16 --temperature 0.7   # whole benchmarks
+
+Each task gets a table: greedy accuracy, avg@K and pass@k for k = 1, 2, 4, ..., K, each with its
+standard error over questions, for the team and for agent0 alone.
 
 On the relay it also prints each agent's turn accuracy (its message right given the value it
 read), greedy and sampled, and with --samples K > 1 which messages the team reward favours
@@ -112,12 +116,6 @@ def solo_task(cfg):
     return tasks.make(solo), solo
 
 
-def single_accuracy(agent, cfg, qs) -> float:
-    """Greedy accuracy of one agent alone, in the task's one-agent format."""
-    task, solo = solo_task(cfg)
-    return accuracy([agent], task, qs, solo)
-
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct."""
     return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
@@ -161,6 +159,8 @@ def benchmark_sets(names: str, cfg, task, size: int) -> dict:
     for name in names.split(","):
         if name != "heldout" and not (mathdata.is_benchmark(name) and cfg.task != "relay"):
             raise TaskError(f"--tasks: {name!r} is neither heldout nor a math benchmark of a real-task run")
+    if len({mathdata.short_name(n) for n in names.split(",")}) < len(names.split(",")):
+        raise TaskError(f"--tasks names a task twice (files are named by their file name): {names}")
     return {
         mathdata.short_name(n): task.heldout(size)
         if n == "heldout"
@@ -236,15 +236,17 @@ def main(argv=None):
         task = tasks.make(cfg)
         sets = benchmark_sets(args.tasks, cfg, task, args.size or cfg.eval_size)
         team = team_lib.load_team(paths, device, dtype)
+        # agent0 alone, in the task's one-agent format
+        solo = solo_task(cfg) if len(team) > 1 else None
     except (runs.RunError, TaskError, team_lib.LoadError) as e:
         parser.error(str(e))
     if folder != args.run_dir:
         parallel.print0(f"the run did not finish; evaluating its last checkpoint, {os.path.basename(folder)}")
-    sampling, (solo, solo_cfg) = (args.samples, args.temperature, args.top_p), solo_task(cfg)
+    sampling = (args.samples, args.temperature, args.top_p)
     for name, qs in sets.items():
         columns = {f"team of {len(team)}": scores(team, task, qs, cfg, *sampling)}
-        if len(team) > 1:
-            columns["agent0 alone"] = scores([team[0]], solo, qs, solo_cfg, *sampling)
+        if solo:
+            columns["agent0 alone"] = scores([team[0]], solo[0], qs, solo[1], *sampling)
         report(name, len(qs), columns, args)
         if name == "heldout":
             relay_diagnosis(team, task, qs, cfg, args)

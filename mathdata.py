@@ -4,8 +4,8 @@ read into questions.Question(text, gold), and which of them a run trains on and 
 Two kinds of sets, kept apart as the paper's protocol does:
   - training sets (--task): a run draws its training questions from one, and holds a quarter of
     it out (questions.split) for the held-out accuracy eval_acc;
-  - benchmarks (--eval-tasks): evaluated whole (eval_acc/<task>), and every question of theirs is
-    removed from the training pool, so a benchmark never contributes a training question.
+  - benchmarks (--eval-tasks): evaluated whole (eval_acc/<task>), and every training question with
+    the text of one of theirs (ignoring case and spacing) is removed from the training pool.
 
     name        dataset (split)                               as --task              as --eval-tasks
     gsm8k       openai/gsm8k, config main                     train (test held out)  test (1,319)
@@ -22,8 +22,8 @@ Rows are read by their columns, the same for a hub dataset and for its file down
 writes its gold after "####"; MATH-500 and DeepScaleR as LaTeX, AIME as an integer), or `prompt`
 with `reward_model.ground_truth` (DAPO-Math-17k and verl's parquet files: the problem is the
 prompt's first message without DAPO's instruction lines, since each agent's role gives its own
-answer format). Questions are deduplicated by text (DAPO-Math-17k repeats each of its 17k
-problems many times).
+answer format). Questions are deduplicated by text, ignoring case and spacing (DAPO-Math-17k
+repeats each of its 17k problems many times).
 """
 
 import json
@@ -113,8 +113,8 @@ def hub_split(spec: str, name: str) -> list:
     network, one line naming the local-file alternative."""
     path, config, _ = HUB[spec]
     offline = (
-        f"--task {spec}: the hub ({path}) cannot be reached; without network, download its files "
-        f"elsewhere and pass one: --task parquet:PATH or jsonl:PATH (also for --eval-tasks)"
+        f"{spec}: the hub ({path}) cannot be reached; without network, pass a local file: download "
+        f"the dataset's files elsewhere and give one as parquet:PATH or jsonl:PATH"
     )
     if not hub.reachable():
         raise TaskError(offline)
@@ -122,10 +122,11 @@ def hub_split(spec: str, name: str) -> list:
 
     datasets.disable_progress_bars()
     try:
-        return rows_to_questions(datasets.load_dataset(path, config, split=name), spec)
+        rows = datasets.load_dataset(path, config, split=name)
     # no network, no cache: one line, and what to do instead
     except Exception as e:
         raise TaskError(f"{offline} ({type(e).__name__})") from None
+    return rows_to_questions(rows, spec)
 
 
 def local_file(spec: str) -> list:
@@ -161,9 +162,11 @@ def rows_to_questions(rows, spec: str) -> list:
     """Question(text, gold) per row, read by its columns (see the module's doc), without repeats."""
     columns = rows.column_names
     if {"prompt", "reward_model"} <= set(columns):
+        rows = rows.select_columns(["prompt", "reward_model"])
         pairs = ((dapo_problem(r["prompt"]), r["reward_model"]["ground_truth"]) for r in rows)
     elif {"question", "answer"} <= set(columns) or {"problem", "answer"} <= set(columns):
         text = "question" if "question" in columns else "problem"
+        rows = rows.select_columns([text, "answer"])
         pairs = ((r[text], str(r["answer"]).split("####")[-1].strip()) for r in rows)
     else:
         raise TaskError(
@@ -172,7 +175,7 @@ def rows_to_questions(rows, spec: str) -> list:
         )
     unique = {}
     for problem, gold in pairs:
-        unique.setdefault(str(problem), Question(str(problem), str(gold)))
+        unique.setdefault(key(str(problem)), Question(str(problem), str(gold)))
     questions = list(unique.values())
     if not questions:
         raise TaskError(f"{spec}: no questions")
@@ -180,7 +183,12 @@ def rows_to_questions(rows, spec: str) -> list:
 
 
 def dapo_problem(prompt) -> str:
-    """The problem of a DAPO-style prompt (a list of chat messages, or a string): its content
-    without the instruction paragraphs before and after it."""
-    content = prompt[0]["content"] if isinstance(prompt, list) else str(prompt)
-    return "\n\n".join(p for p in content.split("\n\n") if not p.startswith(DAPO_INSTRUCTIONS)).strip()
+    """The problem of a DAPO-style prompt (chat messages, or a string): its first user message
+    without DAPO's instruction paragraphs, the first and the last."""
+    users = [m["content"] for m in prompt if m["role"] == "user"] if isinstance(prompt, list) else [prompt]
+    paragraphs = str(users[0] if users else "").split("\n\n")
+    if paragraphs and paragraphs[0].startswith(DAPO_INSTRUCTIONS[0]):
+        paragraphs = paragraphs[1:]
+    if paragraphs and paragraphs[-1].startswith(DAPO_INSTRUCTIONS[1]):
+        paragraphs = paragraphs[:-1]
+    return "\n\n".join(paragraphs).strip()

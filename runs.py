@@ -154,8 +154,10 @@ class Log:
 
     def close(self):
         for f in (self.file, self.transcript_file):
-            f and f.close()
-        self.tracker and self.tracker.close()
+            if f:
+                f.close()
+        if self.tracker:
+            self.tracker.close()
 
 
 def read_lines(path: str) -> list[dict]:

@@ -54,9 +54,19 @@ def start(cfg, run_dir: str, sub: str = "", done=()):
     --mode compare directory (its name there); done: a resumed run's records."""
     if not cfg.tracker or not parallel.main():
         return None
-    config = dataclasses.asdict(cfg)
+    # a per-agent list (--lr 1e-5,2e-5) as its text: hyperparameters are numbers, strings or bools
+    config = {
+        k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in dataclasses.asdict(cfg).items()
+    }
     if cfg.tracker == "wandb":
-        return WandB(config, run_dir, sub)
+        try:
+            return WandB(config, run_dir, sub)
+        # not logged in, or the service did not start: one line, as a bad input
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise TrackerError(
+                f"--tracker wandb could not start a run ({type(e).__name__}: {reason})"
+            ) from None
     # a resumed run goes on from the stage after its checkpoint
     first_step = done[-1]["stage"] + 1 if done else 0
     return TensorBoard(config, os.path.join(run_dir, "tensorboard", sub), first_step)

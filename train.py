@@ -149,6 +149,17 @@ def stops_cleanly(run_dir: str):
         )
 
 
+def tracker(cfg: Config, run_dir: str, done: list):
+    """The run's --tracker (tracking.start); one that cannot start ends the run in one line, and a
+    new run's directory, with nothing trained in it yet, goes with it."""
+    try:
+        return tracking.start(cfg, run_dir, done=done)
+    except tracking.TrackerError as e:
+        if not done and parallel.main():
+            shutil.rmtree(run_dir)
+        fail(str(e))
+
+
 def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began: float):
     """One run (or a compare directory) to the end."""
     if cfg.mode == "compare":
@@ -171,7 +182,7 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
         os.path.join(run_dir, "metrics.jsonl"),
         done,
         echo=True,
-        tracker=tracking.start(cfg, run_dir, done=done),
+        tracker=tracker(cfg, run_dir, done),
         transcripts=os.path.join(run_dir, "transcripts.jsonl"),
     )
     base = runs.lora_base(cfg, run_dir)
@@ -182,7 +193,6 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
             accs = loop.train_stages(
                 team, task, heldout, cfg, log, done, lambda stage: checkpoint(run_dir, team, stage, log, base)
             )
-        log.close()
     except rollout.ContextTooLong as e:
         # found by the very first sampling: nothing worth keeping was written
         if parallel.main() and not runs.checkpoints(run_dir):
@@ -191,6 +201,8 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
     # a failed checkpoint write
     except runs.RunError as e:
         fail(str(e), 1)
+    finally:
+        log.close()
     parallel.check_identical(team)
     if parallel.main():
         team_lib.save_team(team, run_dir, base)

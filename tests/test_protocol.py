@@ -91,7 +91,7 @@ def test_hub_names_fail_offline_in_one_line_naming_the_local_file(monkeypatch, n
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TaskError) as e:
         mathdata.load_questions(name)
-    assert "\n" not in str(e.value) and "--task parquet:PATH" in str(e.value)
+    assert "\n" not in str(e.value) and "pass a local file" in str(e.value) and "parquet:PATH" in str(e.value)
     assert mathdata.HUB[name][0] in str(e.value)
 
 
@@ -102,7 +102,10 @@ def test_bad_eval_tasks_and_per_agent_lists_are_refused_in_one_line(capsys):
         ("--model M --task words --eval-tasks words,words", "names a task twice"),
         ("--agents 3 --lr 1e-3,2e-3", "--lr gives 2 values, one per agent: needs --agents 2"),
         ("--agents 2 --delta 0.01,-1", "--delta must be positive, got -1.0"),
-        ("--mode compare --agents 2,3 --max-new-tokens 4,4", "--max-new-tokens gives 2 values"),
+        (
+            "--mode compare --agents 2,3 --max-new-tokens 4,4",
+            "--max-new-tokens gives one value per agent: it needs one team size",
+        ),
     ]:
         with pytest.raises(SystemExit) as stop:
             cli.parse("train", argv.split())
@@ -193,3 +196,23 @@ def test_thinking_switches_a_qwen3_templates_rendering(tmp_path):
         rendered[thinking] = tok.decode(agent.encode(task.context(task.pool[0], [], 0), task.chat))
     assert rendered["on"].endswith("<|im_start|>assistant\n")
     assert rendered["off"] == rendered["on"] + "<think>\n\n</think>\n\n"
+
+
+def test_a_per_agent_list_is_a_tensorboard_hyperparameter(tmp_path):
+    import tracking
+
+    tracker = tracking.start(config.Config(tracker="tensorboard", agents=2, lr=[1e-3, 2e-3]), str(tmp_path))
+    tracker.metrics({"stage": 0, "stage/eval_acc": 0.5})
+    tracker.close()
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_a_verl_prompt_gives_its_user_message_and_keeps_a_problems_own_paragraphs():
+    prompt = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {
+            "role": "user",
+            "content": "Solve the following math problem step by step.\n\nLine one.\n\nLine two.",
+        },
+    ]
+    assert mathdata.dapo_problem(prompt) == "Line one.\n\nLine two."

@@ -163,6 +163,8 @@ def test_wandb_offline_run_holds_every_record_the_config_and_the_transcripts(tmp
         assert [r[:3] for r in table["data"]] == [
             [t["stage"], t["episode"], t["question"]] for t in transcripts if t["stage"] == row["stage"]
         ]
+    # the same run (one subprocess less) checks the transcripts file itself
+    check_transcripts(tmp_path / "runs" / "wb")
 
 
 @pytest.mark.parametrize("name", ["tensorboard", "wandb"])
@@ -179,9 +181,9 @@ def test_a_missing_tracker_package_is_one_line_exit_2_and_nothing_written(
     assert not (tmp_path / "out").exists()
 
 
-def test_every_evaluation_writes_its_first_greedy_episodes_as_transcripts(tmp_path):
-    run("--name", "plain", *TINY, cwd=tmp_path)
-    run_dir = tmp_path / "runs" / "plain"
+def check_transcripts(run_dir):
+    """Every evaluation wrote its first greedy episodes as transcripts (the relay's roles and
+    grading); without --tracker tensorboard, no tensorboard folder."""
     rows = read_jsonl(run_dir / "transcripts.jsonl")
     assert [(r["stage"], r["episode"]) for r in rows] == [(s, j) for s in range(3) for j in range(4)]
     assert not (run_dir / "tensorboard").exists()

@@ -1,7 +1,7 @@
 """Benchmarks of memory and speed, measured in one run; one line per measure, ending in `ratio R.RRx`.
 
     python bench.py                  # every measure (about 10 minutes on 2 CPU cores)
-    python bench.py --only sampler   # one group: sampler, suffix, memory or stages
+    python bench.py --only sampler   # one group: sampler, suffix, memory, fsdp or stages
 
 - sampler: tokens per second of rollout.sample against `model.generate` on the same prompts and
   lengths (every row generates exactly as many tokens), 64 rows = 8 prompts x 8 samples as in
@@ -15,6 +15,9 @@
 - memory: peak resident memory of one update in an 8-agent LoRA team of the 135M Llama against
   one LoRA agent alone, and 8 full copies against one full agent (each measured in a fresh
   process; it includes the Python and torch runtime, about 0.3 GB here).
+- fsdp: peak resident memory per process of one update of the 135M Llama under torchrun with 2
+  processes (gloo), its parameters, gradients and Adam moments sharded (--fsdp) against a whole
+  copy on each process (plain data parallelism), each process on half of an 8-row batch.
 - stages: wall time of one `teamtr` stage of the default relay run at n = 2, 4, 8 (after the
   default warm-up), against n = 2.
 
@@ -23,6 +26,7 @@ spell of the machine falls on all; counting happens outside the timed runs.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -33,7 +37,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import fsdp
 import lora
+import parallel
 import rollout
 import runs
 import tasks
@@ -217,6 +223,17 @@ def prefilled(team, fn) -> int:
     return count
 
 
+def update_batch() -> list:
+    """8 episodes of one 40-token message after a 120-token prompt (random ids), random rewards."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, SMOL["vocab_size"], (8, 160), generator=gen)
+    steps = [rollout.Step(0, row[:120].tolist(), row[120:].tolist(), [0.0] * 40, "") for row in ids]
+    episodes = [rollout.Episode(None, q, 0, [0], [s]) for q, s in enumerate(steps)]
+    for e, r in zip(episodes, torch.randn(8, generator=gen)):
+        e.reward = float(r)
+    return episodes
+
+
 def memory_probe(agents: int, lora_rank: int):
     """In this process: build the team, run one update of agent 0, print the peak RSS in MB."""
     # only its pad id is used here
@@ -225,15 +242,32 @@ def memory_probe(agents: int, lora_rank: int):
         team = team_lib.lora_team(smol_llama(), tok, agents, {**LORA, "rank": lora_rank}, TRAINING)
     else:
         team = [team_lib.make_agent(f"agent{i}", smol_llama(), tok, TRAINING) for i in range(agents)]
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, SMOL["vocab_size"], (8, 160), generator=gen)
-    steps = [rollout.Step(0, row[:120].tolist(), row[120:].tolist(), [0.0] * 40, "") for row in ids]
-    episodes = [rollout.Episode(None, q, 0, [0], [s]) for q, s in enumerate(steps)]
-    for e, r in zip(episodes, torch.randn(8, generator=gen)):
-        e.reward = float(r)
     cfg = resolve(Config(group=2, minibatch=4, epochs=1))
-    teamtr.update_agent(team[0], 0, episodes, cfg, seed=0)
+    teamtr.update_agent(team[0], 0, update_batch(), cfg, seed=0)
     print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}))
+
+
+def sharded_probe(sharded: int, grad_ckpt: int):
+    """Under torchrun: one agent of the 135M Llama, whole on every process or sharded (--fsdp), and
+    one update on this process's half of the batch; prints the largest peak resident memory of
+    the update over the processes, in MB (the peak is reset after the agent is built, so the
+    whole weights each process builds before sharding count only as far as they stay resident)."""
+    parallel.init(torch.device("cpu"), 600)
+    training = dataclasses.replace(TRAINING, grad_ckpt=bool(grad_ckpt))
+    agent = team_lib.make_agent("agent0", smol_llama(), team_lib.char_tokenizer(tasks.CHARS), training)
+    if sharded:
+        fsdp.shard_team([agent], torch.device("cpu"))
+    episodes = [e for e in update_batch() if e.qid in parallel.shard(8)]
+    # Linux: writing 5 resets the process's peak resident memory (VmHWM)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    teamtr.update_agent(agent, 0, episodes, resolve(Config(group=2, minibatch=4, epochs=1)), seed=0)
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**10
+    peak = torch.tensor(peak)
+    parallel.collective(torch.distributed.all_reduce, peak, torch.distributed.ReduceOp.MAX)
+    parallel.print0(json.dumps({"peak_mb": float(peak)}))
+    parallel.close()
 
 
 def peak_mb(agents: int, lora_rank: int) -> float:
@@ -272,6 +306,27 @@ def bench_memory():
     )
 
 
+def sharded_peak_mb(sharded: int, grad_ckpt: int) -> float:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    probe = [__file__, "--threads", "1", "--sharded-probe", f"{sharded},{grad_ckpt}"]
+    out = subprocess.run([*torchrun, *probe], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def bench_fsdp():
+    """Peak memory per process of one update, --fsdp against plain data parallelism, 2 processes,
+    without and with gradient checkpointing (which leaves less of the peak to activations)."""
+    for grad_ckpt in (0, 1):
+        peaks = [sharded_peak_mb(sharded, grad_ckpt) for sharded in (1, 0)]
+        what = "--fsdp vs data parallel" + (", both with --grad-ckpt" if grad_ckpt else "")
+        line(
+            f"peak memory per process of one update, 135M Llama, {what}, 2 processes (MB)",
+            *peaks,
+            "MB",
+            peaks[0] / peaks[1],
+        )
+
+
 def bench_stages():
     seconds = {}
     for n in (2, 4, 8):
@@ -289,7 +344,13 @@ def bench_stages():
         )
 
 
-GROUPS = {"sampler": bench_sampler, "suffix": bench_suffix, "memory": bench_memory, "stages": bench_stages}
+GROUPS = {
+    "sampler": bench_sampler,
+    "suffix": bench_suffix,
+    "memory": bench_memory,
+    "fsdp": bench_fsdp,
+    "stages": bench_stages,
+}
 
 
 def main(argv=None):
@@ -298,12 +359,15 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     # internal: one memory measurement in a fresh process
     parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--sharded-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     if args.probe:
         return memory_probe(*map(int, args.probe.split(",")))
+    if args.sharded_probe:
+        return sharded_probe(*map(int, args.sharded_probe.split(",")))
     print(
         f"bench.py on {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32",
         flush=True,

@@ -173,8 +173,20 @@ def check_combinations(cli, cfg: Config, sizes: list[int], given: set):
         cli.error("--lora-rank puts the team on one shared base model: use --model, not --models")
     if cfg.models and len(cfg.models.split(",")) != cfg.agents:
         cli.error(f"--models names {len(cfg.models.split(','))} models for --agents {cfg.agents}")
+    if cfg.fsdp:
+        check_fsdp(cli, cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         cli.error("--device cuda, but CUDA is not available")
+
+
+def check_fsdp(cli, cfg: Config):
+    """--fsdp: what it shards, and what it does not do yet."""
+    if parallel.WORLD < 2:
+        cli.error("--fsdp shards the team over processes: launch it with torchrun --nproc-per-node 2 or more")
+    if cfg.mode == "compare" or cfg.lora_rank or cfg.replace:
+        cli.error(
+            "--fsdp trains whole agents of one run: not with --mode compare, --lora-rank or --replace yet"
+        )
 
 
 def check_eval_tasks(cli, cfg: Config):

@@ -76,6 +76,9 @@ class Config:
     dist_timeout: float = flag(600.0, positive=True)
     """under torchrun: seconds a process waits for the others (a rank that died or hangs) before
     it ends with an error"""
+    fsdp: bool = False
+    """under torchrun: shard every agent's parameters, gradients and optimiser state over the
+    processes (FSDP2, fsdp.py) instead of a whole copy of the team on each"""
     tracker: str = flag("", choices=["", "tensorboard", "wandb"])
     """also mirror every metrics.jsonl record (and the evaluations' transcripts) to tensorboard or
     wandb (optional packages; metrics.jsonl stays the record)"""

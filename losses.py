@@ -24,6 +24,7 @@ numerator and denominator over ranks before it divides. With one process both ar
 
 import torch
 
+import fsdp
 import parallel
 
 
@@ -76,17 +77,24 @@ def token_logprobs(model, batch, rows=slice(None), full: bool = False):
     loss uses, are never built. On a 49k vocabulary that halves the time and memory of an update.
     """
     ids, attn, mask = batch["ids"][rows], batch["attn"][rows], batch["mask"][rows]
+    # --fsdp: every process runs every forward; one without rows here runs its first, masked out
+    standin = len(ids) == 0 and fsdp.is_sharded(model)
+    if standin:
+        ids, attn, mask = batch["ids"][:1], batch["attn"][:1], batch["mask"][:1] * 0
     targets = ids[:, 1:]
     if full:
         logp_all = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1)
-        return logp_all.gather(-1, targets[..., None])[..., 0] * mask, logp_all
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+        fsdp.release(model)
+        logp = logp_all.gather(-1, targets[..., None])[..., 0] * mask
+        return (logp[:0], logp_all[:0]) if standin else (logp, logp_all)
+    hidden = fsdp.decoder_output(model, ids, attn)[:, :-1]
     where = mask.bool()
     # (T, V): the agent's tokens only
     logits = model.get_output_embeddings()(hidden[where]).float()
+    fsdp.release(model)
     logp = torch.zeros(mask.shape, device=logits.device)
     logp[where] = logits.log_softmax(-1).gather(-1, targets[where][:, None])[:, 0]
-    return logp, None
+    return (logp[:0] if standin else logp), None
 
 
 def denominator(mask, reduction: str = "token"):

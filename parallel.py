@@ -29,6 +29,7 @@ import re
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 # where reductions run; the group for object messages
@@ -102,7 +103,8 @@ def row_block(count: int) -> tuple[int, int]:
 
 def sum_gradients(params):
     """Sum every parameter's gradient over ranks, as one flat all_reduce (a missing one is 0)."""
-    if WORLD == 1:
+    # --fsdp: sharded parameters, whose gradients FSDP's reduce-scatter has summed already
+    if WORLD == 1 or any(isinstance(p, DTensor) for p in params):
         return
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -135,11 +137,11 @@ def broadcast_object(obj):
 
 def check_identical(team):
     """RuntimeError unless every rank holds the same weights (compared by float64 checksums)."""
-    if WORLD == 1:
+    # --fsdp: each process holds its own shard of a parameter, compared by FSDP's own gathers
+    whole = [p for p in unique_parameters(team) if not isinstance(p, DTensor)]
+    if WORLD == 1 or not whole:
         return
-    sums = torch.stack(
-        [torch.stack([p.double().sum(), p.double().square().sum()]) for p in unique_parameters(team)]
-    )
+    sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in whole])
     low, high = sums.clone(), sums.clone()
     collective(dist.all_reduce, low, dist.ReduceOp.MIN)
     collective(dist.all_reduce, high, dist.ReduceOp.MAX)

@@ -21,6 +21,7 @@ moves in Stage 0; every other agent stays bit-identical.
 import torch
 
 import eval as evaluation
+import fsdp
 import rollout
 import runs
 import team as team_lib
@@ -40,7 +41,10 @@ def load_init(cfg: Config, device, dtype) -> list:
     paths = runs.saved_team(cfg.init)[1]
     if len(paths) != cfg.agents:
         raise runs.RunError(f"--init {cfg.init}: its team has {len(paths)} agents, not --agents {cfg.agents}")
-    return team_lib.load_team(paths, device, dtype, team_lib.Training.of(cfg))
+    team = team_lib.load_team(paths, device, dtype, team_lib.Training.of(cfg))
+    if cfg.fsdp:
+        fsdp.shard_team(team, device)
+    return team
 
 
 def swap_and_align(team, task, heldout, cfg: Config, log, device, dtype) -> list:

@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 import decode
+import fsdp
 from config import derive_seed, of_agent
 
 
@@ -317,55 +318,65 @@ def play(team, task, episodes, temperature, top_p, seed, keep=None, reuse_kv=Fal
     keep = keep or [0] * len(episodes)
     eps = [Episode(e.question, e.qid, e.sample, e.order, e.steps[:k]) for e, k in zip(episodes, keep)]
     turns = tokens = truncated = 0
-    for t in range(max((len(e.order) for e in eps), default=0)):
-        for a, agent in enumerate(team):
-            rows = [
-                i for i, e in enumerate(eps) if len(e.steps) == t and t < len(e.order) and e.order[t] == a
-            ]
-            if not rows:
-                continue
-            prompts = [agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat) for i in rows]
-            # agent a's message length (--max-new-tokens may give one per agent)
-            new_tokens = of_agent(task.max_new_tokens, a)
-            check_length(agent, max(map(len, prompts)) + new_tokens)
-            uniforms = torch.stack(
-                [
-                    torch.rand(
-                        new_tokens,
-                        generator=torch.Generator().manual_seed(
-                            derive_seed(seed, eps[i].qid, eps[i].sample, t)
-                        ),
-                    )
-                    for i in rows
+    # --fsdp: every agent's whole weights for the play (fsdp.py)
+    with fsdp.gathered(team):
+        for t in range(max((len(e.order) for e in eps), default=0)):
+            for a, agent in enumerate(team):
+                rows = [
+                    i for i, e in enumerate(eps) if len(e.steps) == t and t < len(e.order) and e.order[t] == a
                 ]
-            )
-            # the turns these replace
-            replaced = [episodes[i].steps[t] if t < len(episodes[i].steps) else None for i in rows]
-            reusable = reuse_kv and all(
-                s and s.agent == a and s.kv and s.kv[2] == agent.version for s in replaced
-            )
-            tok = agent.tokenizer
-            outs, logps, kv = sample(
-                agent.model,
-                prompts,
-                tok.eos_token_id,
-                tok.pad_token_id,
-                new_tokens,
-                temperature,
-                top_p,
-                uniforms,
-                [eps[i].qid for i in rows],
-                past=[s.kv[:2] for s in replaced] if reusable else None,
-            )
-            for r, (i, p, o, lp) in enumerate(zip(rows, prompts, outs, logps)):
-                cut = o[-1] != tok.eos_token_id
-                eps[i].steps.append(
-                    Step(
-                        a, p, o, lp, agent.decode(o), cut, (kv, r, agent.version) if reuse_kv and kv else None
-                    )
+                if not rows:
+                    continue
+                prompts = [
+                    agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat) for i in rows
+                ]
+                # agent a's message length (--max-new-tokens may give one per agent)
+                new_tokens = of_agent(task.max_new_tokens, a)
+                check_length(agent, max(map(len, prompts)) + new_tokens)
+                uniforms = torch.stack(
+                    [
+                        torch.rand(
+                            new_tokens,
+                            generator=torch.Generator().manual_seed(
+                                derive_seed(seed, eps[i].qid, eps[i].sample, t)
+                            ),
+                        )
+                        for i in rows
+                    ]
                 )
-                truncated += cut
-            turns, tokens = turns + len(rows), tokens + sum(map(len, outs))
+                # the turns these replace
+                replaced = [episodes[i].steps[t] if t < len(episodes[i].steps) else None for i in rows]
+                reusable = reuse_kv and all(
+                    s and s.agent == a and s.kv and s.kv[2] == agent.version for s in replaced
+                )
+                tok = agent.tokenizer
+                outs, logps, kv = sample(
+                    agent.model,
+                    prompts,
+                    tok.eos_token_id,
+                    tok.pad_token_id,
+                    new_tokens,
+                    temperature,
+                    top_p,
+                    uniforms,
+                    [eps[i].qid for i in rows],
+                    past=[s.kv[:2] for s in replaced] if reusable else None,
+                )
+                for r, (i, p, o, lp) in enumerate(zip(rows, prompts, outs, logps)):
+                    cut = o[-1] != tok.eos_token_id
+                    eps[i].steps.append(
+                        Step(
+                            a,
+                            p,
+                            o,
+                            lp,
+                            agent.decode(o),
+                            cut,
+                            (kv, r, agent.version) if reuse_kv and kv else None,
+                        )
+                    )
+                    truncated += cut
+                turns, tokens = turns + len(rows), tokens + sum(map(len, outs))
     for e in eps:
         e.reward = task.reward(e.question, e.steps[-1].text)
     return eps, turns, tokens, truncated

@@ -25,6 +25,7 @@ import tempfile
 import torch
 from tqdm import tqdm
 
+import fsdp
 import parallel
 import team as team_lib
 from config import Config
@@ -200,18 +201,20 @@ def lora_base(cfg: Config, run_dir: str) -> str:
     return (cfg.model or os.path.join(run_dir, "base")) if cfg.lora_rank else ""
 
 
-def save_checkpoint(run_dir: str, team, stage: int, records: list[dict], base: str = ""):
+def save_checkpoint(run_dir: str, team, stage: int, records: list[dict], base: str = "", states=None):
     """checkpoint-stage<stage>/: agent<i>/ (Hugging Face weights and tokenizer, or a LoRA team's
     adapters on `base`), optimizer<i>.pt, and state.pt (the stage, the metrics so far and the RNG
-    states); written atomically."""
+    states); written atomically. states: sharded agents' whole weights and optimiser states
+    (fsdp.full_state)."""
     final = os.path.join(run_dir, f"checkpoint-stage{stage}")
     tmp = final + TMP
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
-        team_lib.save_team(team, tmp, base)
+        team_lib.save_team(team, tmp, base, states)
         for i, agent in enumerate(team):
-            torch.save(agent.optimizer.state_dict(), os.path.join(tmp, f"optimizer{i}.pt"))
+            optimizer = states[i][1] if states and states[i] else agent.optimizer.state_dict()
+            torch.save(optimizer, os.path.join(tmp, f"optimizer{i}.pt"))
         rng = {
             "python": random.getstate(),
             "torch": torch.get_rng_state(),
@@ -261,10 +264,14 @@ def load_checkpoint(run_dir: str, cfg: Config, device, dtype):
         state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
         agents = [os.path.join(path, f"agent{i}") for i in range(state["agents"])]
         team = team_lib.load_team(agents, device, dtype, team_lib.Training.of(cfg))
+        if cfg.fsdp:
+            fsdp.shard_team(team, device)
         for i, agent in enumerate(team):
-            agent.optimizer.load_state_dict(
-                torch.load(os.path.join(path, f"optimizer{i}.pt"), map_location=device, weights_only=True)
-            )
+            saved = torch.load(os.path.join(path, f"optimizer{i}.pt"), map_location=device, weights_only=True)
+            if cfg.fsdp:
+                fsdp.load_optimizer(agent, saved)
+            else:
+                agent.optimizer.load_state_dict(saved)
     except (
         OSError,
         RuntimeError,

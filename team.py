@@ -255,20 +255,36 @@ def load_team(
     return team
 
 
-def save_model(model, tokenizer, path: str):
-    model.save_pretrained(path)
+def save_model(model, tokenizer, path: str, weights=None):
+    """save_pretrained, of the model's own weights or of `weights` (a sharded model's whole ones,
+    under its own class name rather than FSDP's)."""
+    if weights is not None:
+        # a tied weight once, under its first name, as save_pretrained writes a model's own
+        named = list(model.named_parameters(remove_duplicate=False))
+        first = {}
+        for name, p in named:
+            first.setdefault(id(p), name)
+        weights = {k: v for k, v in weights.items() if k not in {n for n, p in named if first[id(p)] != n}}
+    model.save_pretrained(path, state_dict=weights)
     tokenizer.save_pretrained(path)
+    if weights is not None:
+        config = AutoConfig.from_pretrained(path)
+        config.architectures = [
+            c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers")
+        ][:1]
+        config.save_pretrained(path)
 
 
-def save_team(team: list[Agent], folder: str, base: str = "") -> list[str]:
+def save_team(team: list[Agent], folder: str, base: str = "", states=None) -> list[str]:
     """One directory per agent, folder/agent{i}/: a Hugging Face checkpoint, or for a LoRA team its
-    adapter in the peft format, on the base model `base` (a folder or hub name)."""
+    adapter in the peft format, on the base model `base` (a folder or hub name). states: the
+    whole weights of sharded agents (fsdp.full_state)."""
     paths = []
-    for agent in team:
+    for i, agent in enumerate(team):
         path = os.path.join(folder, agent.name)
         if lora.is_adapted(agent.model):
             lora.save_adapter(agent.model, path, base)
         else:
-            save_model(agent.model, agent.tokenizer, path)
+            save_model(agent.model, agent.tokenizer, path, states[i][0] if states and states[i] else None)
         paths.append(path)
     return paths

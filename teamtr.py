@@ -37,6 +37,7 @@ from collections import namedtuple
 
 import torch
 
+import fsdp
 import losses
 import parallel
 import rollout
@@ -154,7 +155,7 @@ def batch_logprobs(model, data, full: bool, chunk: int):
     with torch.no_grad():
         parts = [
             losses.token_logprobs(model, data, slice(s, s + chunk), full)
-            for s in range(0, len(data["ids"]), chunk)
+            for s in range(0, fsdp.rows_everywhere(model, len(data["ids"])), chunk)
         ]
     logp = torch.cat([p[0] for p in parts])
     return logp, torch.cat([p[1] for p in parts]) if full else None
@@ -212,7 +213,8 @@ def minibatch_step(agent, data, kl: TrustRegion, rows, params, cfg: Config) -> b
     denom = parallel.all_sum(losses.denominator(data["mask"][rows], cfg.reduction))
     agent.optimizer.zero_grad(set_to_none=True)
     loss = torch.zeros((), device=data["ids"].device)
-    if len(rows):
+    # --fsdp: every process takes part in every forward and backward
+    if len(rows) or fsdp.is_sharded(agent.model):
         agent.model.train()
         logp, full = losses.token_logprobs(agent.model, data, rows, kl.full)
         old, adv, mask = kl.old[rows], data["adv"][rows], data["mask"][rows]
@@ -222,7 +224,7 @@ def minibatch_step(agent, data, kl: TrustRegion, rows, params, cfg: Config) -> b
         agent.model.eval()
     # this rank's share of the minibatch's gradient -> the whole gradient
     parallel.sum_gradients(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    grad_norm = fsdp.clip_grad_norm_(params, cfg.max_grad_norm)
     if not (torch.isfinite(parallel.all_sum(loss.detach())) and torch.isfinite(grad_norm)):
         return False
     agent.optimizer.step()

@@ -32,6 +32,7 @@ import torch
 
 import cli
 import compare
+import fsdp
 import loop
 import parallel
 import replace
@@ -121,10 +122,11 @@ def checkpoint(run_dir: str, team, stage: int, log: runs.Log, base: str):
     """Rank 0 writes the checkpoint; every rank learns whether it could, after checking that the
     ranks' weights are the same."""
     parallel.check_identical(team)
-    error = ""
+    # --fsdp: the whole weights and optimiser states, gathered by every rank
+    states, error = fsdp.full_state(team), ""
     if parallel.main():
         try:
-            runs.save_checkpoint(run_dir, team, stage, log.records, base)
+            runs.save_checkpoint(run_dir, team, stage, log.records, base, states)
         except runs.RunError as e:
             error = str(e)
     if error := parallel.broadcast_object(error):
@@ -204,8 +206,9 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
     finally:
         log.close()
     parallel.check_identical(team)
+    states = fsdp.full_state(team)
     if parallel.main():
-        team_lib.save_team(team, run_dir, base)
+        team_lib.save_team(team, run_dir, base, states)
         write_summary(run_dir, cfg, accs, time.time() - began, done[-1]["stage"] if done else None)
     parallel.print0(
         f"held-out accuracy ({len(heldout)} questions): starting team {accs[0]:.3f} -> trained team "

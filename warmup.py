@@ -10,6 +10,7 @@ import random
 import torch
 from tqdm import tqdm
 
+import fsdp
 import lora
 import losses
 import parallel
@@ -121,4 +122,6 @@ def build_team(cfg: Config, start, device, dtype):
     else:
         team = team_lib.clone_team(*start, n, training)
     parallel.broadcast_team(team)
+    if cfg.fsdp:
+        fsdp.shard_team(team, device)
     return team

@@ -154,3 +154,61 @@ def test_fewer_questions_than_processes_is_one_line_exit_2(tmp_path):
     assert ours == [
         "train.py: error: --questions 1: fewer than the 2 processes, and each process plays whole questions"
     ]
+
+
+def weights_close(a_dir, b_dir, agents: int, tol: float = 1e-5):
+    for i in range(agents):
+        a, b = (load_file(d / f"agent{i}" / "model.safetensors") for d in (a_dir, b_dir))
+        assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < tol for k in a)
+
+
+def test_fsdp_writes_the_metrics_and_weights_of_one_process_and_resumes_to_them(tmp_path, straight):
+    # stages 0-2 sharded, then the run continued from its checkpoint as if it had been stopped there
+    out = launch(tmp_path, *RUN, "--stages", "2", "--fsdp", "--name", "f2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "f2"
+    saved = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**saved, "stages": 3}))
+    (run_dir / "summary.md").unlink()
+    out = launch(tmp_path, "--resume", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_close(numbers(straight / "p1"), numbers(run_dir))
+    # whole Hugging Face folders, as one process saves them, loadable without torchrun
+    weights_close(straight / "p1", run_dir, 3)
+    assert json.loads((run_dir / "agent0" / "config.json").read_text())["architectures"] == [
+        "Qwen2ForCausalLM"
+    ]
+
+
+def test_fsdp_on_a_real_task_with_chat_templates_writes_what_one_process_writes(tmp_path):
+    from chat_models import save_chat_model
+    from test_real_cli import FIXTURE
+
+    models = ",".join(save_chat_model(tmp_path / arch, arch) for arch in ("llama", "qwen2"))
+    real = f"--task jsonl:{FIXTURE} --models {models} --agents 2 --stages 1 --questions 4 --group 2"
+    real += " --minibatch 2 --eval-size 4 --max-new-tokens 6 --threads 1"
+    script = os.path.join(ROOT, "tests", "length_reward_train.py")
+    for launcher, extra in (([sys.executable], []), (TORCHRUN, ["--fsdp"])):
+        command = [*launcher, script, *real.split(), *extra, "--name", f"r{len(extra) + 1}"]
+        out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    one = numbers(tmp_path / "runs" / "r1")
+    # both agents moved
+    assert all(r[f"agent{r['agent']}/kl_rev"] > 0 for r in one if "agent" in r)
+    assert_close(one, numbers(tmp_path / "runs" / "r2"))
+    weights_close(tmp_path / "runs" / "r1", tmp_path / "runs" / "r2", 2)
+
+
+def test_fsdp_needs_torchrun_and_whole_agents(capsys, monkeypatch):
+    import cli
+    import parallel
+
+    for world, argv, message in [
+        (1, "--fsdp", "launch it with torchrun"),
+        (2, "--fsdp --lora-rank 4", "not with --mode compare, --lora-rank or --replace"),
+    ]:
+        monkeypatch.setattr(parallel, "WORLD", world)
+        with pytest.raises(SystemExit) as stop:
+            cli.parse("train", argv.split())
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and err.count("\n") == 1

@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from test_real_cli import FIXTURE
 from test_train_cli import run
 
+import train
+
 BASE = "--agents 2 --warmup-steps 5 --questions 4 --group 2 --eval-size 8 --epochs 1".split()
 
 
@@ -73,13 +75,14 @@ def test_only_the_new_agent_moves_in_stage_0(saved, align_steps):
         ),
     ],
 )
-def test_bad_replacement_inputs_are_one_line_exit_2(saved, args, message):
+def test_bad_replacement_inputs_are_one_line_exit_2(saved, monkeypatch, capsys, args, message):
     before = sorted(p.name for p in (saved / "runs").iterdir())
-    # a repeated flag takes its last value
-    out = run("train.py", *BASE, *args, cwd=saved)
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, (
-        out.stderr
-    )
+    # in this process, as the command line runs it; a repeated flag takes its last value
+    monkeypatch.chdir(saved)
+    with pytest.raises(SystemExit) as stop:
+        train.main([*BASE, *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert sorted(p.name for p in (saved / "runs").iterdir()) == before
 
 

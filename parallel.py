@@ -26,6 +26,7 @@ within --dist-timeout seconds (not the 30-minute default) with a one-line error.
 import datetime
 import os
 import re
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -46,9 +47,27 @@ def collective(op, *args, **kwargs):
         return op(*args, **kwargs)
     # gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError)
     except RuntimeError as e:
-        # without gloo's source location
-        line = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])
-        raise ProcessLost(line.split(". ")[0][:200]) from None
+        raise ProcessLost(first_line(e)) from None
+
+
+def first_line(e: Exception) -> str:
+    """A backend error's first sentence, without gloo's source location."""
+    line = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])
+    return line.split(". ")[0][:200]
+
+
+def lost(e: Exception):
+    """ProcessLost for a collective that failed inside torch (--fsdp: FSDP's own gathers and
+    reduce-scatters, which collective() does not wrap), None for any other error."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if (
+        WORLD > 1
+        and isinstance(e, RuntimeError)
+        and frames
+        and frames[-1].filename.endswith("distributed_c10d.py")
+    ):
+        return ProcessLost(first_line(e))
+    return None
 
 
 def init(device, timeout_s: float):

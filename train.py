@@ -142,10 +142,14 @@ def stops_cleanly(run_dir: str):
         # torchrun may signal again while this one ends
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         fail(f"interrupted; continue with: {resume_command(run_dir)}", 130)
-    except parallel.ProcessLost as e:
+    except (parallel.ProcessLost, RuntimeError) as e:
+        # --fsdp: a collective inside FSDP failed (parallel.lost); any other error is raised as it is
+        reason = e if isinstance(e, parallel.ProcessLost) else parallel.lost(e)
+        if reason is None:
+            raise
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         fail(
-            f"another process of this run stopped or stopped answering ({e}); continue with: "
+            f"another process of this run stopped or stopped answering ({reason}); continue with: "
             f"{resume_command(run_dir)}",
             1,
         )

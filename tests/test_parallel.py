@@ -102,8 +102,9 @@ def start(cwd, name, *extra):
     )
 
 
-def test_a_killed_process_ends_the_other_and_the_run_resumes_under_torchrun(tmp_path, straight):
-    launcher = start(tmp_path, "killed")
+@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["data parallel", "fsdp"])
+def test_a_killed_process_ends_the_other_and_the_run_resumes_under_torchrun(tmp_path, straight, extra):
+    launcher = start(tmp_path, "killed", *extra)
     wait_for_update(tmp_path / "runs" / "killed", 2, launcher)
     os.kill(rank_pid(launcher, 1), signal.SIGKILL)
     _, err = launcher.communicate(timeout=120)

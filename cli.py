@@ -16,6 +16,7 @@ import mathdata
 import parallel
 import runs
 from config import Config
+from questions import TaskError
 
 # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
 COMPARE_STAGES = 15
@@ -196,14 +197,10 @@ def check_eval_tasks(cli, cfg: Config):
         cli.error(
             "--eval-tasks evaluates a real task's team on math benchmarks; the relay has its held-out set"
         )
-    for name in names:
-        if not mathdata.is_benchmark(name):
-            benchmarks = (
-                f"words, {', '.join(n for n in mathdata.HUB if mathdata.is_benchmark(n))}, jsonl:PATH"
-            )
-            cli.error(f"--eval-tasks: {name!r} is not a benchmark ({benchmarks} or parquet:PATH)")
-    if len({mathdata.short_name(n) for n in names}) < len(names):
-        cli.error(f"--eval-tasks names a task twice (files are named by their file name): {cfg.eval_tasks}")
+    try:
+        mathdata.check_names(names, "--eval-tasks")
+    except TaskError as e:
+        cli.error(str(e))
 
 
 def check_compare(cli, cfg: Config, given: set):

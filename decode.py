@@ -15,6 +15,7 @@ any model with a sliding-window layer go through the model's forward: `supported
 """
 
 import torch
+from transformers import DynamicCache
 
 # Qwen2's and Qwen3's are the same function
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -25,10 +26,12 @@ FAMILY = ("llama", "qwen2", "qwen3")
 def supported(model) -> bool:
     """Whether `Cache.step` computes this model's forward: a Llama, Qwen2 or Qwen3 model attending
     to every earlier position in every layer."""
-    config = model.config
-    return config.model_type in FAMILY and set(
-        getattr(config, "layer_types", None) or ["full_attention"]
-    ) == {"full_attention"}
+    return model.config.model_type in FAMILY and not sliding(model)
+
+
+def sliding(model) -> bool:
+    """Whether a layer of the model attends to a sliding window: the cache its forward builds says."""
+    return any(DynamicCache(config=model.config).is_sliding)
 
 
 class Cache:

@@ -156,11 +156,9 @@ def report(name: str, count: int, columns: dict, args):
 def benchmark_sets(names: str, cfg, task, size: int) -> dict:
     """{name: questions} of --tasks: `heldout` is the run's held-out set, any other name a whole
     benchmark set of a real-task run (mathdata.benchmark)."""
-    for name in names.split(","):
-        if name != "heldout" and not (mathdata.is_benchmark(name) and cfg.task != "relay"):
-            raise TaskError(f"--tasks: {name!r} is neither heldout nor a math benchmark of a real-task run")
-    if len({mathdata.short_name(n) for n in names.split(",")}) < len(names.split(",")):
-        raise TaskError(f"--tasks names a task twice (files are named by their file name): {names}")
+    if cfg.task == "relay" and names != "heldout":
+        raise TaskError(f"--tasks {names}: a relay run has its held-out set only (heldout)")
+    mathdata.check_names(names.split(","), "--tasks", extra=("heldout",))
     return {
         mathdata.short_name(n): task.heldout(size)
         if n == "heldout"

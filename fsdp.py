@@ -27,7 +27,6 @@ What changes, all of it here:
 """
 
 import contextlib
-import inspect
 
 import torch
 import torch.distributed as dist
@@ -67,12 +66,11 @@ def shard_team(team, device):
         for unit in modules([agent]):
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)
-        # the same optimiser, with the settings its constructor takes, over the sharded parameters
-        kind = type(agent.optimizer)
-        settings = {
-            k: v for k, v in agent.optimizer.defaults.items() if k in inspect.signature(kind).parameters
-        }
-        agent.optimizer = kind([p for p in model.parameters() if p.requires_grad], **settings)
+        # the same optimiser over the sharded parameters: its one parameter group (team.make_agent),
+        # with every setting, holding the shards
+        (group,) = agent.optimizer.param_groups
+        shards = [p for p in model.parameters() if p.requires_grad]
+        agent.optimizer = type(agent.optimizer)([{**group, "params": shards}])
 
 
 def modules(team):

@@ -63,6 +63,19 @@ def absolute(spec: str) -> str:
     return f"{kind}:{os.path.abspath(path)}" if kind in LOCAL else spec
 
 
+def check_names(names: list, flag: str, extra: tuple = ()):
+    """TaskError unless every name is a benchmark (or one of `extra`, such as eval.py's heldout) and
+    no two name the same task (files are named by their file name)."""
+    for name in names:
+        if name not in extra and not is_benchmark(name):
+            known = ", ".join(
+                [*extra, "words", *(n for n in HUB if is_benchmark(n)), "jsonl:PATH", "parquet:PATH"]
+            )
+            raise TaskError(f"{flag}: {name!r} is not a benchmark ({known})")
+    if len({short_name(n) for n in names}) < len(names):
+        raise TaskError(f"{flag} names a task twice (files are named by their file name): {','.join(names)}")
+
+
 def short_name(spec: str) -> str:
     """A task's name in metrics: the hub name, or a local file's name without its extension."""
     kind, _, path = spec.partition(":")

@@ -112,7 +112,7 @@ def sample(
     """
     device = next(model.parameters()).device
     # no padding after a real token, so each row's slots are its positions
-    windowed = sliding(model)
+    windowed = decode.sliding(model)
     if windowed:
         share_prefix, past = False, None
     # part 1 from earlier calls
@@ -188,11 +188,6 @@ def sample(
     whole = not windowed and all(k.shape[2] == attn.shape[1] for k, _ in layers)
     kv = KV(layers, attn.bool(), prompts) if whole else None
     return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)], kv
-
-
-def sliding(model) -> bool:
-    """Whether a layer of the model attends to a sliding window: the cache its forward builds says."""
-    return any(DynamicCache(config=model.config).is_sliding)
 
 
 def reuse(past, prompts, config):

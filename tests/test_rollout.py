@@ -5,6 +5,7 @@ import torch
 from chat_models import gemma3_config, gemma_tokenizer
 from transformers import Gemma3ForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import decode
 import losses
 import rollout
 import tasks
@@ -246,7 +247,7 @@ def windowed(request):
             sliding_window=WINDOW,
         )
         model = MistralForCausalLM(config)
-    assert rollout.sliding(model) and model.config.sliding_window == WINDOW
+    assert decode.sliding(model) and model.config.sliding_window == WINDOW
     return model.eval(), tok
 
 

@@ -157,7 +157,7 @@ def bench_suffix():
 
     def stage(mode: str) -> int:
         """One stage's plays, as run_stage plays them; returns its generated turns per episode."""
-        episodes, turns = rollout.play(
+        episodes, counts = rollout.play(
             team,
             task,
             rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0),
@@ -165,15 +165,14 @@ def bench_suffix():
             1.0,
             (0, 0),
             reuse_kv=mode == "reuse",
-        )[:2]
+        )
+        turns = counts.turns
         for k in range(1, 8):
             # as its update would
-            team[k - 1].version += 1
+            team[k - 1].changed()
             keep = [rollout.first_turn(e, k - 1) for e in episodes] if mode != "full" else [0] * len(episodes)
-            episodes, new_turns = rollout.play(team, task, episodes, 1.0, 1.0, (0, k), keep, mode == "reuse")[
-                :2
-            ]
-            turns += new_turns
+            episodes, counts = rollout.play(team, task, episodes, 1.0, 1.0, (0, k), keep, mode == "reuse")
+            turns += counts.turns
         return turns // len(episodes)
 
     modes = ("reuse", "suffix", "full")

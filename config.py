@@ -152,6 +152,10 @@ class Config:
     """fresh resampling: keep each turn's KV cache, so that suffix resampling prefills only what
     the kept turns' contexts did not hold (the same samples, faster; memory: about two plays' KV
     caches, small for tiny agents, gigabytes for LLM teams)"""
+    no_early_exit: bool = False
+    """fresh resampling generates every turn from the updated agent's first on again, instead of
+    keeping those whose writer, context and random numbers are unchanged (the same samples, more
+    turns; for comparisons)"""
     # update
     resample: str = flag("", choices=["", "fresh", "stale", "reweight"])
     """fresh (intermediate occupancy), stale (the stage's first batch) or reweight (stale, HAPPO

@@ -10,16 +10,17 @@ What changes, all of it here:
     built again over the sharded parameters. The gradient is summed over processes by FSDP's
     reduce-scatter (a divide factor of 1: each process's loss is its share of the global
     token mean, as in plain data parallelism, where parallel.sum_gradients sums them).
-  - gathered: the sampler runs on whole weights. Before a play every agent's weights are
-    gathered (unshard) and kept for every forward of the play, and sharded again after it: the
-    sampler's written decoding step (decode.py) calls the model's modules one by one, which
-    FSDP's hooks would not see.
+  - gathered: the sampler runs on whole weights. Before an agent's turns at one position of the
+    play its weights are gathered (unshard) and kept for every forward of them, and sharded
+    again after: the sampler's written decoding step (decode.py) calls the model's modules one
+    by one, which FSDP's hooks would not see. One agent is whole at a time; `writers` makes
+    every process gather the same agents, in the same order.
   - decoder_output: the update's forwards go through the root's own forward, so that FSDP
     gathers its weights and reduce-scatters its gradients; the decoder's output is caught by a
     forward hook (the output layer then runs on the agent's tokens only, as without FSDP, and
     `release` shards the root again after a forward without gradients).
   - clip_grad_norm_: the norm of the whole gradient from every process's shards.
-  - rows_everywhere: every process makes the same number of forward calls (FSDP's gathers are
+  - most_everywhere: every process makes the same number of forward calls (FSDP's gathers are
     collectives), so a process with fewer rows runs a stand-in row (losses.token_logprobs).
   - full_state: whole weights and optimiser states, gathered for checkpoints and the saved
     team (Hugging Face folders loadable without torchrun); load_optimizer puts a saved state
@@ -86,7 +87,8 @@ def modules(team):
 
 @contextlib.contextmanager
 def gathered(team):
-    """Every sharded agent's whole weights for the block (the sampler); sharded again after it."""
+    """The whole weights of the team's sharded agents for the block (the sampler); sharded again
+    after it."""
     units, roots = modules(team), {id(agent.model) for agent in team}
     for unit in units:
         unit.set_reshard_after_forward(False)
@@ -124,14 +126,25 @@ def release(model):
         model.reshard()
 
 
-def rows_everywhere(model, rows: int) -> int:
-    """How many rows the forward loops cover: this process's, or under FSDP the most any process
-    has (a process past its own rows runs a stand-in)."""
+def most_everywhere(model, count: int) -> int:
+    """How many rows (or turns) the loops cover: this process's, or under FSDP the most any
+    process has (a process past its own rows runs a stand-in; one past its turns gathers)."""
     if not is_sharded(model):
-        return rows
-    most = torch.tensor(rows, device=parallel.DEVICE)
+        return count
+    most = torch.tensor(count, device=parallel.DEVICE)
     parallel.collective(dist.all_reduce, most, dist.ReduceOp.MAX)
     return int(most)
+
+
+def writers(team, writing: set) -> list:
+    """The agents that write at one position of a play, in team order: this process's, or under
+    FSDP those of any process (each is gathered, a collective every process takes part in)."""
+    if not any(is_sharded(a.model) for a in team):
+        return sorted(writing)
+    mask = torch.zeros(len(team), device=parallel.DEVICE)
+    mask[sorted(writing)] = 1.0
+    parallel.collective(dist.all_reduce, mask, dist.ReduceOp.MAX)
+    return [a for a in range(len(team)) if mask[a] > 0]
 
 
 def clip_grad_norm_(params, max_norm: float):

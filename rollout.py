@@ -46,7 +46,9 @@ class Step:
     text: str
     # cut at max_new_tokens (no EOS)
     truncated: bool = False
-    # (its sampler call's KV, its row there, the agent's weights version), if kept
+    # what made it (play_turn): the writer's weights version, sampling settings, random numbers
+    made: tuple | None = None
+    # (its sampler call's KV, its row there), if kept
     kv: tuple | None = None
 
 
@@ -299,82 +301,116 @@ def new_episodes(qs, group: int, n_agents: int, rounds: int, order: str, seed) -
     return episodes
 
 
-def play(team, task, episodes, temperature, top_p, seed, keep=None, reuse_kv=False):
+def play(team, task, episodes, temperature, top_p, seed, keep=None, reuse_kv=False, early_exit=True):
     """Play every episode to the end, keeping the first keep[e] turns of episode e (default 0).
 
+    early_exit: from there on, a turn is kept as it is where it would come out the same (`same`:
+    its writer's weights, its full context and its sampling are the ones that made it); only the
+    others are generated again, and counted as reused instead.
     reuse_kv: each new turn keeps its sampler call's KV cache, and a turn that replaces one made
     by the same agent's same weights (agent.version) prefills only the part of its prompt that
     the replaced turn's prompt did not have (the kept turns of suffix resampling). Memory: a
     play's KV caches, held as long as its episodes are.
 
-    Returns (new episodes, generated turns, generated tokens, generated messages cut at the
-    task's max_new_tokens). Inputs are not modified.
+    Returns (new episodes, Counts of what it generated and reused). Inputs are not modified.
     """
     keep = keep or [0] * len(episodes)
     eps = [Episode(e.question, e.qid, e.sample, e.order, e.steps[:k]) for e, k in zip(episodes, keep)]
-    turns = tokens = truncated = 0
-    # --fsdp: every agent's whole weights for the play (fsdp.py)
-    with fsdp.gathered(team):
-        for t in range(max((len(e.order) for e in eps), default=0)):
-            for a, agent in enumerate(team):
+    counts = Counts()
+    # every process takes the same positions and the same writers (under --fsdp each writer's
+    # weights are gathered, a collective); one agent is whole at a time
+    for t in range(fsdp.most_everywhere(team[0].model, max((len(e.order) for e in eps), default=0))):
+        writing = {e.order[t] for e in eps if len(e.steps) == t and t < len(e.order)}
+        for a in fsdp.writers(team, writing):
+            with fsdp.gathered([team[a]]):
                 rows = [
                     i for i, e in enumerate(eps) if len(e.steps) == t and t < len(e.order) and e.order[t] == a
                 ]
-                if not rows:
-                    continue
-                prompts = [
-                    agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat) for i in rows
-                ]
-                # agent a's message length (--max-new-tokens may give one per agent)
-                new_tokens = of_agent(task.max_new_tokens, a)
-                check_length(agent, max(map(len, prompts)) + new_tokens)
-                uniforms = torch.stack(
-                    [
-                        torch.rand(
-                            new_tokens,
-                            generator=torch.Generator().manual_seed(
-                                derive_seed(seed, eps[i].qid, eps[i].sample, t)
-                            ),
-                        )
-                        for i in rows
-                    ]
+                play_turn(
+                    team[a],
+                    a,
+                    t,
+                    task,
+                    eps,
+                    [episodes[i] for i in rows],
+                    rows,
+                    counts,
+                    (temperature, top_p, seed),
+                    reuse_kv,
+                    early_exit,
                 )
-                # the turns these replace
-                replaced = [episodes[i].steps[t] if t < len(episodes[i].steps) else None for i in rows]
-                reusable = reuse_kv and all(
-                    s and s.agent == a and s.kv and s.kv[2] == agent.version for s in replaced
-                )
-                tok = agent.tokenizer
-                outs, logps, kv = sample(
-                    agent.model,
-                    prompts,
-                    tok.eos_token_id,
-                    tok.pad_token_id,
-                    new_tokens,
-                    temperature,
-                    top_p,
-                    uniforms,
-                    [eps[i].qid for i in rows],
-                    past=[s.kv[:2] for s in replaced] if reusable else None,
-                )
-                for r, (i, p, o, lp) in enumerate(zip(rows, prompts, outs, logps)):
-                    cut = o[-1] != tok.eos_token_id
-                    eps[i].steps.append(
-                        Step(
-                            a,
-                            p,
-                            o,
-                            lp,
-                            agent.decode(o),
-                            cut,
-                            (kv, r, agent.version) if reuse_kv and kv else None,
-                        )
-                    )
-                    truncated += cut
-                turns, tokens = turns + len(rows), tokens + sum(map(len, outs))
     for e in eps:
         e.reward = task.reward(e.question, e.steps[-1].text)
-    return eps, turns, tokens, truncated
+    return eps, counts
+
+
+@dataclass
+class Counts:
+    """What a play generated (turns, tokens, messages cut at max_new_tokens) and the turns it kept
+    by early exit."""
+
+    turns: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    reused: int = 0
+
+
+def play_turn(agent, a, t, task, eps, old, rows, counts, sampling, reuse_kv, early_exit):
+    """Agent a's turns at position t of episodes `rows`, appended to them; `old`: the episodes
+    played before, whose turns at t these replace."""
+    temperature, top_p, seed = sampling
+    # agent a's message length (--max-new-tokens may give one per agent)
+    new_tokens = of_agent(task.max_new_tokens, a)
+    prompts = [agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat) for i in rows]
+    # what makes the turn: the writer's weights, its sampling, its random numbers
+    made = [(agent.version, temperature, top_p, new_tokens, seed, eps[i].qid, eps[i].sample, t) for i in rows]
+    replaced = [e.steps[t] if t < len(e.steps) else None for e in old]
+    # early exit: a turn that would come out the same is kept
+    kept = [early_exit and same(s, p, m) for s, p, m in zip(replaced, prompts, made)]
+    for i, s, k in zip(rows, replaced, kept):
+        if k:
+            eps[i].steps.append(s)
+    counts.reused += sum(kept)
+    todo = [r for r, k in enumerate(kept) if not k]
+    if not todo:
+        return
+    rows, prompts, made, replaced = ([x[r] for r in todo] for x in (rows, prompts, made, replaced))
+    check_length(agent, max(map(len, prompts)) + new_tokens)
+    uniforms = torch.stack(
+        [
+            torch.rand(
+                new_tokens,
+                generator=torch.Generator().manual_seed(derive_seed(seed, eps[i].qid, eps[i].sample, t)),
+            )
+            for i in rows
+        ]
+    )
+    reusable = reuse_kv and all(s and s.agent == a and s.kv and s.made[0] == agent.version for s in replaced)
+    tok = agent.tokenizer
+    outs, logps, kv = sample(
+        agent.model,
+        prompts,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        new_tokens,
+        temperature,
+        top_p,
+        uniforms,
+        [eps[i].qid for i in rows],
+        past=[s.kv for s in replaced] if reusable else None,
+    )
+    for r, (i, p, o, lp, m) in enumerate(zip(rows, prompts, outs, logps, made)):
+        cut = o[-1] != tok.eos_token_id
+        eps[i].steps.append(Step(a, p, o, lp, agent.decode(o), cut, m, (kv, r) if reuse_kv and kv else None))
+        counts.truncated += cut
+    counts.turns, counts.tokens = counts.turns + len(rows), counts.tokens + sum(map(len, outs))
+
+
+def same(step, prompt: list, made: tuple) -> bool:
+    """The reuse rule: a played turn is what its writer would write now only if the writer's
+    weights version, its full context and its sampling (settings and random numbers) are the
+    ones that made it; the sampler is then deterministic."""
+    return step is not None and step.made == made and step.context == prompt
 
 
 class ContextTooLong(ValueError):

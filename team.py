@@ -12,8 +12,9 @@ EOS (safe, because no mask in this project is built from pad_token_id).
 """
 
 import copy
+import itertools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -35,6 +36,9 @@ from config import derive_seed, of_agent
 # a bar per checkpoint written or read would bury the training log
 hf_logging.disable_progress_bar()
 
+# weights versions, never given twice in a process (a new or loaded agent draws a new one too)
+VERSIONS = itertools.count()
+
 
 @dataclass
 class Agent:
@@ -42,8 +46,13 @@ class Agent:
     model: torch.nn.Module
     tokenizer: object
     optimizer: torch.optim.Optimizer
-    # counts updates of the weights: a KV cache is reused only by the version that made it
-    version: int = 0
+    # the weights' version: a played turn or its KV cache is reused only by the version that made
+    # it (rollout.play); whatever changes the weights calls changed()
+    version: int = field(default_factory=lambda: next(VERSIONS))
+
+    def changed(self):
+        """The weights are about to change (an update, a warm-up step): a new version."""
+        self.version = next(VERSIONS)
 
     def encode(self, context, chat: dict | None = None) -> list[int]:
         """Prompt ids for a context: a rendered string (relay), or chat messages (a real task's

@@ -101,8 +101,8 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> di
     cfg = for_agent(cfg, i)
     # advantages: each episode's group-normalised final reward, clipped, on every token i wrote
     data, adv_clipfrac = agent_data(agent, i, episodes, cfg, weights)
-    # its weights change: KV caches of earlier versions are not reused (rollout.play)
-    agent.version += 1
+    # its weights change: turns and KV caches of earlier versions are not reused (rollout.play)
+    agent.changed()
     # old log-probs: fp32, under the weights before the update
     kl = TrustRegion(model, data, cfg)
     drift = losses.token_mean((kl.old - data["sampler_logp"]).abs(), data["mask"])
@@ -155,7 +155,7 @@ def batch_logprobs(model, data, full: bool, chunk: int):
     with torch.no_grad():
         parts = [
             losses.token_logprobs(model, data, slice(s, s + chunk), full)
-            for s in range(0, fsdp.rows_everywhere(model, len(data["ids"])), chunk)
+            for s in range(0, fsdp.most_everywhere(model, len(data["ids"])), chunk)
         ]
     logp = torch.cat([p[0] for p in parts])
     return logp, torch.cat([p[1] for p in parts]) if full else None
@@ -269,23 +269,23 @@ class Plays:
     """The stage's plays (rollout.play). Every play draws the stage's random numbers (common
     random numbers: the same uniforms per question, sample and turn), so a batch played again
     differs from the first only where the agents now choose differently. Counts what training
-    generates (turns, tokens, messages cut at max_new_tokens) and times all sampling."""
+    generates (turns, tokens, messages cut at max_new_tokens) and the turns early exit kept
+    (rollout.Counts), and times all sampling."""
 
     def __init__(self, team, task, cfg: Config, stage: int, reuse_kv: bool):
         self.team, self.task, self.cfg, self.stage, self.reuse_kv = team, task, cfg, stage, reuse_kv
-        self.turns = self.tokens = self.truncated = 0
+        self.counts = rollout.Counts()
         self.seconds = 0.0
 
     def play(self, episodes, keep=None, counted: bool = True):
         """Every episode played from turn keep[e] on (default 0); counted: training compute."""
         t0, cfg, seed = time.time(), self.cfg, (self.cfg.seed, self.stage, 0)
-        args = (cfg.temperature, cfg.top_p, seed, keep, self.reuse_kv)
-        episodes, turns, tokens, truncated = rollout.play(self.team, self.task, episodes, *args)
+        args = (cfg.temperature, cfg.top_p, seed, keep, self.reuse_kv, not cfg.no_early_exit)
+        episodes, counts = rollout.play(self.team, self.task, episodes, *args)
         self.seconds += time.time() - t0
         if counted:
-            self.turns += turns
-            self.tokens += tokens
-            self.truncated += truncated
+            for key, value in vars(counts).items():
+                setattr(self.counts, key, getattr(self.counts, key) + value)
         return episodes
 
     def from_shared_prefixes(self, episodes, i: int):
@@ -353,9 +353,7 @@ def stage_metrics(team, task, cfg: Config, stage: int, first, plays: Plays, upda
     """The stage's record: its first batch's reward and turn accuracy, the certificate, what it
     generated and how long it took."""
     n_episodes = int(parallel.all_sum(len(first)))
-    turns, tokens, truncated = (
-        int(parallel.all_sum(x)) for x in (plays.turns, plays.tokens, plays.truncated)
-    )
+    turns, tokens, truncated, reused = (int(parallel.all_sum(x)) for x in vars(plays.counts).values())
     # a conservative proxy of the per-stage lower bound: sum_k L_k - lambda sum_k sqrt(2 D_k),
     # lambda = adv_max (Pinsker: TV <= sqrt(D / 2), times 2 max |A|)
     surrogates = sum(m["surrogate"] for m in updates)
@@ -370,6 +368,8 @@ def stage_metrics(team, task, cfg: Config, stage: int, first, plays: Plays, upda
         # generated turns per episode
         "stage/turns": turns / n_episodes,
         "stage/tokens": tokens,
+        # turns per episode that early exit kept instead of generating them again
+        "stage/reused_turns": reused / n_episodes,
         # fraction of generated messages cut at max_new_tokens
         "rollout/truncated": truncated / turns,
         "stage/seconds": seconds,

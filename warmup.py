@@ -90,6 +90,7 @@ def imitation_step(agent, optimizer, data, rows=slice(None)):
     loss = -losses.masked_mean(losses.token_logprobs(agent.model, data, rows)[0], data["mask"][rows])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    agent.changed()
     optimizer.step()
     agent.model.eval()
 

@@ -112,7 +112,8 @@ def test_team_rollout_passes_text_and_follows_the_order(make_team):
     qs = tasks.questions(task, 4, seed=0, heldout=False)
     eps = rollout.new_episodes(qs, 2, 3, 1, "random", seed=0)
     assert all(sorted(e.order) == [0, 1, 2] for e in eps) and len({tuple(e.order) for e in eps}) > 1
-    played, turns, tokens, _ = rollout.play(team, task, eps, 1.0, 1.0, seed=0)
+    played, counts = rollout.play(team, task, eps, 1.0, 1.0, seed=0)
+    turns, tokens = counts.turns, counts.tokens
     assert turns == 3 * len(eps) and tokens == sum(len(s.tokens) for e in played for s in e.steps)
     for e in played:
         assert [s.agent for s in e.steps] == e.order
@@ -124,12 +125,11 @@ def test_team_rollout_passes_text_and_follows_the_order(make_team):
 def test_suffix_resampling_keeps_prefix_and_regenerates_exactly_the_suffix(make_team):
     team, task = make_team(3), tasks.Relay(3)
     qs = tasks.questions(task, 4, seed=0, heldout=False)
-    first, _, _, _ = rollout.play(
-        team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, seed=(0, 0)
-    )
+    first, _ = rollout.play(team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, seed=(0, 0))
     keep = [rollout.first_turn(e, 1) for e in first]
     assert keep == [1] * len(first)
-    again, turns, _, _ = rollout.play(team, task, first, 1.0, 1.0, seed=(0, 1), keep=keep)
+    again, counts = rollout.play(team, task, first, 1.0, 1.0, seed=(0, 1), keep=keep)
+    turns = counts.turns
     assert turns == 2 * len(first)
     # the prefix is kept, not resampled
     assert all(a.steps[0] is b.steps[0] for a, b in zip(again, first))
@@ -184,7 +184,7 @@ def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team,
     with torch.no_grad():
         for p in team[1].model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
-    team[1].version += 1
+    team[1].changed()
     reuse, calls = rollout.reuse, []
     monkeypatch.setattr(rollout, "reuse", lambda *args: calls.append(args[1]) or reuse(*args))
     keep = [rollout.first_turn(e, 1) for e in first]

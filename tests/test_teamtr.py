@@ -1,15 +1,22 @@
 """Behaviour of the stage loop: isolation, the radius, stale reuse, fresh resampling, turn counts."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
+from chat_models import save_chat_model
 from conftest import random_rewards
 
+import config
 import losses
+import mathtask
 import rollout
 import tasks
+import team as team_lib
 import teamtr
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
 
 
 def played_batch(team, cfg, seed=0):
@@ -117,15 +124,26 @@ def test_fresh_batches_reuse_the_first_batchs_random_numbers(make_team, cfg, mon
         assert transcripts(fresh[-1]) != transcripts(first) and same > 0.8, same
 
 
+@pytest.mark.parametrize("early_exit", [False, True])
 @pytest.mark.parametrize("update_order,turns", [("turn", 8 + 8 * 9 // 2 - 1), ("reverse", 8 + 8 * 7 // 2)])
-def test_suffix_resampling_turn_counts(make_team, cfg, update_order, turns):
+def test_suffix_resampling_turn_counts(make_team, cfg, update_order, turns, early_exit):
     cfg = dataclasses.replace(
-        cfg, agents=8, resample="fresh", update_order=update_order, questions=2, group=2, epochs=1
+        cfg,
+        agents=8,
+        resample="fresh",
+        update_order=update_order,
+        questions=2,
+        group=2,
+        epochs=1,
+        no_early_exit=not early_exit,
     )
     logged = []
     record = teamtr.run_stage(make_team(8), tasks.Relay(8), cfg, 1, lambda r, line: logged.append(r))
-    # 43 and 36 instead of 64 at n = 8
-    assert record["stage/turns"] == turns
+    # 43 and 36 instead of 64 at n = 8: generated, or kept by early exit (which still generates
+    # the first batch and each updated agent's turns again)
+    generated, reused = record["stage/turns"], record["stage/reused_turns"]
+    assert generated + reused == turns
+    assert reused == 0 if not early_exit else (generated >= 8 + 7 and reused > 0)
     first = logged[0]
     assert len(logged) == 8 and first[f"agent{first['agent']}/stale_gap"] == 0.0
     assert all(r[f"agent{r['agent']}/stale_gap"] is not None for r in logged)
@@ -267,12 +285,85 @@ def test_reusing_kv_caches_plays_the_same_stage(make_team, cfg, monkeypatch):
         teamtr.run_stage(
             make_team(3, lr=1e-2),
             tasks.Relay(3),
-            dataclasses.replace(cfg, reuse_kv=flag),
+            dataclasses.replace(cfg, reuse_kv=flag, no_early_exit=True),
             1,
             lambda r, line: None,
         )
         played[flag] = [transcripts(out) for _, out in calls[before:]]
     assert played[True] == played[False] and len(played[True]) == 3
     episodes = cfg.questions * cfg.group
-    # after agent 0's update agents 1 and 2's turns, after agent 1's agent 2's
+    # after agent 0's update agents 1 and 2's turns, after agent 1's agent 2's (every turn of the
+    # suffix generated again: without early exit)
     assert reused == [episodes] * 3
+
+
+def trained_batches(team, task, cfg, monkeypatch):
+    """One fresh stage: the batches its updates trained on (writer, tokens, sampler log-probs per
+    turn) and the stage's record."""
+    seen = []
+    update = teamtr.update_agent
+
+    def recording(agent, i, eps, *rest):
+        seen.append([[(s.agent, s.tokens, s.logprobs) for s in e.steps] for e in eps])
+        return update(agent, i, eps, *rest)
+
+    monkeypatch.setattr(teamtr, "update_agent", recording)
+    record = teamtr.run_stage(team, task, cfg, 1, lambda r, line: None)
+    monkeypatch.setattr(teamtr, "update_agent", update)
+    return seen, record
+
+
+def same_batches(a, b):
+    assert [[[(w, t) for w, t, _ in e] for e in batch] for batch in a] == [
+        [[(w, t) for w, t, _ in e] for e in batch] for batch in b
+    ]
+    logps = [
+        torch.tensor([x for batch in run for e in batch for _, _, lp in e for x in lp]) for run in (a, b)
+    ]
+    torch.testing.assert_close(*logps, atol=1e-5, rtol=0)
+
+
+def test_early_exit_trains_on_the_batches_of_suffix_resampling(make_team, cfg, monkeypatch):
+    """Early exit keeps a turn only where its writer's weights, its context and its random numbers
+    made it: the batches are token for token those of suffix resampling, with fewer turns
+    generated, over every update of two stages."""
+    monkeypatch.setattr(tasks.Relay, "reward", lambda self, q, message: float(len(message) % 2))
+    cfg = dataclasses.replace(cfg, resample="fresh", delta=0.02)
+    runs = {}
+    for early_exit in (True, False):
+        team = make_team(3, lr=1e-2)
+        runs[early_exit] = [
+            trained_batches(
+                team, tasks.Relay(3), dataclasses.replace(cfg, no_early_exit=not early_exit), monkeypatch
+            )
+            for _ in range(2)
+        ]
+    for (a, kept), (b, full) in zip(runs[True], runs[False]):
+        same_batches(a, b)
+        # the updates changed some messages and kept others: both paths ran
+        assert 0 < kept["stage/reused_turns"] and kept["stage/turns"] < full["stage/turns"]
+        assert kept["stage/turns"] + kept["stage/reused_turns"] == full["stage/turns"]
+
+
+def test_early_exit_is_exact_on_a_real_model_team_with_chat_templates(tmp_path, monkeypatch):
+    monkeypatch.setattr(mathtask.MathTask, "reward", lambda self, q, message: float(len(message)))
+    paths = [save_chat_model(tmp_path / arch, arch) for arch in ("llama", "qwen2")]
+    base = config.Config(
+        task=f"jsonl:{FIXTURE}",
+        agents=2,
+        questions=2,
+        group=4,
+        model="x",
+        max_new_tokens=8,
+        epochs=1,
+        delta=0.05,
+    )
+    runs = {}
+    for early_exit in (True, False):
+        cfg = config.resolve(dataclasses.replace(base, no_early_exit=not early_exit))
+        team = team_lib.load_team(paths, "cpu", torch.float32, team_lib.Training(lr=1e-4))
+        runs[early_exit] = trained_batches(team, mathtask.make(cfg), cfg, monkeypatch)
+    (a, kept), (b, full) = runs[True], runs[False]
+    same_batches(a, b)
+    assert kept["stage/turns"] + kept["stage/reused_turns"] == full["stage/turns"]
+    assert kept["stage/reused_turns"] > 0

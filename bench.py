@@ -1,7 +1,7 @@
 """Benchmarks of memory and speed, measured in one run; one line per measure, ending in `ratio R.RRx`.
 
     python bench.py                  # every measure (about 10 minutes on 2 CPU cores)
-    python bench.py --only sampler   # one group: sampler, suffix, memory, fsdp or stages
+    python bench.py --only sampler   # one group: sampler, suffix, fresh, update, memory, fsdp or stages
 
 - sampler: tokens per second of rollout.sample against `model.generate` on the same prompts and
   lengths (every row generates exactly as many tokens), 64 rows = 8 prompts x 8 samples as in
@@ -12,12 +12,19 @@
   without --reuse-kv, against regenerating every turn after every update (the turn ratio is
   43/64 in turn order), and the prompt tokens each prefills (suffix resampling regenerates the
   later turns, the long ones; --reuse-kv takes the kept turns' keys and values from the last play).
+- fresh: a fresh-mode stage's sampling time against a stale stage's (one play: n turns per
+  episode), with exact early exit and without it, and the turns per episode each generates: at
+  n = 8 with the n = 8 recipe's warm-up and radius (0.005), and at n = 3 (the default run).
+- update: one update of the 135M Llama on a batch shaped like GSM8K (8 questions of 150 prompt
+  tokens, G = 8, 64-token messages), each question's prompt computed once in its forwards
+  (--shared-prompt) against whole rows, for the first agent and the third.
 - memory: peak resident memory of one update in an 8-agent LoRA team of the 135M Llama against
   one LoRA agent alone, and 8 full copies against one full agent (each measured in a fresh
   process; it includes the Python and torch runtime, about 0.3 GB here).
 - fsdp: peak resident memory per process of one update of the 135M Llama under torchrun with 2
   processes (gloo), its parameters, gradients and Adam moments sharded (--fsdp) against a whole
-  copy on each process (plain data parallelism), each process on half of an 8-row batch.
+  copy on each process (plain data parallelism), each process on half of an 8-row batch; with
+  glibc's default allocator and with freed memory returned to the OS at once.
 - stages: wall time of one `teamtr` stage of the default relay run at n = 2, 4, 8 (after the
   default warm-up), against n = 2.
 
@@ -26,6 +33,7 @@ spell of the machine falls on all; counting happens outside the timed runs.
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -202,6 +210,43 @@ def bench_suffix():
         )
 
 
+def bench_fresh():
+    """A fresh-mode (teamtr) stage's sampling against a stale stage's, one stage each from copies of
+    the same warmed team, with exact early exit (the default) and without it (--no-early-exit):
+    at n = 8 with the n = 8 recipe (--p-max-arg 0.12, 800 warm-up steps, --delta 0.005) and at
+    n = 3 (the default run). The sampling seconds are the stage's perf/sample_seconds, the
+    fastest of 3 runs of each, alternating."""
+    recipes = {8: dict(p_max_arg=0.12, warmup_steps=800, delta=0.005), 3: {}}
+    kinds = {"early exit": dict(mode="teamtr"), "no early exit": dict(mode="teamtr", no_early_exit=True)}
+    kinds["stale"] = dict(mode="stale")
+    for n, recipe in recipes.items():
+        team = warmed_team(resolve(Config(agents=n, **recipe)), n)
+        seconds, records = {kind: float("inf") for kind in kinds}, {}
+        for _ in range(3):
+            for kind, how in kinds.items():
+                cfg = resolve(Config(agents=n, **recipe, **how))
+                record = teamtr.run_stage(copy.deepcopy(team), tasks.make(cfg), cfg, 1, lambda r, text: None)
+                seconds[kind], records[kind] = min(seconds[kind], record["perf/sample_seconds"]), record
+        turns = {kind: record["stage/turns"] for kind, record in records.items()}
+        for kind in ("early exit", "no early exit"):
+            line(
+                f"fresh stage sampling at n = {n}, {kind} vs stale ({turns[kind]:.2f} vs "
+                f"{turns['stale']:.0f} turns generated per episode; seconds)",
+                seconds[kind],
+                seconds["stale"],
+                "s",
+                seconds[kind] / seconds["stale"],
+            )
+        line(
+            f"fresh stage at n = {n}, generated turns per episode, early exit vs stale "
+            f"({records['early exit']['stage/reused_turns']:.2f} more kept by early exit)",
+            turns["early exit"],
+            turns["stale"],
+            "turns",
+            turns["early exit"] / turns["stale"],
+        )
+
+
 def prefilled(team, fn) -> int:
     """Runs fn; returns the prompt tokens the team's models were fed in the sampler's prefill
     (forwards without a cache: shared prefixes; or with logits_to_keep: the tails), padding and
@@ -231,6 +276,50 @@ def update_batch() -> list:
     for e, r in zip(episodes, torch.randn(8, generator=gen)):
         e.reward = float(r)
     return episodes
+
+
+def gsm8k_batch(agent: int) -> list:
+    """8 questions x G = 8 shaped like GSM8K: a 150-token prompt per question, then agent `agent`'s
+    64-token message; before it, for a later agent, the earlier agents' 64-token messages, which
+    differ per sample. Random ids and rewards."""
+    gen = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, SMOL["vocab_size"], (n,), generator=gen).tolist()  # noqa: E731
+    episodes = []
+    for q in range(8):
+        prompt = ids(150)
+        for s in range(8):
+            earlier = [rollout.Step(a, [], ids(64), [0.0] * 64, "") for a in range(agent)]
+            context = prompt + [t for step in earlier for t in step.tokens]
+            steps = [*earlier, rollout.Step(agent, context, ids(64), [0.0] * 64, "")]
+            episodes.append(rollout.Episode(None, q, s, list(range(agent + 1)), steps))
+            episodes[-1].reward = float(torch.rand(1, generator=gen))
+    return episodes
+
+
+def bench_update():
+    """One update of the 135M Llama on a GSM8K-shaped batch (gsm8k_batch), its forwards computing
+    each question's shared prompt once (--shared-prompt 32, the default) against whole rows (0):
+    the first agent and the third. Gradient checkpointing on; one pass over one minibatch of the
+    64 rows (--epochs 1: the old log-probs, a step, the KL after it); one run of each, minutes
+    long. The two updates' metrics must agree."""
+    tok, training = team_lib.char_tokenizer(tasks.CHARS), dataclasses.replace(TRAINING, grad_ckpt=True)
+    for i in (0, 2):
+        episodes, seconds, stats = gsm8k_batch(i), {}, {}
+        for shared in (32, 0):
+            agent = team_lib.make_agent("agent", smol_llama(), tok, training)
+            cfg = resolve(Config(group=8, minibatch=64, epochs=1, shared_prompt=shared))
+            t0 = time.perf_counter()
+            stats[shared] = teamtr.update_agent(agent, i, episodes, cfg, seed=0)
+            seconds[shared] = time.perf_counter() - t0
+        differ = max(abs(v - stats[32][k]) for k, v in stats[0].items() if isinstance(v, float))
+        line(
+            f"one update of the 135M Llama, GSM8K-shaped batch, agent {i + 1}, shared prompts vs whole "
+            f"rows (metrics differ by {differ:.1e} at most; seconds)",
+            seconds[32],
+            seconds[0],
+            "s",
+            seconds[32] / seconds[0],
+        )
 
 
 def memory_probe(agents: int, lora_rank: int):
@@ -305,25 +394,36 @@ def bench_memory():
     )
 
 
-def sharded_peak_mb(sharded: int, grad_ckpt: int) -> float:
+# glibc: freed blocks from 64 KiB up go back to the OS at once (by default the threshold rises to
+# the largest block freed, up to 32 MiB, and the freed gathering buffers stay resident)
+RETURNED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def sharded_peak_mb(sharded: int, grad_ckpt: int, env: dict) -> float:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     probe = [__file__, "--threads", "1", "--sharded-probe", f"{sharded},{grad_ckpt}"]
-    out = subprocess.run([*torchrun, *probe], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [*torchrun, *probe], capture_output=True, text=True, check=True, env={**os.environ, **env}
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
 def bench_fsdp():
     """Peak memory per process of one update, --fsdp against plain data parallelism, 2 processes,
-    without and with gradient checkpointing (which leaves less of the peak to activations)."""
-    for grad_ckpt in (0, 1):
-        peaks = [sharded_peak_mb(sharded, grad_ckpt) for sharded in (1, 0)]
-        what = "--fsdp vs data parallel" + (", both with --grad-ckpt" if grad_ckpt else "")
-        line(
-            f"peak memory per process of one update, 135M Llama, {what}, 2 processes (MB)",
-            *peaks,
-            "MB",
-            peaks[0] / peaks[1],
-        )
+    without and with gradient checkpointing (which leaves less of the peak to activations), with
+    glibc's default allocator settings and with freed blocks returned to the OS at once (FSDP
+    gathers and frees every layer's weights in every forward: by default glibc keeps them)."""
+    for env in ({}, RETURNED):
+        for grad_ckpt in (0, 1):
+            peaks = [sharded_peak_mb(sharded, grad_ckpt, env) for sharded in (1, 0)]
+            what = "--fsdp vs data parallel" + (", both with --grad-ckpt" if grad_ckpt else "")
+            allocator = ", freed memory returned (MALLOC_MMAP_THRESHOLD_=65536)" if env else ""
+            line(
+                f"peak memory per process of one update, 135M Llama, {what}, 2 processes{allocator} (MB)",
+                *peaks,
+                "MB",
+                peaks[0] / peaks[1],
+            )
 
 
 def bench_stages():
@@ -346,6 +446,8 @@ def bench_stages():
 GROUPS = {
     "sampler": bench_sampler,
     "suffix": bench_suffix,
+    "fresh": bench_fresh,
+    "update": bench_update,
     "memory": bench_memory,
     "fsdp": bench_fsdp,
     "stages": bench_stages,

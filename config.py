@@ -157,6 +157,10 @@ class Config:
     keeping those whose writer, context and random numbers are unchanged (the same samples, more
     turns; for comparisons)"""
     # update
+    shared_prompt: int = flag(32, at_least=0)
+    """the update's forwards compute a question's shared prompt once for its G rows where it is at
+    least this many tokens (0: never; the same log-probs and gradients up to float round-off;
+    the relay's prompts are shorter)"""
     resample: str = flag("", choices=["", "fresh", "stale", "reweight"])
     """fresh (intermediate occupancy), stale (the stage's first batch) or reweight (stale, HAPPO
     weights); default: from --mode"""

@@ -3,6 +3,7 @@ evaluation, the printed lines, peak memory and the checkpoint callback. train.py
 compare.py (modes side by side) both run their stages here.
 """
 
+import os
 import resource
 
 import torch
@@ -29,14 +30,16 @@ def train_stages(team, task, heldout, cfg: Config, log, done=(), checkpoint=None
         checkpoint and checkpoint(0)
     first = done[-1]["stage"] + 1 if done else 1
     bar = dict(desc="stages", unit="stage", initial=first - 1, total=cfg.stages, disable=not parallel.main())
+    memory = Memory(next(team[0].model.parameters()).device)
     for stage in tqdm(range(first, cfg.stages + 1), **bar):
+        memory.start_stage()
         record, acc = teamtr.run_stage(team, task, cfg, stage, log), ""
-        record["perf/peak_memory_mb"] = peak_memory_mb(next(team[0].model.parameters()).device)
         if stage in evaluated_stages(cfg):
             record.update(evaluate(team, task, heldout, cfg, log, stage))
             accs.append(record["stage/eval_acc"])
             record["stage/realized_gain"] = accs[-1] - accs[-2]
             acc = f"held-out accuracy {accs[-1]:.3f} (gain {accs[-1] - accs[-2]:+.3f}){turns_line(record)} "
+        record.update(memory.end_stage())
         certificate, turns = record["stage/certificate"], record["stage/turns"]
         log(
             record,
@@ -76,7 +79,38 @@ def turns_line(record: dict) -> str:
 
 
 def peak_memory_mb(device) -> float:
-    """The process's peak memory so far: allocated on CUDA, resident (ru_maxrss, KiB on Linux) on CPU."""
+    """The process's peak memory since it started or was last reset: allocated on CUDA, resident
+    (ru_maxrss, KiB on Linux) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+class Memory:
+    """Peak memory per stage (its update and evaluation), and over the run so far: a run's peak
+    can only rise, so a stage's own peak is what shows memory held on to from stage to stage."""
+
+    # Linux: writing 5 resets the process's peak resident memory (VmHWM, ru_maxrss)
+    CLEAR = "/proc/self/clear_refs"
+
+    def __init__(self, device):
+        self.device = device
+        self.run = peak_memory_mb(device)
+        self.resettable = device.type == "cuda" or os.access(self.CLEAR, os.W_OK)
+
+    def start_stage(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.resettable:
+            with open(self.CLEAR, "w") as f:
+                f.write("5")
+
+    def end_stage(self) -> dict:
+        """perf/peak_memory_mb (the run's) and perf/stage_peak_memory_mb (None where the peak
+        cannot be reset: on CPU off Linux)."""
+        stage = peak_memory_mb(self.device)
+        self.run = max(self.run, stage)
+        return {
+            "perf/peak_memory_mb": self.run,
+            "perf/stage_peak_memory_mb": stage if self.resettable else None,
+        }

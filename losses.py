@@ -26,6 +26,7 @@ import torch
 
 import fsdp
 import parallel
+import sharedprompt
 
 
 def group_advantages(rewards, group: int, a_max: float, eps: float = 1e-6):
@@ -40,12 +41,14 @@ def group_advantages(rewards, group: int, a_max: float, eps: float = 1e-6):
     return adv.clamp(-a_max, a_max), (adv.abs() > a_max).float().mean().item()
 
 
-def agent_batch(episodes, agent: int, advantages, pad_id: int, device) -> dict:
+def agent_batch(episodes, agent: int, advantages, pad_id: int, device, shared_prompt: int = 0) -> dict:
     """Every message agent `agent` wrote, as right-padded teacher-forcing rows.
 
     One row per (episode, turn) of the agent. Shapes are (S, L-1): position p predicts token p+1.
     mask is 1 exactly on the tokens the agent wrote (its EOS included) and 0 on the prompt, on
     other agents' tokens and on padding; it is built from lengths, never from pad_token_id.
+    shared_prompt > 0: also each row's question ("group") and the tokens it shares with the
+    question's other rows ("shared", if at least shared_prompt; sharedprompt.py).
     """
     rows = [(e_idx, s) for e_idx, e in enumerate(episodes) for s in e.steps if s.agent == agent]
     L = max(len(s.context) + len(s.tokens) for _, s in rows)
@@ -65,6 +68,9 @@ def agent_batch(episodes, agent: int, advantages, pad_id: int, device) -> dict:
     batch = dict(
         ids=ids, attn=attn, mask=mask[:, 1:], adv=adv, sampler_logp=sampler_logp[:, 1:], episode=episode
     )
+    if shared_prompt:
+        batch["group"] = torch.tensor([episodes[e].qid for e, _ in rows])
+        batch["shared"] = sharedprompt.lengths(ids, attn, mask[:, 1:], batch["group"], shared_prompt)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -87,7 +93,11 @@ def token_logprobs(model, batch, rows=slice(None), full: bool = False):
         fsdp.release(model)
         logp = logp_all.gather(-1, targets[..., None])[..., 0] * mask
         return (logp[:0], logp_all[:0]) if standin else (logp, logp_all)
-    hidden = fsdp.decoder_output(model, ids, attn)[:, :-1]
+    if sharedprompt.applies(model, batch, full):
+        hidden = sharedprompt.decoder_output(model, ids, attn, batch["group"][rows], batch["shared"][rows])
+    else:
+        hidden = fsdp.decoder_output(model, ids, attn)
+    hidden = hidden[:, :-1]
     where = mask.bool()
     # (T, V): the agent's tokens only
     logits = model.get_output_embeddings()(hidden[where]).float()

@@ -361,12 +361,22 @@ def play_turn(agent, a, t, task, eps, old, rows, counts, sampling, reuse_kv, ear
     temperature, top_p, seed = sampling
     # agent a's message length (--max-new-tokens may give one per agent)
     new_tokens = of_agent(task.max_new_tokens, a)
-    prompts = [agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat) for i in rows]
+    prompts = {}
+
+    def prompt(i):
+        """Episode i's context in agent a's ids (encoded once, where needed)."""
+        if i not in prompts:
+            prompts[i] = agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat)
+        return prompts[i]
+
     # what makes the turn: the writer's weights, its sampling, its random numbers
     made = [(agent.version, temperature, top_p, new_tokens, seed, eps[i].qid, eps[i].sample, t) for i in rows]
     replaced = [e.steps[t] if t < len(e.steps) else None for e in old]
     # early exit: a turn that would come out the same is kept
-    kept = [early_exit and same(s, p, m) for s, p, m in zip(replaced, prompts, made)]
+    kept = [
+        early_exit and same(s, m, eps[i].steps, e.steps[:t], lambda i=i: prompt(i))
+        for i, e, s, m in zip(rows, old, replaced, made)
+    ]
     for i, s, k in zip(rows, replaced, kept):
         if k:
             eps[i].steps.append(s)
@@ -374,7 +384,8 @@ def play_turn(agent, a, t, task, eps, old, rows, counts, sampling, reuse_kv, ear
     todo = [r for r, k in enumerate(kept) if not k]
     if not todo:
         return
-    rows, prompts, made, replaced = ([x[r] for r in todo] for x in (rows, prompts, made, replaced))
+    rows, made, replaced = ([x[r] for r in todo] for x in (rows, made, replaced))
+    prompts = [prompt(i) for i in rows]
     check_length(agent, max(map(len, prompts)) + new_tokens)
     uniforms = torch.stack(
         [
@@ -406,11 +417,20 @@ def play_turn(agent, a, t, task, eps, old, rows, counts, sampling, reuse_kv, ear
     counts.turns, counts.tokens = counts.turns + len(rows), counts.tokens + sum(map(len, outs))
 
 
-def same(step, prompt: list, made: tuple) -> bool:
-    """The reuse rule: a played turn is what its writer would write now only if the writer's
-    weights version, its full context and its sampling (settings and random numbers) are the
-    ones that made it; the sampler is then deterministic."""
-    return step is not None and step.made == made and step.context == prompt
+def same(step, made: tuple, steps: list, read: list, prompt) -> bool:
+    """The reuse rule: a played turn `step` is what its writer would write now only if what made
+    it (`made`: the writer's weights version, sampling settings and random numbers) and its full
+    context are the ones that made it; the sampler is then deterministic. A task's context reads
+    the earlier turns' writers and messages (tasks.py, mathtask.py), so it is the same where each
+    earlier turn (`steps`) has the writer, tokens and text of the one it read (`read`); otherwise
+    where prompt(), the context encoded again, gives its ids."""
+    if step is None or step.made != made:
+        return False
+    unchanged = all(
+        x is y or (x.agent, x.tokens, x.text) == (y.agent, y.tokens, y.text)
+        for x, y in zip(steps, read, strict=True)
+    )
+    return unchanged or prompt() == step.context
 
 
 class ContextTooLong(ValueError):

@@ -146,7 +146,7 @@ def agent_data(agent, i: int, episodes, cfg: Config, weights=None):
     adv, clipped = losses.group_advantages(rewards, cfg.group, cfg.adv_max)
     adv = adv if weights is None else adv * weights
     device = next(agent.model.parameters()).device
-    data = losses.agent_batch(episodes, i, adv, agent.tokenizer.pad_token_id, device)
+    data = losses.agent_batch(episodes, i, adv, agent.tokenizer.pad_token_id, device, cfg.shared_prompt)
     return data, global_mean(clipped * len(episodes), len(episodes))
 
 

@@ -1,6 +1,6 @@
 """Benchmarks of memory and speed, measured in one run; one line per measure, ending in `ratio R.RRx`.
 
-    python bench.py                  # every measure (about 10 minutes on 2 CPU cores)
+    python bench.py                  # every measure (about 45 minutes on 2 CPU cores)
     python bench.py --only sampler   # one group: sampler, suffix, fresh, update, memory, fsdp or stages
 
 - sampler: tokens per second of rollout.sample against `model.generate` on the same prompts and

@@ -142,8 +142,9 @@ def check_combinations(cli, cfg: Config, sizes: list[int], given: set):
     needs_fresh = "it needs fresh resampling (--mode teamtr or fresh-no-tr)"
     if cfg.shared_prefix and not fresh:
         cli.error(f"--shared-prefix plays each agent's batch again from shared prefixes: {needs_fresh}")
-    if cfg.reuse_kv and not fresh and not cfg.measure_gap:
-        cli.error(f"--reuse-kv speeds up suffix resampling: {needs_fresh} or --measure-gap")
+    for name, on in (("--reuse-kv", cfg.reuse_kv), ("--no-early-exit", cfg.no_early_exit)):
+        if on and not fresh and not cfg.measure_gap:
+            cli.error(f"{name} changes how suffix resampling plays: {needs_fresh} or --measure-gap")
     if cfg.p_max_arg and not (cfg.p_max_arg <= 1 and cfg.max_arg >= 2):
         cli.error(
             f"--p-max-arg must be at most 1 and needs --max-arg 2 or more, got {cfg.p_max_arg} with "

@@ -77,6 +77,8 @@ def test_every_mode_runs(tmp_path, monkeypatch, mode):
         ["--lr", "0"],
         ["--mode", "naive", "--shared-prefix"],
         ["--mode", "stale", "--reuse-kv"],
+        ["--mode", "stale", "--no-early-exit"],
+        ["--shared-prompt", "-1"],
         ["--name", "../elsewhere"],
         ["--prompts", "roles.json"],
         ["--lora-rank", "2", "--lora-targets", "zzz"],

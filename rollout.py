@@ -8,6 +8,8 @@ Exact suffix resampling: after agent i is updated, only the turns from agent i's
 change distribution. `play(..., keep=...)` keeps each episode's earlier turns and regenerates the
 rest, which gives exact samples of the new intermediate team at about half the cost of
 resampling everything (docs/design.md, "Suffix resampling"; counted in `turns` and `tokens`).
+Early exit keeps, within that suffix too, every turn that would come out the same: its writer's
+weights, its context and its random numbers unchanged (`same`, the one place of the rule).
 With `reuse_kv` the regenerated turns also take the keys and values of their kept prefix from the
 last play's KV caches, where the same agent's same weights computed them, and prefill only the
 rest (not on a model with a sliding-window layer, which prefills every row whole).

@@ -356,6 +356,10 @@ class Counts:
     truncated: int = 0
     reused: int = 0
 
+    def add(self, other: "Counts"):
+        for key, value in vars(other).items():
+            setattr(self, key, getattr(self, key) + value)
+
 
 def play_turn(agent, a, t, task, eps, old, rows, counts, sampling, reuse_kv, early_exit):
     """Agent a's turns at position t of episodes `rows`, appended to them; `old`: the episodes
@@ -363,13 +367,13 @@ def play_turn(agent, a, t, task, eps, old, rows, counts, sampling, reuse_kv, ear
     temperature, top_p, seed = sampling
     # agent a's message length (--max-new-tokens may give one per agent)
     new_tokens = of_agent(task.max_new_tokens, a)
-    prompts = {}
+    encoded = {}
 
     def prompt(i):
         """Episode i's context in agent a's ids (encoded once, where needed)."""
-        if i not in prompts:
-            prompts[i] = agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat)
-        return prompts[i]
+        if i not in encoded:
+            encoded[i] = agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat)
+        return encoded[i]
 
     # what makes the turn: the writer's weights, its sampling, its random numbers
     made = [(agent.version, temperature, top_p, new_tokens, seed, eps[i].qid, eps[i].sample, t) for i in rows]

@@ -64,9 +64,9 @@ def decoder_output(model, ids, attn, group, shared):
         if shared[r] > 0:
             heads.setdefault(g, []).append(r)
     heads = {g: rows for g, rows in heads.items() if len(rows) > 1}
-    decoder = model.get_decoder()
     if not heads:
-        return decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+        return fsdp.decoder_output(model, ids, attn)
+    decoder = model.get_decoder()
     # part 1: the shared prompts, left-padded
     leaders = [rows[0] for rows in heads.values()]
     P = int(shared[leaders].max())

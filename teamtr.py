@@ -284,8 +284,7 @@ class Plays:
         episodes, counts = rollout.play(self.team, self.task, episodes, *args)
         self.seconds += time.time() - t0
         if counted:
-            for key, value in vars(counts).items():
-                setattr(self.counts, key, getattr(self.counts, key) + value)
+            self.counts.add(counts)
         return episodes
 
     def from_shared_prefixes(self, episodes, i: int):
@@ -353,7 +352,10 @@ def stage_metrics(team, task, cfg: Config, stage: int, first, plays: Plays, upda
     """The stage's record: its first batch's reward and turn accuracy, the certificate, what it
     generated and how long it took."""
     n_episodes = int(parallel.all_sum(len(first)))
-    turns, tokens, truncated, reused = (int(parallel.all_sum(x)) for x in vars(plays.counts).values())
+    c = plays.counts
+    turns, tokens, truncated, reused = (
+        int(parallel.all_sum(x)) for x in (c.turns, c.tokens, c.truncated, c.reused)
+    )
     # a conservative proxy of the per-stage lower bound: sum_k L_k - lambda sum_k sqrt(2 D_k),
     # lambda = adv_max (Pinsker: TV <= sqrt(D / 2), times 2 max |A|)
     surrogates = sum(m["surrogate"] for m in updates)

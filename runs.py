@@ -21,6 +21,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 
 import torch
 from tqdm import tqdm
@@ -43,6 +44,10 @@ def fail(prog: str, message: str, code: int = 2):
     is reported by each rank that meets it, with its rank."""
     if parallel.main() or code != 2:
         sys.stderr.write(f"{prog}: error: {'' if parallel.main() else f'rank {parallel.RANK}: '}{message}\n")
+    elif parallel.WORLD > 1:
+        # a rank that exits first makes torchrun stop the others, rank 0 too, maybe before its line
+        # is written: the others wait for rank 0 to exit (torchrun then stops them)
+        time.sleep(10)
     sys.exit(code)
 
 

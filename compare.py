@@ -11,8 +11,10 @@ every mode; those batches are neither trained on nor counted as generated tokens
 
 The table has, per n and mode (mean and standard deviation over seeds): held-out accuracy after
 the last stage and its gain over the starting team; accuracy at equal generated tokens (at the
-last stage whose cumulative training tokens fit the cheapest mode's total); the summed stale gap
-per stage; the out-of-region token fraction; generated tokens; and seconds (stages and held-out
+last stage whose cumulative training tokens fit the cheapest mode's total); the summed penalty
+per stage (the surrogate error of the batch the mode trained on: 0 for teamtr with one round) and
+the summed stale gap (what training on the stage's first batch errs by, measured in every
+mode); the out-of-region token fraction; generated tokens; and seconds (stages and held-out
 evaluations; the shared warm-up is reported once per n and seed).
 
 runs/<name>/ gets <mode>-n<n>-s<seed>.jsonl (each run's metrics, as in train.py) and
@@ -20,7 +22,7 @@ runs/<name>/ gets <mode>-n<n>-s<seed>.jsonl (each run's metrics, as in train.py)
 run each, TensorBoard's in tensorboard/<mode>-n<n>-s<seed>/), results.json (one record per run),
 compare.md (the table) and PNG plots (matplotlib): accuracy_n<n>.png (held-out accuracy per
 stage), tokens_n<n>.png (accuracy against generated tokens: the equal-compute view) and
-stale_gap.png (summed stale gap per stage against team size, log-log).
+stale_gap.png and penalty.png (summed per stage against team size, log-log).
 No checkpoints are saved; train one mode with train.py for those. results.json is rewritten after
 every run, so `python train.py --resume RUN_DIR` skips the runs that finished and trains the rest.
 """
@@ -127,23 +129,31 @@ def train_mode(cfg: config.Config, model, heldout, device, dtype, run_dir: str) 
 
 
 def summarize(records: list[dict], accs: list[float]) -> dict:
-    """accs and cumulative generated tokens per stage, the mean over stages of the summed stale
-    gap, and the mean out-of-region fraction over updates (None where nothing was measured)."""
+    """accs and cumulative generated tokens per stage, the means over stages of the summed penalty
+    and stale gap, and the mean out-of-region fraction over updates (None where nothing was
+    measured)."""
     updates = [r for r in records if "update" in r]
-    gaps = {}
-    for r in updates:
-        if (gap := r[f"agent{r['agent']}/stale_gap"]) is not None:
-            gaps[r["stage"]] = gaps.get(r["stage"], 0.0) + gap
     return {
         "accs": accs,
         "tokens": list(
             itertools.accumulate([r["stage/tokens"] for r in records if "stage/tokens" in r], initial=0)
         ),
-        "stale_gap": statistics.mean(gaps.values()) if gaps else None,
+        "penalty": per_stage(updates, "penalty"),
+        "stale_gap": per_stage(updates, "stale_gap"),
         "out_of_region": statistics.mean(r[f"agent{r['agent']}/out_of_region"] for r in updates)
         if updates
         else None,
     }
+
+
+def per_stage(updates: list[dict], key: str):
+    """The mean over stages of agent{i}/<key> summed over each stage's updates (None if never
+    measured)."""
+    sums = {}
+    for r in updates:
+        if (value := r.get(f"agent{r['agent']}/{key}")) is not None:
+            sums[r["stage"]] = sums.get(r["stage"], 0.0) + value
+    return statistics.mean(sums.values()) if sums else None
 
 
 def at_budget(result: dict, budget: int) -> float:
@@ -161,6 +171,14 @@ def spread(values, fmt: str) -> str:
     )
 
 
+PENALTY_NOTE = (
+    "penalty: the surrogate error of the batch each mode trained on, against the intermediate "
+    "team's (fresh resampling with one round: 0 by construction; with --rounds 2 and more, the "
+    "within-agent shift). stale gap: what training on the stage's first batch errs by, measured "
+    "in every mode (in teamtr it is the error teamtr avoided, not one it paid)."
+)
+
+
 def write_outputs(results: list[dict], run_dir: str) -> str:
     """compare.md and the plots; returns the table."""
     # (n, seed) -> the smallest total generated tokens of a mode that trained
@@ -173,15 +191,16 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
     for r in results:
         groups.setdefault((r["n"], r["mode"]), []).append(r)
     rows = [
-        "| n | mode | held-out accuracy | gain (points) | accuracy at equal tokens | stale gap / stage "
-        "| out-of-region | generated tokens | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| n | mode | held-out accuracy | gain (points) | accuracy at equal tokens | penalty / stage "
+        "| stale gap / stage | out-of-region | generated tokens | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (n, mode), rs in groups.items():
         cells = [
             spread((r["accs"][-1] for r in rs), ".3f"),
             spread((100 * (r["accs"][-1] - r["accs"][0]) for r in rs), "+.1f"),
             spread((at_budget(r, budgets.get((n, r["seed"]), 0)) for r in rs), ".3f"),
+            spread((r.get("penalty") for r in rs), ".4f"),
             spread((r["stale_gap"] for r in rs), ".4f"),
             spread((r["out_of_region"] for r in rs), ".3f"),
             spread((r["tokens"][-1] for r in rs), ",.0f"),
@@ -194,7 +213,7 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
         "\n".join(rows)
         + (
             f"\n\nseeds {', '.join(map(str, seeds))}; warm-up {statistics.mean(warmups.values()):.0f} s "
-            f"per team size and seed, shared by the modes\n"
+            f"per team size and seed, shared by the modes\n\n{PENALTY_NOTE}\n"
         )
         + gap_exponents(groups)
     )
@@ -204,11 +223,12 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
     return table
 
 
-def gap_curves(groups: dict) -> dict:
-    """{mode: (team sizes, mean summed stale gap per stage at each)} for the modes that measured it."""
+def gap_curves(groups: dict, key: str = "stale_gap") -> dict:
+    """{mode: (team sizes, mean per stage of the summed <key> at each)} for the modes that
+    measured it (key: stale_gap or penalty)."""
     gaps = {}
     for (n, mode), rs in sorted(groups.items()):
-        values = [r["stale_gap"] for r in rs if r["stale_gap"] is not None]
+        values = [r.get(key) for r in rs if r.get(key) is not None]
         if values and mode != "single":
             gaps.setdefault(mode, ([], []))
             gaps[mode][0].append(n)
@@ -217,14 +237,19 @@ def gap_curves(groups: dict) -> dict:
 
 
 def gap_exponents(groups: dict) -> str:
-    """A line with each mode's fitted exponent k of stale gap ~ n^k, if it was measured at two
-    team sizes or more."""
-    curves = {mode: c for mode, c in gap_curves(groups).items() if len(c[0]) > 1 and min(c[1]) > 1e-12}
-    fits = ", ".join(
-        f"{mode} k = {theory.fit_slope(*c):.2f} (n = {', '.join(map(str, c[0]))})"
-        for mode, c in curves.items()
-    )
-    return f"\nsummed stale gap per stage ~ n^k (log-log least squares): {fits}\n" if curves else ""
+    """Lines with each mode's fitted exponent k of penalty ~ n^k and stale gap ~ n^k, for what
+    was measured (and not 0) at two team sizes or more."""
+    lines = ""
+    for key, name in (("penalty", "penalty"), ("stale_gap", "stale gap")):
+        curves = {
+            mode: c for mode, c in gap_curves(groups, key).items() if len(c[0]) > 1 and min(c[1]) > 1e-12
+        }
+        fits = ", ".join(
+            f"{mode} k = {theory.fit_slope(*c):.2f} (n = {', '.join(map(str, c[0]))})"
+            for mode, c in curves.items()
+        )
+        lines += f"\nsummed {name} per stage ~ n^k (log-log least squares): {fits}\n" if curves else ""
+    return lines
 
 
 def write_plots(groups: dict, run_dir: str):
@@ -255,6 +280,17 @@ def write_plots(groups: dict, run_dir: str):
         "agents n",
         "stale gap",
         gap_curves(groups),
+        log=True,
+    )
+    # a mode that pays nothing (fresh resampling, one round) is left out; a log scale needs every
+    # value positive
+    paid = {mode: c for mode, c in gap_curves(groups, "penalty").items() if max(c[1]) > 0}
+    line_plot(
+        os.path.join(run_dir, "penalty.png"),
+        "summed penalty per stage (modes that pay none not drawn)",
+        "agents n",
+        "penalty",
+        paid,
         log=True,
     )
 

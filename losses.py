@@ -155,6 +155,20 @@ def surrogate(logp, logp_old, adv, mask) -> float:
     return token_mean(((logp - logp_old).exp() - 1) * adv[:, None], mask)
 
 
+def own_shift_surrogate(logp, logp_old, adv, mask, episode) -> float:
+    """L_hat* = token mean of w (r - 1) A, where a message's w is the product of the ratios of the
+    agent's earlier messages in its episode: the surrogate under the occupancy its own update gives
+    its later turns (those contexts hold its earlier messages; --rounds 2 and more). Where the agent
+    speaks once in an episode w = 1 exactly, and L_hat* is L_hat bit for bit."""
+    # (S,): log pi_new / pi_old of each row's message
+    per_row = ((logp - logp_old) * mask).sum(1)
+    # rows of an episode are in turn order (agent_batch): row b is earlier than row a of its episode
+    order = torch.arange(len(per_row), device=per_row.device)
+    earlier = (episode[:, None] == episode[None, :]) & (order[None, :] < order[:, None])
+    w = (earlier.to(per_row.dtype) @ per_row).exp()
+    return token_mean(w[:, None] * ((logp - logp_old).exp() - 1) * adv[:, None], mask)
+
+
 def sequence_log_ratio(logp, logp_old, mask, episode, n_episodes: int):
     """Per episode, log pi_new / pi_old of all the tokens the agent wrote in it (0 where it wrote
     none): the log of HAPPO's sequence ratio. (E,)"""

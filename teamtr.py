@@ -81,8 +81,10 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
         # the update of agent i alone
         m = update_agent(team[i], i, batch, cfg, (cfg.seed, stage, k), weights)
         log_w += m.pop("log_ratio").cpu()
-        # B_1 is the intermediate team's batch at k = 0: no gap
-        m["stale_gap"] = probe.gap(team[i], m["surrogate"]) if probe else (0.0 if intermediate else None)
+        # what training on this batch costs: the penalty, and the stale gap (B_1 is the
+        # intermediate team's batch at k = 0)
+        other = probe.surrogates(team[i]) if probe else None
+        m |= surrogate_errors(m, other, intermediate, trained_on_intermediate=fresh or k == 0)
         if clipfrac is not None:
             m["weight_clipfrac"] = clipfrac
         # log
@@ -130,6 +132,12 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> di
     stats["log_ratio"] = losses.sequence_log_ratio(
         measured.logp, kl.old, data["mask"], data["episode"], len(episodes)
     )
+    # for the penalty and the stale gap (surrogate_errors): the surrogate under the occupancy the
+    # update gives the agent's own later turns, and the surrogate without HAPPO's weights
+    stats["own_surrogate"] = losses.own_shift_surrogate(
+        measured.logp, kl.old, data["adv"], data["mask"], data["episode"]
+    )
+    stats["plain_surrogate"] = losses.surrogate(measured.logp, kl.old, data["plain_adv"], data["mask"])
     return stats
 
 
@@ -144,9 +152,11 @@ def agent_data(agent, i: int, episodes, cfg: Config, weights=None):
     whose advantage was clipped."""
     rewards = torch.tensor([e.reward for e in episodes])
     adv, clipped = losses.group_advantages(rewards, cfg.group, cfg.adv_max)
-    adv = adv if weights is None else adv * weights
     device = next(agent.model.parameters()).device
-    data = losses.agent_batch(episodes, i, adv, agent.tokenizer.pad_token_id, device, cfg.shared_prompt)
+    weighted = adv if weights is None else adv * weights
+    data = losses.agent_batch(episodes, i, weighted, agent.tokenizer.pad_token_id, device, cfg.shared_prompt)
+    # each row's advantage without the weights (the stale gap's surrogate)
+    data["plain_adv"] = adv.to(device)[data["episode"]].float()
     return data, global_mean(clipped * len(episodes), len(episodes))
 
 
@@ -312,19 +322,44 @@ def update_order(cfg: Config, n: int, stage: int) -> list[int]:
 
 
 class StaleGap:
-    """The stale gap of agent i's update: |L_hat_i(B_1) - L_hat_i(B_fresh)|, its surrogate on the
-    batch it trained on against the other batch (fresh mode: the stage's first; stale with
-    --measure-gap: the intermediate team's). The other batch's old log-probs are taken before
-    the update."""
+    """Agent i's updated surrogate on the stage's other batch (fresh mode: the stage's first;
+    stale with --measure-gap: the intermediate team's), for the stale gap and the penalty
+    (surrogate_errors). The other batch's old log-probs are taken before the update."""
 
     def __init__(self, agent, i: int, other, cfg: Config):
         self.data = agent_data(agent, i, other, cfg)[0]
         self.minibatch = cfg.minibatch
         self.old = batch_logprobs(agent.model, self.data, False, self.minibatch)[0]
 
-    def gap(self, agent, surrogate: float) -> float:
+    def surrogates(self, agent) -> tuple[float, float]:
+        """(L_hat_i, L_hat*_i) on the other batch, under the agent's weights now."""
         logp = batch_logprobs(agent.model, self.data, False, self.minibatch)[0]
-        return abs(losses.surrogate(logp, self.old, self.data["adv"], self.data["mask"]) - surrogate)
+        d = self.data
+        own = losses.own_shift_surrogate(logp, self.old, d["adv"], d["mask"], d["episode"])
+        return losses.surrogate(logp, self.old, d["adv"], d["mask"]), own
+
+
+def surrogate_errors(m: dict, other, measured: bool, trained_on_intermediate: bool) -> dict:
+    """What an update's batch costs it, from its metrics m (own_surrogate and plain_surrogate are
+    taken out of them) and other, (L_hat, L_hat*) on the stage's other batch (None if none):
+    - penalty: |its surrogate on the batch it trained on - L_hat* on the intermediate team's
+      batch|, L_hat* the surrogate under the occupancy the update itself gives the agent's later
+      turns (losses.own_shift_surrogate). Trained on the intermediate team's batch (fresh, or
+      the stage's first update) it is the within-agent shift |L_hat - L_hat*|: 0 exactly when
+      the agent speaks once per episode. Stale: the stale gap (plus that shift); happo: its
+      reweighted surrogate against the intermediate team's.
+    - stale_gap: |L_hat_i(B_1) - L_hat_i(B_fresh)| without HAPPO's weights: what training on the
+      stage's first batch would err by, in every mode that has both batches (0 where they are one).
+    Both None where the intermediate team's batch is not sampled (stale without --measure-gap)."""
+    own, plain = m.pop("own_surrogate"), m.pop("plain_surrogate")
+    if not measured:
+        penalty = gap = None
+    elif trained_on_intermediate:
+        penalty = abs(m["surrogate"] - own)
+        gap = abs(other[0] - plain) if other else 0.0
+    else:
+        penalty, gap = abs(m["surrogate"] - other[1]), abs(plain - other[0])
+    return {"penalty": penalty, "stale_gap": gap}
 
 
 def happo_weights(log_w, cfg: Config):
@@ -335,15 +370,20 @@ def happo_weights(log_w, cfg: Config):
     return log_w.exp().clamp(1 / w, w), clipfrac
 
 
+def stage_sum(updates, key: str):
+    values = [m[key] for m in updates]
+    return None if None in values else sum(values)
+
+
 def log_update(log, stage: int, k: int, i: int, batch, m: dict):
     """One update's record and its line."""
     reward = global_mean(sum(e.reward for e in batch), len(batch))
-    gap = "-" if m["stale_gap"] is None else f"{m['stale_gap']:.4f}"
+    gap, penalty = ("-" if m[key] is None else f"{m[key]:.4f}" for key in ("stale_gap", "penalty"))
     record = {"stage": stage, "update": k + 1, "agent": i, "batch_reward": reward}
     record |= {f"agent{i}/{key}": v for key, v in m.items()}
     line = (
         f"stage {stage} update {k + 1} agent{i}: reward {reward:.3f} kl {m['kl_rev']:.4f} "
-        f"steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} gap {gap}"
+        f"steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} penalty {penalty} gap {gap}"
     )
     log(record, line)
 
@@ -367,6 +407,8 @@ def stage_metrics(team, task, cfg: Config, stage: int, first, plays: Plays, upda
         "stage/reward": global_mean(sum(e.reward for e in first), len(first)),
         **{f"stage/sampled_{key}": v for key, v in tasks.turn_accuracy(task, first, len(team)).items()},
         "stage/certificate": certificate,
+        # summed over the stage's updates (None where not measured)
+        **{f"stage/{key}": stage_sum(updates, key) for key in ("penalty", "stale_gap")},
         # generated turns per episode
         "stage/turns": turns / n_episodes,
         "stage/tokens": tokens,

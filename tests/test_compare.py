@@ -29,8 +29,10 @@ def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plot
             assert runs["none"]["tokens"] == [0] and runs["none"]["stale_gap"] is None
             # resampling costs tokens
             assert runs["teamtr"]["tokens"][-1] > runs["stale"]["tokens"][-1]
-            # measured with diagnostic batches
+            # measured with diagnostic batches; what stale errs by is what it pays (one round), and
+            # teamtr pays nothing
             assert runs["stale"]["stale_gap"] is not None
+            assert runs["stale"]["penalty"] == runs["stale"]["stale_gap"] and runs["teamtr"]["penalty"] == 0
             first = [
                 json.loads((run_dir / f"{m}-n{n}-s{seed}.jsonl").read_text().splitlines()[1])
                 for m in ("teamtr", "stale")
@@ -40,7 +42,8 @@ def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plot
     table = (run_dir / "compare.md").read_text()
     assert table.strip() in out.stdout
     assert sum(line.startswith("| 3 | ") for line in table.splitlines()) == 3
-    names = ("accuracy_n2", "accuracy_n3", "tokens_n2", "tokens_n3", "stale_gap")
+    assert "penalty / stage" in table and compare.PENALTY_NOTE in table
+    names = ("accuracy_n2", "accuracy_n3", "tokens_n2", "tokens_n3", "stale_gap", "penalty")
     for name in names:
         # a PNG that matplotlib reads back, not blank
         image = plt.imread(run_dir / f"{name}.png")
@@ -53,25 +56,31 @@ def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plot
     )
     compare.write_outputs(results, str(tmp_path))
     assert {name: len(series) for name, series in drawn.items()} == {
-        f"{name}.png": 2 if name == "stale_gap" else 3 for name in names
+        f"{name}.png": {"stale_gap": 2, "penalty": 1}.get(name, 3) for name in names
     }
-    # one point per team size
-    assert drawn["stale_gap.png"]["teamtr"][0] == [2, 3]
+    # one point per team size; teamtr's penalty, 0, is not drawn on a log scale
+    assert drawn["stale_gap.png"]["teamtr"][0] == [2, 3] and list(drawn["penalty.png"]) == ["stale"]
 
 
-def test_summary_sums_the_gap_per_stage_and_reads_accuracy_at_a_token_budget():
+def test_summary_sums_the_gap_and_penalty_per_stage_and_reads_accuracy_at_a_token_budget():
+    def update(stage, k, agent, gap, penalty, out):
+        return {"stage": stage, "update": k, "agent": agent} | {
+            f"agent{agent}/{key}": v
+            for key, v in (("stale_gap", gap), ("penalty", penalty), ("out_of_region", out))
+        }
+
     records = [
-        {"stage": 1, "update": 1, "agent": 0, "agent0/stale_gap": 0.0, "agent0/out_of_region": 0.1},
-        {"stage": 1, "update": 2, "agent": 1, "agent1/stale_gap": 0.3, "agent1/out_of_region": 0.3},
+        update(1, 1, 0, 0.0, 0.0, 0.1),
+        update(1, 2, 1, 0.3, 0.5, 0.3),
         {"stage": 1, "stage/tokens": 100},
-        {"stage": 2, "update": 1, "agent": 1, "agent1/stale_gap": 0.0, "agent1/out_of_region": 0.0},
-        {"stage": 2, "update": 2, "agent": 0, "agent0/stale_gap": 0.1, "agent0/out_of_region": 0.2},
+        update(2, 1, 1, 0.0, 0.1, 0.0),
+        update(2, 2, 0, 0.1, 0.0, 0.2),
         {"stage": 2, "stage/tokens": 50},
     ]
     result = compare.summarize(records, [0.2, 0.5, 0.7])
     assert result["tokens"] == [0, 100, 150]
-    # stages sum to 0.3 and 0.1
-    assert abs(result["stale_gap"] - 0.2) < 1e-12
+    # stages sum to 0.3 and 0.1; penalties to 0.5 and 0.1
+    assert abs(result["stale_gap"] - 0.2) < 1e-12 and abs(result["penalty"] - 0.3) < 1e-12
     assert abs(result["out_of_region"] - 0.15) < 1e-12
     assert [compare.at_budget(result, b) for b in (0, 99, 100, 149, 150, 10**6)] == [
         0.2,

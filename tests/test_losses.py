@@ -369,6 +369,32 @@ def test_the_surrogate_is_the_token_mean_of_r_minus_one_times_a():
     assert got == pytest.approx(1.3 / 5, abs=1e-12)
 
 
+def test_the_own_shift_surrogate_weights_later_messages_by_the_ratios_of_the_earlier_ones():
+    # episode 0 has rows 0 and 2 (two turns of the agent), episode 1 has row 1
+    ratios = [[2.0, 0.5], [1.5, 1.0], [3.0, 0.8]]
+    logp_old = t([[-0.7, -1.1], [-0.2, -3.0], [-1.0, -0.4]])
+    logp = logp_old + t(ratios).log()
+    mask = t([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    adv = t([1.0, -2.0, 0.5])
+    got = losses.own_shift_surrogate(logp, logp_old, adv, mask, torch.tensor([0, 1, 0]))
+    # row 2's terms times row 0's sequence ratio, 2 * 0.5 = 1
+    assert got == pytest.approx((1 * 1 - 0.5 * 1 + 0.5 * -2 + 2.0 * 0.5 - 0.2 * 0.5) / 5, abs=1e-12)
+    # row 0's ratios 2 and 2: row 2's weight is 4
+    logp[0, 1] = logp_old[0, 1] + math.log(2.0)
+    got = losses.own_shift_surrogate(logp, logp_old, adv, mask, torch.tensor([0, 1, 0]))
+    # row 0: (1 + 1) * 1; row 1: 0.5 * -2; row 2: 4 * (2 * 0.5 - 0.2 * 0.5)
+    assert got == pytest.approx((2.0 - 1.0 + 4 * (1.0 - 0.1)) / 5, abs=1e-12)
+
+
+def test_the_own_shift_surrogate_is_the_surrogate_bit_for_bit_when_the_agent_speaks_once():
+    gen = torch.Generator().manual_seed(0)
+    logp_old = -torch.rand(4, 5, generator=gen)
+    logp = logp_old + 0.3 * torch.randn(4, 5, generator=gen)
+    mask, adv = (torch.rand(4, 5, generator=gen) > 0.3).float(), torch.randn(4, generator=gen)
+    own = losses.own_shift_surrogate(logp, logp_old, adv, mask, torch.arange(4))
+    assert own == losses.surrogate(logp, logp_old, adv, mask)
+
+
 # ----------------------------------------------------------------------------- sequence ratios
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import zlib
 
 import pytest
 import torch
@@ -154,8 +155,39 @@ def test_update_metrics_have_the_names_of_the_design(make_team, cfg):
     logged = []
     teamtr.run_stage(make_team(3), tasks.Relay(3), cfg, 1, lambda r, line: logged.append(r))
     names = "kl_rev kl_k1 kl_k3 out_of_region clipfrac steps skipped_steps reverted backtracks surrogate"
-    for name in [*names.split(), "stale_gap", "adv_clipfrac", "logp_drift"]:
+    for name in [*names.split(), "penalty", "stale_gap", "adv_clipfrac", "logp_drift"]:
         assert all(f"agent{r['agent']}/{name}" in r for r in logged)
+
+
+class CoinRelay(tasks.Relay):
+    """The relay with a reward of 0 or 1 read off the final message's text, so that an untrained
+    team's groups have advantages that are not all 0."""
+
+    def reward(self, q, final_message: str) -> float:
+        return float(zlib.crc32(final_message.encode()) % 2)
+
+
+@pytest.mark.parametrize("resample, rounds", [("fresh", 1), ("fresh", 2), ("stale", 1), ("reweight", 1)])
+def test_the_penalty_is_the_surrogate_error_of_the_batch_each_mode_trains_on(
+    make_team, cfg, resample, rounds
+):
+    cfg = dataclasses.replace(cfg, resample=resample, rounds=rounds, measure_gap=True, happo_max_weight=1.05)
+    logged = []
+    # the relay has a step per turn
+    record = teamtr.run_stage(make_team(3), CoinRelay(3 * rounds), cfg, 1, lambda r, line: logged.append(r))
+    penalty, gap = ([r[f"agent{r['agent']}/{key}"] for r in logged] for key in ("penalty", "stale_gap"))
+    assert record["stage/penalty"] == sum(penalty) and record["stage/stale_gap"] == sum(gap)
+    # the first update of a stage trains on the intermediate team's batch in every mode
+    assert gap[0] == 0.0 and max(gap) > 0
+    if resample == "fresh":
+        # one round: an agent's contexts hold none of its own turns, so its batch's occupancy is
+        # exact; two rounds: its update shifts its own later turns' contexts
+        assert all(p == 0.0 for p in penalty) if rounds == 1 else max(penalty) > 0
+    elif resample == "stale":
+        assert penalty == gap
+    else:
+        # happo pays its reweighted surrogate's error, not the plain stale gap
+        assert penalty[0] == 0.0 and penalty[1:] != gap[1:]
 
 
 def test_happo_weights_are_the_clipped_product_of_earlier_agents_sequence_ratios(make_team, cfg, monkeypatch):

@@ -1,6 +1,7 @@
 """The exact testbed: stale versus intermediate occupancy, computed exactly (no sampling).
 
     python theory.py            # exponents for n = 2..32, one and two rounds, and J curves (< 60 s)
+    python theory.py --map --stages 10 --seeds 3    # where stale occupancy changes the outcome
 
 A team of n tabular softmax agents passes a message from an alphabet of M symbols: agent t
 reads the question q and the previous message and writes the next one; a reward table scores the
@@ -21,6 +22,13 @@ per-update penalty. The stale error compounds over the earlier updates of the st
 Two starting teams: `random` (N(0, 1) logits: the message chain forgets quickly) and `relay`
 (each agent mostly copies what it reads, as in the relay task, so upstream changes travel far).
 
+`--map` asks whether the stale error changes the outcome: over 10 stages in both modes, per team
+size, radius and coupling, the stale error as a fraction of the true improvement, the stale
+updates that lowered J, and how far the intermediate team's J gets ahead. Coupling moves a share
+of the reward from the final message to a convention (each turn earns coupling / turns for
+writing sigma_q(message read)), so a turn's best message depends on what it read; `share` makes
+part of every step generalise across the contexts an agent reads, as shared weights do.
+
 `happo_surrogate` is the HAPPO-style correction (stale trajectories reweighted by the product of
 the already-updated agents' sequence ratios), checked in tests to equal the intermediate surrogate.
 """
@@ -28,8 +36,13 @@ the already-updated agents' sequence ratios), checked in tests to equal the inte
 import argparse
 import itertools
 import time
+from collections import namedtuple
 
 import numpy as np
+
+# one stage of the testbed: the team after it, its summed surrogate error, J after it, and each
+# update's (surrogate, true improvement)
+Stage = namedtuple("Stage", "team error J updates")
 
 
 def softmax(x):
@@ -40,7 +53,7 @@ def softmax(x):
 class Testbed:
     """n agents, Q questions, M messages, `rounds` passes; policies pi[a] of shape (Q, M, M)."""
 
-    def __init__(self, n, rounds=1, Q=3, M=4, init="random", seed=0):
+    def __init__(self, n, rounds=1, Q=3, M=4, init="random", seed=0, coupling=0.0):
         rng = np.random.default_rng(seed)
         self.n, self.rounds, self.Q, self.M = n, rounds, Q, M
         self.turns = n * rounds
@@ -53,6 +66,14 @@ class Testbed:
             logits = 0.5 * logits + 3.0 * np.eye(M)
         # (n, Q, M, M): [agent, q, previous message, next message]
         self.pi = softmax(logits)
+        # coupling: a share of the reward moves from the final message to a convention, each turn
+        # earning coupling / turns for writing sigma_q(message read); then a turn's best message
+        # depends on what it read (with coupling 0 it does not: Q_t(c, m) = V_{t+1}(m))
+        sigma = np.stack([np.random.default_rng([seed, 1, q]).permutation(M) for q in range(Q)])
+        self.coupling = coupling
+        self.final_reward = (1 - coupling) * self.reward
+        # (Q, M, M): [q, message read, message written]
+        self.turn_reward = coupling / self.turns * (np.arange(M) == sigma[:, :, None])
 
     def agent(self, t):
         return t % self.n
@@ -70,18 +91,19 @@ class Testbed:
         """Qv[t, q, c, m]: expected reward after turn t writes m in context (q, c)."""
         Qv = np.zeros((self.turns, self.Q, self.M, self.M))
         # (Q, M): value of the message just written, after the last turn
-        V_next = self.reward
+        V_next = self.final_reward
         for t in reversed(range(self.turns)):
-            Qv[t] = np.broadcast_to(V_next[:, None, :], (self.Q, self.M, self.M))
+            Qv[t] = self.turn_reward + V_next[:, None, :]
             V_next = np.einsum("qcm,qcm->qc", pi[self.agent(t)], Qv[t])
         return Qv
 
     def J(self, pi):
-        return float(
-            (
-                self.occupancy(pi)[-1] * np.einsum("qcm,qm->qc", pi[self.agent(self.turns - 1)], self.reward)
-            ).sum()
-        )
+        d = self.occupancy(pi)
+        last = pi[self.agent(self.turns - 1)]
+        final = (d[-1] * np.einsum("qcm,qm->qc", last, self.final_reward)).sum()
+        # the conventions' rewards, turn by turn
+        turns = sum((d[t][..., None] * pi[self.agent(t)] * self.turn_reward).sum() for t in range(self.turns))
+        return float(final + turns)
 
     def surrogate(self, ref, a, new_policy):
         """L: sum over agent a's turns of d^ref sum_m (pi' - pi^ref) Q^ref."""
@@ -94,8 +116,11 @@ class Testbed:
             )
         )
 
-    def kl_step(self, ref, a, delta):
-        """pi' ∝ pi exp(eta A^ref), with eta such that the occupancy-weighted mean KL(pi' || pi) = delta."""
+    def kl_step(self, ref, a, delta, share=0.0):
+        """pi' ∝ pi exp(eta A^ref), with eta such that the occupancy-weighted mean KL(pi' || pi) = delta.
+        share: the part of the step that generalises across contexts, as shared weights do: the
+        agent moves by (1 - share) A(c, m) + share * A_bar(m), A_bar the mean of A over the
+        contexts it reads under the reference occupancy (share 0: the tabular agent)."""
         d, Qv = self.occupancy(ref), self.q_values(ref)
         mine = [t for t in range(self.turns) if self.agent(t) == a]
         # (Q, M): agent a's context distribution
@@ -103,6 +128,9 @@ class Testbed:
         adv = sum(d[t][..., None] * (Qv[t] - (ref[a] * Qv[t]).sum(-1, keepdims=True)) for t in mine)
         # occupancy-weighted A(c, m)
         adv = adv / np.maximum(sum(d[t] for t in mine), 1e-300)[..., None]
+        if share:
+            pooled = (weight[..., None] * adv).sum((0, 1)) / weight.sum()
+            adv = (1 - share) * adv + share * pooled
         # policies near convergence have exact zeros
         log_pi = np.log(np.maximum(ref[a], 1e-300))
 
@@ -122,17 +150,18 @@ class Testbed:
             lo, hi = (mid, hi) if step(mid)[1] < delta else (lo, mid)
         return step(lo)[0]
 
-    def stage(self, pi, mode, delta):
-        """One stage of sequential updates. Returns (new team, summed surrogate error, J after)."""
-        start, current, error = pi.copy(), pi.copy(), 0.0
+    def stage(self, pi, mode, delta, share=0.0):
+        """One stage of sequential updates. Returns (new team, summed surrogate error, J after,
+        [(surrogate, true improvement) of each update])."""
+        start, current, updates = pi.copy(), pi.copy(), []
         for a in range(self.n):
             ref = start if mode == "stale" else current
-            new_policy = self.kl_step(ref, a, delta)
+            new_policy = self.kl_step(ref, a, delta, share)
             updated = current.copy()
             updated[a] = new_policy
-            error += abs(self.surrogate(ref, a, new_policy) - (self.J(updated) - self.J(current)))
+            updates.append((self.surrogate(ref, a, new_policy), self.J(updated) - self.J(current)))
             current = updated
-        return current, error, self.J(current)
+        return Stage(current, sum(abs(L - gain) for L, gain in updates), self.J(current), updates)
 
     def happo_surrogate(self, start, current, a, new_policy):
         """Stale (pi_hat^0) trajectories, reweighted by the product over the agents already updated
@@ -151,8 +180,13 @@ class Testbed:
                     if b == a:
                         ratio += new_policy[q, prev, m] / start[a, q, prev, m] - 1
                     prev = m
-                total += prob * weight * ratio * self.reward[q, msgs[-1]]
+                total += prob * weight * ratio * self.episode_reward(q, msgs)
         return total
+
+    def episode_reward(self, q, msgs):
+        """The final message's reward and the conventions' rewards of every turn."""
+        read = (0, *msgs[:-1])
+        return self.final_reward[q, msgs[-1]] + sum(self.turn_reward[q, c, m] for c, m in zip(read, msgs))
 
 
 def exponents(ns, rounds, init, delta, seeds):
@@ -164,6 +198,66 @@ def exponents(ns, rounds, init, delta, seeds):
             errors[mode].append(np.mean([bed.stage(bed.pi, mode, delta)[1] for bed in beds]))
     slopes = {mode: fit_slope(ns, e) for mode, e in errors.items()}
     return errors, slopes
+
+
+# The regime map's grid: team size, radius, coupling, and how much each step generalises
+MAP_NS, MAP_DELTAS, MAP_COUPLINGS, MAP_SHARES = (
+    [2, 4, 8],
+    [0.005, 0.02, 0.08, 0.3],
+    [0.0, 0.5, 1.0],
+    [0.0, 0.9],
+)
+
+
+def regime(n, delta, coupling, share, stages, seeds):
+    """Stale against intermediate occupancy over `stages` stages from the relay start, means over
+    `seeds` teams: err, the stale surrogates' summed error as a fraction of the summed true
+    improvements; flip, the fraction of stale updates predicted to improve J that lowered it;
+    lead and end, J(intermediate) - J(stale) at its largest over the stages and after the last."""
+    err, flip, lead, end = [], [], [], []
+    for seed in range(seeds):
+        curves, stale_updates = {}, []
+        for mode in ("stale", "intermediate"):
+            bed = Testbed(n, 1, init="relay", seed=seed, coupling=coupling)
+            pi, curves[mode] = bed.pi, [bed.J(bed.pi)]
+            for _ in range(stages):
+                pi, _, j, updates = bed.stage(pi, mode, delta, share)
+                curves[mode].append(j)
+                stale_updates += updates if mode == "stale" else []
+        err.append(sum(abs(L - gain) for L, gain in stale_updates) / sum(abs(g) for _, g in stale_updates))
+        flip.append(np.mean([L > 0 > gain for L, gain in stale_updates]))
+        difference = np.subtract(curves["intermediate"], curves["stale"])
+        lead.append(difference.max())
+        end.append(difference[-1])
+    return {"err": np.mean(err), "flip": np.mean(flip), "lead": np.mean(lead), "end": np.mean(end)}
+
+
+def regime_map(stages, seeds) -> str:
+    """The map of regime() over MAP_* as markdown tables, one per share."""
+    lines = [
+        f"stale against intermediate occupancy: relay start, one round, {stages} stages, mean over "
+        f"{seeds} teams (Q = 3, M = 4)",
+        "err: summed |stale surrogate - true improvement| / summed |true improvement|; flip: stale "
+        "updates predicted to raise J that lowered it; lead, end: J(intermediate) - J(stale) at its "
+        "largest and after the last stage, in points (100 x J)",
+    ]
+    for share in MAP_SHARES:
+        lines += [
+            "",
+            f"share {share:g}"
+            + (" (tabular agents)" if share == 0 else " (steps generalise across contexts)"),
+            "",
+            "| delta | coupling | " + " | ".join(f"n = {n}" for n in MAP_NS) + " |",
+            "|---|---|" + "---|" * len(MAP_NS),
+        ]
+        for delta, coupling in itertools.product(MAP_DELTAS, MAP_COUPLINGS):
+            cells = [regime(n, delta, coupling, share, stages, seeds) for n in MAP_NS]
+            lines.append(f"| {delta:g} | {coupling:g} | " + " | ".join(map(map_cell, cells)) + " |")
+    return "\n".join(lines)
+
+
+def map_cell(c: dict) -> str:
+    return f"err {c['err']:.2f} flip {c['flip']:.0%} lead {100 * c['lead']:+.1f} end {100 * c['end']:+.1f}"
 
 
 def fit_slope(ns, errors):
@@ -183,6 +277,12 @@ def main(argv=None):
     parser.add_argument("--delta", type=float, default=0.01, help="KL size of every update")
     parser.add_argument("--seeds", type=int, default=5, help="random teams averaged per n")
     parser.add_argument("--stages", type=int, default=15, help="stages of the J curves")
+    parser.add_argument(
+        "--map",
+        action="store_true",
+        help="instead: where stale occupancy changes the outcome, over n, the radius, the coupling "
+        "and how much each step generalises (--stages 10 --seeds 3 in docs/results.md)",
+    )
     args = parser.parse_args(argv)
     if not (args.delta > 0 and args.seeds >= 1 and args.stages >= 0):
         parser.error(
@@ -190,6 +290,10 @@ def main(argv=None):
             f"{args.seeds}, {args.stages}"
         )
     start, ns = time.time(), [2, 4, 8, 16, 32]
+    if args.map:
+        print(regime_map(args.stages, args.seeds))
+        print(f"\n{time.time() - start:.1f} s")
+        return
     print(
         f"summed surrogate error per stage, delta = {args.delta}, mean over {args.seeds} teams (Q = 3, M = 4)"
     )
@@ -210,7 +314,7 @@ def main(argv=None):
         bed = Testbed(8, 1, init="relay", seed=0)
         pi, curve = bed.pi, [bed.J(bed.pi)]
         for _ in range(args.stages):
-            pi, _, j = bed.stage(pi, mode, args.delta)
+            pi, _, j, _ = bed.stage(pi, mode, args.delta)
             curve.append(j)
         print(f"  {mode:13s} " + " ".join(f"{j:.3f}" for j in curve))
     print(f"\n{time.time() - start:.1f} s")

@@ -9,24 +9,27 @@ import theory
 def monte_carlo_J(bed, pi, episodes, seed=0):
     rng = np.random.default_rng(seed)
     q = rng.integers(bed.Q, size=episodes)
-    msg = np.zeros(episodes, dtype=int)
+    msg, rewards = np.zeros(episodes, dtype=int), np.zeros(episodes)
     for t in range(bed.turns):
         # (episodes, M)
         probs = pi[bed.agent(t)][q, msg]
-        msg = (probs.cumsum(-1) > rng.random((episodes, 1))).argmax(-1)
-    rewards = bed.reward[q, msg]
+        read, msg = msg, (probs.cumsum(-1) > rng.random((episodes, 1))).argmax(-1)
+        # each turn's convention reward
+        rewards += bed.turn_reward[q, read, msg]
+    rewards += bed.final_reward[q, msg]
     return rewards.mean(), rewards.std() / np.sqrt(episodes)
 
 
-@pytest.mark.parametrize("rounds", [1, 2])
-def test_exact_J_agrees_with_monte_carlo(rounds):
-    bed = theory.Testbed(4, rounds, seed=3)
+@pytest.mark.parametrize("rounds, coupling", [(1, 0.0), (2, 0.0), (1, 0.6), (2, 0.6)])
+def test_exact_J_agrees_with_monte_carlo(rounds, coupling):
+    bed = theory.Testbed(4, rounds, seed=3, coupling=coupling)
     mean, stderr = monte_carlo_J(bed, bed.pi, 40_000)
     assert abs(mean - bed.J(bed.pi)) < 4 * stderr
 
 
-def test_intermediate_surrogate_is_the_true_improvement_with_one_round():
-    bed = theory.Testbed(5, 1, init="relay", seed=1)
+@pytest.mark.parametrize("coupling", [0.0, 0.7])
+def test_intermediate_surrogate_is_the_true_improvement_with_one_round(coupling):
+    bed = theory.Testbed(5, 1, init="relay", seed=1, coupling=coupling)
     current = bed.pi.copy()
     for a in range(bed.n):
         new_policy = bed.kl_step(current, a, delta=0.02)
@@ -36,6 +39,39 @@ def test_intermediate_surrogate_is_the_true_improvement_with_one_round():
             bed.J(updated) - bed.J(current), abs=1e-12
         )
         current = updated
+
+
+def test_with_coupling_a_turns_best_message_depends_on_the_message_it_read():
+    for coupling, depends in ((0.0, False), (1.0, True)):
+        bed = theory.Testbed(3, 1, seed=5, coupling=coupling)
+        # (Q, M): agent 1's best message in each context
+        best = bed.q_values(bed.pi)[1].argmax(-1)
+        assert (best != best[:, :1]).any() == depends
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_a_step_that_generalises_moves_every_context_alike(share):
+    bed = theory.Testbed(3, 1, seed=2, coupling=0.5)
+    new_policy = bed.kl_step(bed.pi, 1, delta=0.01, share=share)
+    # log pi' - log pi per context, up to its normaliser
+    move = np.log(new_policy / bed.pi[1])
+    move -= move[..., :1]
+    same = np.allclose(move, move[:1, :1], atol=1e-9)
+    assert same == (share == 1.0)
+    assert bed.surrogate(bed.pi, 1, new_policy) > 0
+
+
+def test_one_agent_has_no_stale_occupancy_and_the_map_names_every_cell(monkeypatch):
+    one = theory.regime(1, 0.02, 0.5, 0.9, stages=3, seeds=2)
+    assert one["err"] < 1e-9 and one["flip"] == 0 and one["lead"] == one["end"] == 0
+    two = theory.regime(2, 0.08, 0.0, 0.0, stages=3, seeds=1)
+    assert two["err"] > 1e-3 and two["lead"] >= two["end"]
+    monkeypatch.setattr(theory, "MAP_NS", [1, 2])
+    monkeypatch.setattr(theory, "MAP_DELTAS", [0.02])
+    table = theory.regime_map(stages=1, seeds=1)
+    rows = [line for line in table.splitlines() if line.startswith("| 0.02 |")]
+    assert len(rows) == len(theory.MAP_COUPLINGS) * len(theory.MAP_SHARES)
+    assert all(row.count("err ") == 2 for row in rows)
 
 
 def test_kl_step_has_the_requested_size_and_improves():

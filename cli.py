@@ -169,6 +169,8 @@ def check_combinations(cli, cfg: Config, sizes: list[int], given: set):
         )
     if cfg.codes and cfg.task != "relay":
         cli.error("--codes is a variant of the relay task")
+    if "--code-links" in given and not cfg.codes:
+        cli.error("--code-links sets how many links --codes leaves free; add --codes")
     if cfg.prompts and cfg.task == "relay":
         cli.error("--prompts gives the roles of a real task's agents; the relay has none")
     if cfg.lora_rank and cfg.models:

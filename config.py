@@ -135,6 +135,9 @@ class Config:
     codes: bool = False
     """coordination variant: the warm-up demonstrator writes each message but the last plainly or
     mirrored (modulus - 1 - v) at random, unmarked, so the team starts without a shared convention"""
+    code_links: float = flag(1.0, at_least=0.0, at_most=1)
+    """with --codes, the coupling knob: the fraction of links (messages but the last, evenly
+    spread) written in either code; the others are always plain (0: the plain relay's start)"""
     # rollouts
     questions: int = flag(32, at_least=1)
     """questions per batch"""

@@ -25,7 +25,8 @@ random for every other message, so each agent learns to read and write both and 
 without a shared convention: a link works only if the reader decodes the code the writer chose.
 RL must make the agents agree, and each agent's best code depends on what its neighbours do now,
 which is where fresh and stale occupancy can differ (the plain relay gives every agent the same
-reading whatever upstream does: a wrong value is distributed like a right one).
+reading whatever upstream does: a wrong value is distributed like a right one). --code-links f
+is the coupling knob: only a fraction f of the links carry two codes, the rest stay plain.
 
 Questions are deterministic by seed; the held-out set is the questions whose CRC32 falls in one
 bucket of four, and training questions are drawn from the other three, so the two are disjoint.

@@ -5,6 +5,7 @@ format and leaves them an imperfect start that RL can improve; then one warmed-u
 once per agent. --model and --models load Hugging Face models instead, with no warm-up.
 """
 
+import math
 import random
 
 import torch
@@ -28,13 +29,15 @@ def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[
     high with probability demo_error. With --codes it also writes each message but the last
     mirrored (tasks.mirror) with probability 1/2, unmarked: a reader cannot tell which code it
     reads, so the agents learn to decode and encode both ways and must agree on a convention in RL.
+    --code-links f < 1 leaves all but a fraction f of those links plain (coupled_links).
     """
     n_ops, m = len(q.ops), task.modulus
     values = [
         (int(v) + (abs(int(op)) > cfg.demo_max_arg and rng.random() < cfg.demo_error)) % m
         for v, op in zip(q.steps, q.ops)
     ]
-    mirrored = [cfg.codes and t < n_ops - 1 and rng.random() < 0.5 for t in range(n_ops)]
+    coupled = coupled_links(n_ops, cfg.code_links)
+    mirrored = [cfg.codes and coupled[t] and rng.random() < 0.5 for t in range(n_ops)]
 
     # a chain of values as the demonstrator writes it
     def code(chain):
@@ -45,6 +48,15 @@ def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[
     return [(task.render(q, shown[:t]), written[t]) for t in range(n_ops)] + [
         (solo.render(q, []), ";".join(map(str, values)))
     ]
+
+
+def coupled_links(n_ops: int, fraction: float) -> list[bool]:
+    """Per message, whether --codes may mirror it: k = round(fraction * (n_ops - 1)) of the
+    messages before the last, spread evenly (message t is one if (t + 1) k / (n_ops - 1) passes an
+    integer that t k / (n_ops - 1) does not); never the last, which is scored plainly."""
+    links = n_ops - 1
+    k = math.floor(fraction * links + 0.5)
+    return [(t + 1) * k // links > t * k // links for t in range(links)] + [False]
 
 
 def warmup(model, tokenizer, cfg: Config, batch: int = 64):

@@ -81,6 +81,19 @@ def test_with_codes_the_demonstrator_mirrors_half_the_messages_but_never_the_las
     assert all(tasks.mirror(tasks.mirror(v, 10), 10) == v for v in range(10))
 
 
+@pytest.mark.parametrize("fraction, free", [(1.0, [0, 1, 2, 3, 4, 5, 6]), (0.5, [1, 3, 5, 6]), (0.0, [])])
+def test_code_links_leave_all_but_a_fraction_of_the_links_plain(fraction, free):
+    task, solo = tasks.Relay(8), tasks.Relay(8, solo=True)
+    cfg, rng = config.Config(demo_error=0.0, codes=True, code_links=fraction), random.Random(0)
+    assert [t for t, c in enumerate(warmup.coupled_links(8, fraction)) if c] == free
+    mirrored = set()
+    for q in tasks.questions(task, 200, seed=3, heldout=False):
+        demos = warmup.demonstration(q, task, solo, cfg, rng)
+        mirrored |= {t for t, (_, message) in enumerate(demos[:8]) if message != q.steps[t]}
+    # the free links are mirrored in some questions, the others never
+    assert sorted(mirrored) == free
+
+
 def test_a_turn_is_right_given_the_value_it_read():
     q = tasks.Question("7+3-2+1", "9", ("0", "8", "9"), ("+3", "-2", "+1"))
     relay = tasks.Relay(3)

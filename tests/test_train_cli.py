@@ -73,6 +73,8 @@ def test_every_mode_runs(tmp_path, monkeypatch, mode):
         ["--mode", "compare", "--modes", "teamtr,bogus"],
         ["--mode", "compare", "--modes", "stale,stale"],
         ["--codes", "--model", "some/model"],
+        ["--code-links", "0.5"],
+        ["--codes", "--code-links", "1.5"],
         ["--top-p", "1.5"],
         ["--lr", "0"],
         ["--mode", "naive", "--shared-prefix"],

@@ -10,12 +10,15 @@ happo) also sample diagnostic fresh batches (--measure-gap), so the stale gap is
 every mode; those batches are neither trained on nor counted as generated tokens.
 
 The table has, per n and mode (mean and standard deviation over seeds): held-out accuracy after
-the last stage and its gain over the starting team; accuracy at equal generated tokens (at the
+the last stage and its gain over the starting team; the best accuracy of any stage; the first
+stage 10 points above the start (of the seeds that got there); accuracy at equal generated tokens (at the
 last stage whose cumulative training tokens fit the cheapest mode's total); the summed penalty
 per stage (the surrogate error of the batch the mode trained on: 0 for teamtr with one round) and
 the summed stale gap (what training on the stage's first batch errs by, measured in every
 mode); the out-of-region token fraction; generated tokens; and seconds (stages and held-out
-evaluations; the shared warm-up is reported once per n and seed).
+evaluations; the shared warm-up is reported once per n and seed). With `stale` among the modes a
+second table gives every other mode's accuracy minus stale's, paired by seed (final, at equal
+tokens, best), and difference.png draws the final difference against n.
 
 runs/<name>/ gets <mode>-n<n>-s<seed>.jsonl (each run's metrics, as in train.py) and
 <mode>-n<n>-s<seed>.transcripts.jsonl (its evaluations' transcripts; with --tracker, one tracker
@@ -191,14 +194,19 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
     for r in results:
         groups.setdefault((r["n"], r["mode"]), []).append(r)
     rows = [
-        "| n | mode | held-out accuracy | gain (points) | accuracy at equal tokens | penalty / stage "
-        "| stale gap / stage | out-of-region | generated tokens | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| n | mode | held-out accuracy | gain (points) | best | stages to +10 points "
+        "| accuracy at equal tokens | penalty / stage | stale gap / stage | out-of-region "
+        "| generated tokens | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (n, mode), rs in groups.items():
+        reached = [to_gain(r["accs"], 0.10) for r in rs]
         cells = [
             spread((r["accs"][-1] for r in rs), ".3f"),
             spread((100 * (r["accs"][-1] - r["accs"][0]) for r in rs), "+.1f"),
+            spread((max(r["accs"]) for r in rs), ".3f"),
+            spread(reached, ".1f")
+            + (f" ({len(rs) - reached.count(None)} of {len(rs)})" if None in reached else ""),
             spread((at_budget(r, budgets.get((n, r["seed"]), 0)) for r in rs), ".3f"),
             spread((r.get("penalty") for r in rs), ".4f"),
             spread((r["stale_gap"] for r in rs), ".4f"),
@@ -216,11 +224,51 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
             f"per team size and seed, shared by the modes\n\n{PENALTY_NOTE}\n"
         )
         + gap_exponents(groups)
+        + against_stale(differences(results, budgets))
     )
     with open(os.path.join(run_dir, "compare.md"), "w") as f:
         f.write(table)
-    write_plots(groups, run_dir)
+    write_plots(groups, run_dir, differences(results, budgets))
     return table
+
+
+def to_gain(accs: list[float], gain: float):
+    """The first stage whose held-out accuracy is `gain` above the start (None if none is)."""
+    return next((s for s, acc in enumerate(accs) if acc - accs[0] >= gain - 1e-9), None)
+
+
+def differences(results: list[dict], budgets: dict) -> dict:
+    """{(n, mode): [(final, at equal tokens, best) minus stale's, per seed with a stale run]} in
+    points, for every trained mode but stale."""
+    stale = {(r["n"], r["seed"]): r for r in results if r["mode"] == "stale"}
+    out = {}
+    for r in results:
+        base = stale.get((r["n"], r["seed"]))
+        if base is None or r["mode"] in ("stale", "none"):
+            continue
+        budget = budgets.get((r["n"], r["seed"]), 0)
+        values = (
+            r["accs"][-1] - base["accs"][-1],
+            at_budget(r, budget) - at_budget(base, budget),
+            max(r["accs"]) - max(base["accs"]),
+        )
+        out.setdefault((r["n"], r["mode"]), []).append([100 * v for v in values])
+    return out
+
+
+def against_stale(diffs: dict) -> str:
+    """The table of each mode's accuracy minus stale's, paired by seed (empty without stale)."""
+    if not diffs:
+        return ""
+    rows = [
+        "\nagainst stale, paired by seed (points; mean ± std over seeds):\n",
+        "| n | mode | final − stale | at equal tokens − stale | best − stale |",
+        "|---|---|---|---|---|",
+    ]
+    for (n, mode), values in sorted(diffs.items()):
+        cells = [spread((v[j] for v in values), "+.1f") for j in range(3)]
+        rows.append(f"| {n} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def gap_curves(groups: dict, key: str = "stale_gap") -> dict:
@@ -252,8 +300,9 @@ def gap_exponents(groups: dict) -> str:
     return lines
 
 
-def write_plots(groups: dict, run_dir: str):
-    """Curves are means over seeds (stage by stage; tokens likewise)."""
+def write_plots(groups: dict, run_dir: str, diffs: dict):
+    """Curves are means over seeds (stage by stage; tokens likewise); difference.png: each mode's
+    final accuracy minus stale's against n, with its standard deviation over seeds."""
 
     def mean_curve(rs, key):
         return [statistics.mean(vals) for vals in zip(*(r[key] for r in rs))]
@@ -282,6 +331,21 @@ def write_plots(groups: dict, run_dir: str):
         gap_curves(groups),
         log=True,
     )
+    if diffs:
+        curves = {}
+        for (n, mode), values in sorted(diffs.items()):
+            finals = [v[0] for v in values]
+            xs, ys, errs = curves.setdefault(mode, ([], [], []))
+            xs.append(n)
+            ys.append(statistics.mean(finals))
+            errs.append(statistics.stdev(finals) if len(finals) > 1 else 0.0)
+        line_plot(
+            os.path.join(run_dir, "difference.png"),
+            "final held-out accuracy minus stale's (± std over seeds)",
+            "agents n",
+            "points",
+            curves,
+        )
     # a mode that pays nothing (fresh resampling, one round) is left out; a log scale needs every
     # value positive
     paid = {mode: c for mode, c in gap_curves(groups, "penalty").items() if max(c[1]) > 0}
@@ -296,18 +360,23 @@ def write_plots(groups: dict, run_dir: str):
 
 
 def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict, log: bool = False):
-    """A PNG line plot, drawn by matplotlib (Agg: files only, no display). series: {name: (xs, ys)};
-    log: both axes logarithmic (a power law is a straight line), if every value is positive."""
-    values = [v for xs, ys in series.values() for v in (*xs, *ys)]
+    """A PNG line plot, drawn by matplotlib (Agg: files only, no display). series: {name: (xs, ys)}
+    or {name: (xs, ys, error bars)}; log: both axes logarithmic (a power law is a straight line),
+    if every value is positive."""
+    values = [v for xs, ys, *_ in series.values() for v in (*xs, *ys)]
     log = log and bool(values) and min(values) > 0
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", markersize=3, label=name, color=COLORS.get(name))
+    for name, (xs, ys, *errs) in series.items():
+        style = dict(marker="o", markersize=3, label=name, color=COLORS.get(name))
+        if errs:
+            ax.errorbar(xs, ys, yerr=errs[0], capsize=3, **style)
+        else:
+            ax.plot(xs, ys, **style)
     # ticks at the x values drawn, written plainly
     if log:
         ax.set(xscale="log", yscale="log")
         ax.minorticks_off()
-        ticks = sorted({x for xs, _ in series.values() for x in xs})
+        ticks = sorted({x for xs, *_ in series.values() for x in xs})
         ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)

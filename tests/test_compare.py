@@ -41,7 +41,8 @@ def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plot
             assert first[0] == first[1]
     table = (run_dir / "compare.md").read_text()
     assert table.strip() in out.stdout
-    assert sum(line.startswith("| 3 | ") for line in table.splitlines()) == 3
+    # three modes, and teamtr against stale
+    assert sum(line.startswith("| 3 | ") for line in table.splitlines()) == 4
     assert "penalty / stage" in table and compare.PENALTY_NOTE in table
     names = ("accuracy_n2", "accuracy_n3", "tokens_n2", "tokens_n3", "stale_gap", "penalty")
     for name in names:
@@ -56,7 +57,8 @@ def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plot
     )
     compare.write_outputs(results, str(tmp_path))
     assert {name: len(series) for name, series in drawn.items()} == {
-        f"{name}.png": {"stale_gap": 2, "penalty": 1}.get(name, 3) for name in names
+        f"{name}.png": {"stale_gap": 2, "penalty": 1, "difference": 1}.get(name, 3)
+        for name in (*names, "difference")
     }
     # one point per team size; teamtr's penalty, 0, is not drawn on a log scale
     assert drawn["stale_gap.png"]["teamtr"][0] == [2, 3] and list(drawn["penalty.png"]) == ["stale"]
@@ -91,3 +93,22 @@ def test_summary_sums_the_gap_and_penalty_per_stage_and_reads_accuracy_at_a_toke
         0.7,
     ]
     assert compare.spread([0.5, 0.7], ".3f") == "0.600 ± 0.141" and compare.spread([None], ".3f") == "-"
+
+
+def test_the_table_gives_best_accuracy_stages_to_ten_points_and_differences_to_stale_by_seed():
+    def result(mode, seed, accs, tokens):
+        return dict(mode=mode, n=4, seed=seed, accs=accs, tokens=tokens, penalty=None, stale_gap=None)
+
+    results = [
+        result("stale", 0, [0.5, 0.55, 0.62, 0.60], [0, 10, 20, 30]),
+        result("teamtr", 0, [0.5, 0.65, 0.70, 0.66], [0, 20, 40, 60]),
+        result("stale", 1, [0.4, 0.45, 0.46, 0.47], [0, 10, 20, 30]),
+        result("teamtr", 1, [0.4, 0.52, 0.41, 0.50], [0, 20, 40, 60]),
+    ]
+    assert [compare.to_gain(r["accs"], 0.10) for r in results] == [2, 1, None, 1]
+    diffs = compare.differences(results, {(4, 0): 30, (4, 1): 30})
+    # final, at stale's 30 tokens (teamtr's stage 1), best; per seed
+    want = [[6.0, 5.0, 8.0], [3.0, 5.0, 5.0]]
+    assert [[round(v, 9) for v in seed] for seed in diffs[(4, "teamtr")]] == want
+    table = compare.against_stale(diffs)
+    assert "| 4 | teamtr | +4.5 ± 2.1 | +5.0 ± 0.0 | +6.5 ± 2.1 |" in table

@@ -116,18 +116,22 @@ class Testbed:
             )
         )
 
-    def kl_step(self, ref, a, delta, share=0.0):
+    def kl_step(self, ref, a, delta, share=0.0, samples=0, rng=None):
         """pi' ∝ pi exp(eta A^ref), with eta such that the occupancy-weighted mean KL(pi' || pi) = delta.
         share: the part of the step that generalises across contexts, as shared weights do: the
         agent moves by (1 - share) A(c, m) + share * A_bar(m), A_bar the mean of A over the
-        contexts it reads under the reference occupancy (share 0: the tabular agent)."""
-        d, Qv = self.occupancy(ref), self.q_values(ref)
-        mine = [t for t in range(self.turns) if self.agent(t) == a]
-        # (Q, M): agent a's context distribution
-        weight = sum(d[t] for t in mine) / len(mine)
-        adv = sum(d[t][..., None] * (Qv[t] - (ref[a] * Qv[t]).sum(-1, keepdims=True)) for t in mine)
-        # occupancy-weighted A(c, m)
-        adv = adv / np.maximum(sum(d[t] for t in mine), 1e-300)[..., None]
+        contexts it reads under the reference occupancy (share 0: the tabular agent).
+        samples > 0: A and the occupancy estimated from that many episodes of ref (sampled)."""
+        if samples:
+            adv, weight = self.sampled(ref, a, samples, rng)
+        else:
+            d, Qv = self.occupancy(ref), self.q_values(ref)
+            mine = [t for t in range(self.turns) if self.agent(t) == a]
+            # (Q, M): agent a's context distribution
+            weight = sum(d[t] for t in mine) / len(mine)
+            adv = sum(d[t][..., None] * (Qv[t] - (ref[a] * Qv[t]).sum(-1, keepdims=True)) for t in mine)
+            # occupancy-weighted A(c, m)
+            adv = adv / np.maximum(sum(d[t] for t in mine), 1e-300)[..., None]
         if share:
             pooled = (weight[..., None] * adv).sum((0, 1)) / weight.sum()
             adv = (1 - share) * adv + share * pooled
@@ -150,13 +154,41 @@ class Testbed:
             lo, hi = (mid, hi) if step(mid)[1] < delta else (lo, mid)
         return step(lo)[0]
 
-    def stage(self, pi, mode, delta, share=0.0):
+    def sampled(self, ref, a, samples, rng):
+        """Agent a's advantages and context distribution estimated from `samples` episodes of the
+        team ref, as a batch gives them: A(q, c, m) = mean reward-to-go after writing m in (q, c)
+        minus the mean in (q, c), 0 where not sampled; (Q, M, M) and (Q, M)."""
+        q, read = rng.choice(self.Q, size=samples, p=self.p_q), np.zeros(samples, dtype=int)
+        # (turns + 1, samples): every turn's reward, then the final one
+        rewards, visits = np.zeros((self.turns + 1, samples)), []
+        for t in range(self.turns):
+            probs = ref[self.agent(t)][q, read]
+            written = (probs.cumsum(-1) > rng.random((samples, 1))).argmax(-1)
+            rewards[t] = self.turn_reward[q, read, written]
+            if self.agent(t) == a:
+                visits.append((t, read, written))
+            read = written
+        rewards[-1] = self.final_reward[q, read]
+        to_go = rewards[::-1].cumsum(0)[::-1]
+        total, count = np.zeros((self.Q, self.M, self.M)), np.zeros((self.Q, self.M, self.M))
+        for t, c, m in visits:
+            np.add.at(total, (q, c, m), to_go[t])
+            np.add.at(count, (q, c, m), 1)
+        in_context = count.sum(-1)
+        mean = total.sum(-1) / np.maximum(in_context, 1)
+        adv = np.where(count > 0, total / np.maximum(count, 1) - mean[..., None], 0.0)
+        return adv, in_context / in_context.sum()
+
+    def stage(self, pi, mode, delta, share=0.0, samples=0, seed=(0,)):
         """One stage of sequential updates. Returns (new team, summed surrogate error, J after,
-        [(surrogate, true improvement) of each update])."""
+        [(surrogate, true improvement) of each update]). samples > 0: every update estimates its
+        advantages from that many episodes of its reference team, the same random numbers in
+        both modes (seed)."""
         start, current, updates = pi.copy(), pi.copy(), []
         for a in range(self.n):
             ref = start if mode == "stale" else current
-            new_policy = self.kl_step(ref, a, delta, share)
+            rng = np.random.default_rng([*seed, a])
+            new_policy = self.kl_step(ref, a, delta, share, samples, rng)
             updated = current.copy()
             updated[a] = new_policy
             updates.append((self.surrogate(ref, a, new_policy), self.J(updated) - self.J(current)))
@@ -200,28 +232,30 @@ def exponents(ns, rounds, init, delta, seeds):
     return errors, slopes
 
 
-# The regime map's grid: team size, radius, coupling, and how much each step generalises
-MAP_NS, MAP_DELTAS, MAP_COUPLINGS, MAP_SHARES = (
-    [2, 4, 8],
-    [0.005, 0.02, 0.08, 0.3],
-    [0.0, 0.5, 1.0],
-    [0.0, 0.9],
-)
+# The regime map's grid: team size, radius, coupling; and its blocks, (share, samples): how much
+# each step generalises, and how many episodes estimate its advantages (0: exact)
+MAP_NS, MAP_DELTAS, MAP_COUPLINGS = [2, 4, 8], [0.005, 0.02, 0.08, 0.3], [0.0, 0.5, 1.0]
+MAP_BLOCKS = [
+    (0.0, 0, "tabular agents, exact advantages"),
+    (0.9, 0, "steps generalise across contexts"),
+    (0.0, 32, "advantages from 32 sampled episodes per update"),
+]
 
 
-def regime(n, delta, coupling, share, stages, seeds):
+def regime(n, delta, coupling, share, stages, seeds, samples=0):
     """Stale against intermediate occupancy over `stages` stages from the relay start, means over
     `seeds` teams: err, the stale surrogates' summed error as a fraction of the summed true
     improvements; flip, the fraction of stale updates predicted to improve J that lowered it;
-    lead and end, J(intermediate) - J(stale) at its largest over the stages and after the last."""
+    lead and end, J(intermediate) - J(stale) at its largest over the stages and after the last.
+    samples > 0: advantages estimated from that many episodes per update (Testbed.sampled)."""
     err, flip, lead, end = [], [], [], []
     for seed in range(seeds):
         curves, stale_updates = {}, []
         for mode in ("stale", "intermediate"):
             bed = Testbed(n, 1, init="relay", seed=seed, coupling=coupling)
             pi, curves[mode] = bed.pi, [bed.J(bed.pi)]
-            for _ in range(stages):
-                pi, _, j, updates = bed.stage(pi, mode, delta, share)
+            for stage in range(stages):
+                pi, _, j, updates = bed.stage(pi, mode, delta, share, samples, seed=(seed, stage))
                 curves[mode].append(j)
                 stale_updates += updates if mode == "stale" else []
         err.append(sum(abs(L - gain) for L, gain in stale_updates) / sum(abs(g) for _, g in stale_updates))
@@ -233,7 +267,7 @@ def regime(n, delta, coupling, share, stages, seeds):
 
 
 def regime_map(stages, seeds) -> str:
-    """The map of regime() over MAP_* as markdown tables, one per share."""
+    """The map of regime() over MAP_* as markdown tables, one per block."""
     lines = [
         f"stale against intermediate occupancy: relay start, one round, {stages} stages, mean over "
         f"{seeds} teams (Q = 3, M = 4)",
@@ -241,17 +275,16 @@ def regime_map(stages, seeds) -> str:
         "updates predicted to raise J that lowered it; lead, end: J(intermediate) - J(stale) at its "
         "largest and after the last stage, in points (100 x J)",
     ]
-    for share in MAP_SHARES:
+    for share, samples, name in MAP_BLOCKS:
         lines += [
             "",
-            f"share {share:g}"
-            + (" (tabular agents)" if share == 0 else " (steps generalise across contexts)"),
+            f"share {share:g}, samples {samples} ({name})",
             "",
             "| delta | coupling | " + " | ".join(f"n = {n}" for n in MAP_NS) + " |",
             "|---|---|" + "---|" * len(MAP_NS),
         ]
         for delta, coupling in itertools.product(MAP_DELTAS, MAP_COUPLINGS):
-            cells = [regime(n, delta, coupling, share, stages, seeds) for n in MAP_NS]
+            cells = [regime(n, delta, coupling, share, stages, seeds, samples) for n in MAP_NS]
             lines.append(f"| {delta:g} | {coupling:g} | " + " | ".join(map(map_cell, cells)) + " |")
     return "\n".join(lines)
 

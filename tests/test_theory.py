@@ -70,8 +70,19 @@ def test_one_agent_has_no_stale_occupancy_and_the_map_names_every_cell(monkeypat
     monkeypatch.setattr(theory, "MAP_DELTAS", [0.02])
     table = theory.regime_map(stages=1, seeds=1)
     rows = [line for line in table.splitlines() if line.startswith("| 0.02 |")]
-    assert len(rows) == len(theory.MAP_COUPLINGS) * len(theory.MAP_SHARES)
+    assert len(rows) == len(theory.MAP_COUPLINGS) * len(theory.MAP_BLOCKS)
     assert all(row.count("err ") == 2 for row in rows)
+
+
+def test_sampled_advantages_approach_the_exact_ones():
+    bed = theory.Testbed(3, 1, init="relay", seed=1, coupling=0.5)
+    d, Qv = bed.occupancy(bed.pi), bed.q_values(bed.pi)
+    exact = Qv[2] - (bed.pi[2] * Qv[2]).sum(-1, keepdims=True)
+    adv, weight = bed.sampled(bed.pi, 2, 400_000, np.random.default_rng(0))
+    np.testing.assert_allclose(weight, d[2], atol=3e-3)
+    # where the context and the message are both common enough to be estimated
+    common = (d[2][..., None] * bed.pi[2]) > 0.02
+    np.testing.assert_allclose(adv[common], exact[common], atol=0.02)
 
 
 def test_kl_step_has_the_requested_size_and_improves():

@@ -11,8 +11,8 @@ every mode; those batches are neither trained on nor counted as generated tokens
 
 The table has, per n and mode (mean and standard deviation over seeds): held-out accuracy after
 the last stage and its gain over the starting team; the best accuracy of any stage; the first
-stage 10 points above the start (of the seeds that got there); accuracy at equal generated tokens (at the
-last stage whose cumulative training tokens fit the cheapest mode's total); the summed penalty
+stage 10 points above the start (of the seeds that got there); accuracy at equal generated
+tokens (at the last stage whose cumulative training tokens fit the cheapest mode's total); the summed penalty
 per stage (the surrogate error of the batch the mode trained on: 0 for teamtr with one round) and
 the summed stale gap (what training on the stage's first batch errs by, measured in every
 mode); the out-of-region token fraction; generated tokens; and seconds (stages and held-out
@@ -190,7 +190,7 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
         if r["tokens"][-1] > 0:
             key = (r["n"], r["seed"])
             budgets[key] = min(budgets.get(key, r["tokens"][-1]), r["tokens"][-1])
-    groups = {}
+    groups, diffs = {}, differences(results, budgets)
     for r in results:
         groups.setdefault((r["n"], r["mode"]), []).append(r)
     rows = [
@@ -224,11 +224,11 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
             f"per team size and seed, shared by the modes\n\n{PENALTY_NOTE}\n"
         )
         + gap_exponents(groups)
-        + against_stale(differences(results, budgets))
+        + against_stale(diffs)
     )
     with open(os.path.join(run_dir, "compare.md"), "w") as f:
         f.write(table)
-    write_plots(groups, run_dir, differences(results, budgets))
+    write_plots(groups, run_dir, diffs)
     return table
 
 

@@ -166,7 +166,7 @@ def own_shift_surrogate(logp, logp_old, adv, mask, episode) -> float:
     order = torch.arange(len(per_row), device=per_row.device)
     earlier = (episode[:, None] == episode[None, :]) & (order[None, :] < order[:, None])
     w = (earlier.to(per_row.dtype) @ per_row).exp()
-    return token_mean(w[:, None] * ((logp - logp_old).exp() - 1) * adv[:, None], mask)
+    return surrogate(logp, logp_old, w * adv, mask)
 
 
 def sequence_log_ratio(logp, logp_old, mask, episode, n_episodes: int):

@@ -170,7 +170,6 @@ def bench_suffix():
             task,
             rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0),
             1.0,
-            1.0,
             (0, 0),
             reuse_kv=mode == "reuse",
         )
@@ -179,7 +178,7 @@ def bench_suffix():
             # as its update would
             team[k - 1].changed()
             keep = [rollout.first_turn(e, k - 1) for e in episodes] if mode != "full" else [0] * len(episodes)
-            episodes, counts = rollout.play(team, task, episodes, 1.0, 1.0, (0, k), keep, mode == "reuse")
+            episodes, counts = rollout.play(team, task, episodes, 1.0, (0, k), keep, mode == "reuse")
             turns += counts.turns
         return turns // len(episodes)
 

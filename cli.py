@@ -75,8 +75,15 @@ def parse(description: str, argv=None) -> tuple[Config, list[int], str]:
     ('' for a new run; with --resume the config is the run's saved one)."""
     argv = sys.argv[1:] if argv is None else argv
     cli = parser(description)
-    args = vars(cli.parse_args(argv))
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if "--top-p" in given:
+        cli.error(
+            "--top-p: training samples the whole distribution at --temperature, because the trust "
+            "region's KL and ratios need the log-probs of the distribution that sampled (a nucleus "
+            "gives a token outside the old one an infinite KL); sharpen with --temperature, or use "
+            "eval.py --top-p for sampled evaluation"
+        )
+    args = vars(cli.parse_args(argv))
     if resume := args.pop("resume"):
         return (*resumed(cli, resume, args, given), resume)
     sizes = args.pop("agents")
@@ -145,6 +152,11 @@ def check_combinations(cli, cfg: Config, sizes: list[int], given: set):
     for name, on in (("--reuse-kv", cfg.reuse_kv), ("--no-early-exit", cfg.no_early_exit)):
         if on and not fresh and not cfg.measure_gap:
             cli.error(f"{name} changes how suffix resampling plays: {needs_fresh} or --measure-gap")
+    if cfg.temperature == 0 and cfg.mode != "none":
+        cli.error(
+            "--temperature 0 samples every group's messages alike, so every advantage is 0 and nothing "
+            "is learned: train at a temperature above 0 (evaluation is greedy already)"
+        )
     if cfg.p_max_arg and not (cfg.p_max_arg <= 1 and cfg.max_arg >= 2):
         cli.error(
             f"--p-max-arg must be at most 1 and needs --max-arg 2 or more, got {cfg.p_max_arg} with "

@@ -144,9 +144,8 @@ class Config:
     group: int = flag(8, at_least=2)
     """samples per question (the GRPO group G)"""
     temperature: float = flag(1.0, at_least=0.0)
-    """sampling temperature of training rollouts (1.0: behaviour = policy)"""
-    top_p: float = flag(1.0, positive=True, at_most=1)
-    """nucleus sampling mass of training rollouts"""
+    """sampling temperature T of training rollouts, part of the policy: the sampler, the old and new
+    log-probs, the ratio and the KL all use the logits / T (0, greedy, is refused for training)"""
     shared_prefix: bool = False
     """fresh resampling (compare: its fresh modes): before agent i's update, the G samples of each
     question are played again from one shared prefix (sample 0's turns before agent i's first),
@@ -193,7 +192,7 @@ class Config:
     update_order: str = flag("turn", choices=["turn", "reverse", "random"])
     """update order within a stage: turn, reverse or random"""
     max_backtracks: int = flag(10, at_least=0)
-    """halvings toward the old weights before an update is reverted"""
+    """halvings of the step that crossed the radius before it is dropped (the weights before it)"""
     max_grad_norm: float = flag(1.0, positive=True)
     """gradient clipping"""
     happo_max_weight: float = flag(2.0, at_least=1.0)

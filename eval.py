@@ -47,7 +47,7 @@ def play(
     episodes = rollout.new_episodes(qs, samples, len(team), cfg.rounds, cfg.order, seed)
     # this rank's questions
     episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]
-    return rollout.play(team, task, episodes, temperature, top_p, seed)[0]
+    return rollout.play(team, task, episodes, temperature, seed, top_p=top_p)[0]
 
 
 def correct_counts(played, count: int) -> list[int]:

@@ -175,7 +175,7 @@ def check_bf16(sizes: Sizes, device, dtype) -> dict:
     episodes = sampled_episodes(bf16, sizes)
     data = teamtr.agent_data(agent, 0, episodes, cfg)[0]
     # the same tokens, scored by the same weights in each dtype, log-softmax in fp32 in both
-    exact, rounded = (teamtr.batch_logprobs(m, data, False, cfg.minibatch)[0] for m in (fp32, bf16))
+    exact, rounded = (teamtr.batch_logprobs(m, data, False, cfg)[0] for m in (fp32, bf16))
     drift = (rounded - exact)[data["mask"].bool()].abs()
     before = [p.detach().clone() for p in bf16.parameters()]
     # one trust-region update of the bf16 model: D is measured in fp32 log-probs after every step

@@ -2,7 +2,9 @@
 KL estimators and reductions.
 
 Which KL is which. Rollouts are sampled from pi_old (the agent before its update), and
-r = pi_new / pi_old is the per-token ratio.
+r = pi_new / pi_old is the per-token ratio. The policy pi is the model's logits divided by the
+sampling temperature (`token_logprobs`), so pi_old is exactly the distribution that sampled, at
+any temperature > 0, and the estimators below are unbiased for it.
   - Trust-region measurement and penalty: the token-level *reverse* KL(pi_new || pi_old).
     `kl_rev` estimates it from behaviour samples as r log r - r + 1 (unbiased, since
     E_old[r log r] = KL(new || old) and E_old[r] = 1; and >= 0 for every token).
@@ -74,9 +76,10 @@ def agent_batch(episodes, agent: int, advantages, pad_id: int, device, shared_pr
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def token_logprobs(model, batch, rows=slice(None), full: bool = False):
+def token_logprobs(model, batch, rows=slice(None), full: bool = False, temperature: float = 1.0):
     """fp32 log pi(token_{p+1} | tokens_<=p) for the selected rows: (S, L-1), 0 where mask is 0;
-    with full=True also the whole next-token log-distributions (S, L-1, V).
+    with full=True also the whole next-token log-distributions (S, L-1, V). The policy is the
+    model's logits / temperature: the distribution the sampler drew from (rollout.sample).
 
     Without full, the output layer and the log-softmax run only on the agent's own tokens (mask
     1): the decoder reads every token, but the (tokens, vocabulary) logits of the prompt, which no
@@ -89,7 +92,8 @@ def token_logprobs(model, batch, rows=slice(None), full: bool = False):
         ids, attn, mask = batch["ids"][:1], batch["attn"][:1], batch["mask"][:1] * 0
     targets = ids[:, 1:]
     if full:
-        logp_all = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        logp_all = (logits / temperature).log_softmax(-1)
         fsdp.release(model)
         logp = logp_all.gather(-1, targets[..., None])[..., 0] * mask
         return (logp[:0], logp_all[:0]) if standin else (logp, logp_all)
@@ -103,7 +107,7 @@ def token_logprobs(model, batch, rows=slice(None), full: bool = False):
     logits = model.get_output_embeddings()(hidden[where]).float()
     fsdp.release(model)
     logp = torch.zeros(mask.shape, device=logits.device)
-    logp[where] = logits.log_softmax(-1).gather(-1, targets[where][:, None])[:, 0]
+    logp[where] = (logits / temperature).log_softmax(-1).gather(-1, targets[where][:, None])[:, 0]
     return (logp[:0] if standin else logp), None
 
 
@@ -136,8 +140,9 @@ def token_kl(logp, logp_old, kind: str, full=None, full_old=None):
     if kind == "full":
         return (full.exp() * (full - full_old)).sum(-1)
     log_r = logp - logp_old
-    # reverse KL from behaviour samples: r log r - r + 1
-    return log_r.exp() * log_r - log_r.exp() + 1
+    # reverse KL from behaviour samples: r log r - r + 1, written as r (log r - 1) + 1 so that a
+    # large log r gives a large KL (inf where r is), never inf - inf
+    return log_r.exp() * (log_r - 1) + 1
 
 
 def ppo_loss(logp, logp_old, adv, mask, kl_tok, clip_eps: float, beta: float, reduction: str, denom=None):

@@ -63,9 +63,7 @@ def swap_and_align(team, task, heldout, cfg: Config, log, device, dtype) -> list
         record["replace/imitated"] = evaluation.accuracy(team, task, heldout, cfg)
         qs = task.train_questions(cfg.questions, derive_seed(cfg.seed, "align"))
         # this rank's questions
-        played = evaluation.play(
-            team, task, qs, cfg, cfg.group, cfg.temperature, cfg.top_p, (cfg.seed, "align")
-        )
+        played = evaluation.play(team, task, qs, cfg, cfg.group, cfg.temperature, seed=(cfg.seed, "align"))
         update = teamtr.update_agent(new, i, played, cfg, (cfg.seed, "align"))
         record.update(
             {
@@ -95,7 +93,7 @@ def successful_messages(team, i: int, task, cfg: Config) -> list[tuple]:
     count = max(cfg.questions, -(-cfg.align_steps * cfg.minibatch // cfg.group))
     qs = task.train_questions(count, derive_seed(cfg.seed, "imitate"))
     episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, "imitate"))
-    played = rollout.play(team, task, episodes, cfg.temperature, cfg.top_p, (cfg.seed, "imitate"))[0]
+    played = rollout.play(team, task, episodes, cfg.temperature, (cfg.seed, "imitate"))[0]
     return [
         (e.question, task.context(e.question, e.steps[:t], i), s.text)
         for e in played

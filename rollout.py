@@ -19,8 +19,9 @@ seeded by (run seed, stage, update, question, sample, turn), so a row samples th
 whatever batch it is in, and a run reproduces.
 
 Unlike `model.generate`, the sampler returns the fp32 log-probs of the tokens it drew under the
-untempered model, which tests compare with a teacher-forced forward (the ratio is 1 before an
-update). Sampling runs in eval mode: gradient checkpointing in train mode turns the cache off.
+distribution that drew them (temperature is part of the policy: logits / T), which tests compare
+with a teacher-forced forward at the same temperature (the ratio is 1 before an update). Sampling
+runs in eval mode: gradient checkpointing in train mode turns the cache off.
 """
 
 import os
@@ -105,7 +106,8 @@ def sample(
     position only. The decode loop runs decode.Cache.step for Llama and Qwen models (a step
     written out, on a cache allocated once), the model's forward otherwise. temperature 0 is
     greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per prompt (inverse-CDF sampling).
-    Returns per row (tokens, fp32 log-probs of those tokens under the untempered model), each cut
+    Returns per row (tokens, fp32 log-probs of those tokens under the policy that drew them, the
+    model's logits / temperature; the model's own at temperature 0), each cut
     after the row's first EOS, and the call's KV cache at its end (a later call's past; None for a
     model with a sliding-window layer, or where the cache dropped positions).
 
@@ -164,8 +166,8 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps = [], []
     for s in range(max_new_tokens):
-        # (B, V), fp32
-        logp = logits.float().log_softmax(-1)
+        # (B, V), fp32: the policy at this temperature (logits / T; greedy reads the model's own)
+        logp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
         nxt = pick(logp, temperature, top_p, None if uniforms is None else uniforms[:, s].to(device))
         tokens.append(nxt)
         logps.append(logp.gather(-1, nxt[:, None])[:, 0])
@@ -275,10 +277,11 @@ def positions(attn):
 
 
 def pick(logp, temperature, top_p, u):
-    """Next token from fp32 log-probs (B, V): greedy, or inverse-CDF with uniforms u (B,)."""
+    """Next token from the policy's fp32 log-probs (B, V), already at the temperature: greedy
+    (temperature 0), or inverse-CDF with uniforms u (B,)."""
     if temperature == 0:
         return logp.argmax(-1)
-    probs = (logp / temperature).softmax(-1)
+    probs = logp.softmax(-1)
     # nucleus: keep the smallest set of tokens whose mass reaches top_p
     if top_p < 1.0:
         sorted_p, index = probs.sort(-1, descending=True)
@@ -303,8 +306,10 @@ def new_episodes(qs, group: int, n_agents: int, rounds: int, order: str, seed) -
     return episodes
 
 
-def play(team, task, episodes, temperature, top_p, seed, keep=None, reuse_kv=False, early_exit=True):
+def play(team, task, episodes, temperature, seed, keep=None, reuse_kv=False, early_exit=True, top_p=1.0):
     """Play every episode to the end, keeping the first keep[e] turns of episode e (default 0).
+    top_p < 1 samples from the nucleus (eval.py only: training needs the log-probs of the
+    distribution that sampled, and those stored are of the whole distribution at the temperature).
 
     early_exit: from there on, a turn is kept as it is where it would come out the same (`same`:
     its writer's weights, its full context and its sampling are the ones that made it); only the

@@ -12,7 +12,9 @@ One stage updates every agent once, in an update order u_1..u_n. For k = 1..n, w
     3. old log-probs of i's tokens under i's weights before this update, in fp32;
     4. PPO-clip steps on i's tokens only, with a reverse-KL penalty, inside a hard trust region:
        after every optimiser step the mean token reverse KL D is measured on i's whole batch;
-       the steps stop once D > delta and backtrack toward the old weights until D <= delta;
+       the steps stop once D > delta and backtrack along the step that crossed it, from the last
+       weights inside the radius, until D <= delta (an update whose advantages are all 0 carries
+       no signal and takes no step);
     5. log the update's metrics.
 Every other agent's weights stay bit-identical during agent i's update. docs/design.md gives the
 algorithm and the metric names in full.
@@ -103,19 +105,25 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> di
     cfg = for_agent(cfg, i)
     # advantages: each episode's group-normalised final reward, clipped, on every token i wrote
     data, adv_clipfrac = agent_data(agent, i, episodes, cfg, weights)
+    # no signal (every sample of every question right, or every one wrong): no step is taken, so
+    # Adam's momentum from earlier batches does not move the weights
+    no_signal = parallel.all_sum(float(data["adv"].count_nonzero())) == 0
     # its weights change: turns and KV caches of earlier versions are not reused (rollout.play)
-    agent.changed()
-    # old log-probs: fp32, under the weights before the update
+    if not no_signal:
+        agent.changed()
+    # old log-probs: fp32, of the policy that sampled (logits / temperature), before the update
     kl = TrustRegion(model, data, cfg)
     drift = losses.token_mean((kl.old - data["sampler_logp"]).abs(), data["mask"])
     params = [p for p in model.parameters() if p.requires_grad]
     theta_old = [p.detach().clone() for p in params]
     # clipped steps inside the radius: D is measured after every step, and they stop once D > delta
-    steps, skipped, measured = clipped_steps(agent, data, kl, params, cfg, seed)
-    # backtrack toward theta_old until D <= delta
+    steps, skipped, measured, inside = (
+        (0, 0, None, None) if no_signal else clipped_steps(agent, data, kl, params, cfg, seed)
+    )
+    # backtrack along the step that crossed the radius, from the weights before it, until D <= delta
     backtracks = 0
     if measured is not None and measured.D > cfg.delta:
-        measured, backtracks = backtrack(model, params, theta_old, kl, cfg)
+        measured, backtracks = backtrack(model, params, inside, kl, cfg)
     # without the trust region: measured once, at the end
     measured = measured or kl.measure(model)
     # a non-finite KL is a fault: the update is undone
@@ -128,6 +136,7 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> di
         measured.logp, kl.old, data["adv"], data["mask"], measured.kl_tok, cfg.clip_eps, cfg.delta
     )
     stats.update(steps=steps, skipped_steps=skipped, reverted=int(reverted), backtracks=backtracks)
+    stats["no_signal"] = int(no_signal)
     stats.update(adv_clipfrac=adv_clipfrac, logp_drift=drift)
     stats["log_ratio"] = losses.sequence_log_ratio(
         measured.logp, kl.old, data["mask"], data["episode"], len(episodes)
@@ -160,11 +169,13 @@ def agent_data(agent, i: int, episodes, cfg: Config, weights=None):
     return data, global_mean(clipped * len(episodes), len(episodes))
 
 
-def batch_logprobs(model, data, full: bool, chunk: int):
-    """losses.token_logprobs over all rows, in chunks of `chunk` rows, without gradients."""
+def batch_logprobs(model, data, full: bool, cfg: Config):
+    """losses.token_logprobs over all rows (the policy at the sampling temperature), in chunks of
+    --minibatch rows, without gradients."""
+    chunk = cfg.minibatch
     with torch.no_grad():
         parts = [
-            losses.token_logprobs(model, data, slice(s, s + chunk), full)
+            losses.token_logprobs(model, data, slice(s, s + chunk), full, cfg.temperature)
             for s in range(0, fsdp.most_everywhere(model, len(data["ids"])), chunk)
         ]
     logp = torch.cat([p[0] for p in parts])
@@ -178,7 +189,7 @@ class TrustRegion:
 
     def __init__(self, model, data, cfg: Config):
         self.data, self.cfg, self.full = data, cfg, cfg.kl == "full"
-        self.old, self.old_full = batch_logprobs(model, data, self.full, cfg.minibatch)
+        self.old, self.old_full = batch_logprobs(model, data, self.full, cfg)
 
     def token_kl(self, logp, full, rows=slice(None)):
         """Per-token reverse KL(pi_new || pi_old) of `rows`, (S, L-1)."""
@@ -186,7 +197,7 @@ class TrustRegion:
         return losses.token_kl(logp, self.old[rows], self.cfg.kl, full, old_full)
 
     def measure(self, model) -> Measure:
-        logp, full = batch_logprobs(model, self.data, self.full, self.cfg.minibatch)
+        logp, full = batch_logprobs(model, self.data, self.full, self.cfg)
         kl_tok = self.token_kl(logp, full)
         return Measure(losses.token_mean(kl_tok, self.data["mask"]), logp, kl_tok)
 
@@ -195,7 +206,7 @@ def clipped_steps(agent, data, kl: TrustRegion, params, cfg: Config, seed):
     """Up to --epochs passes of PPO-clip steps over minibatches of the agent's rows. With the
     trust region, D is measured on the whole batch after every step, and the steps stop once
     D > delta (a non-finite D stops them too). Returns (steps, skipped steps, the last
-    measurement or None)."""
+    measurement or None, the weights before the step that crossed the radius or None)."""
     gen = torch.Generator().manual_seed(derive_seed(seed, "minibatches"))
     # this rank's rows among every rank's (one process: all of them)
     first, total = parallel.row_block(len(data["ids"]))
@@ -204,6 +215,8 @@ def clipped_steps(agent, data, kl: TrustRegion, params, cfg: Config, seed):
         for rows in torch.randperm(total, generator=gen).split(cfg.minibatch):
             # the minibatch's rows on this rank
             rows = rows[(rows >= first) & (rows < first + len(data["ids"]))] - first
+            # the last weights inside the radius: where backtracking starts if this step crosses it
+            inside = [p.detach().clone() for p in params] if cfg.trust_region == "on" else None
             if not minibatch_step(agent, data, kl, rows, params, cfg):
                 skipped += 1
                 continue
@@ -211,8 +224,8 @@ def clipped_steps(agent, data, kl: TrustRegion, params, cfg: Config, seed):
             if cfg.trust_region == "on":
                 measured = kl.measure(agent.model)
                 if not measured.D <= cfg.delta:
-                    return steps, skipped, measured
-    return steps, skipped, measured
+                    return steps, skipped, measured, inside
+    return steps, skipped, measured, None
 
 
 def minibatch_step(agent, data, kl: TrustRegion, rows, params, cfg: Config) -> bool:
@@ -226,7 +239,7 @@ def minibatch_step(agent, data, kl: TrustRegion, rows, params, cfg: Config) -> b
     # --fsdp: every process takes part in every forward and backward
     if len(rows) or fsdp.is_sharded(agent.model):
         agent.model.train()
-        logp, full = losses.token_logprobs(agent.model, data, rows, kl.full)
+        logp, full = losses.token_logprobs(agent.model, data, rows, kl.full, cfg.temperature)
         old, adv, mask = kl.old[rows], data["adv"][rows], data["mask"][rows]
         kl_tok = kl.token_kl(logp, full, rows)
         loss = losses.ppo_loss(logp, old, adv, mask, kl_tok, cfg.clip_eps, beta, cfg.reduction, denom)
@@ -241,18 +254,20 @@ def minibatch_step(agent, data, kl: TrustRegion, rows, params, cfg: Config) -> b
     return True
 
 
-def backtrack(model, params, theta_old, kl: TrustRegion, cfg: Config) -> tuple[Measure, int]:
-    """theta = theta_old + alpha (theta - theta_old), alpha = 1/2, 1/4, ..., until D <= delta;
-    after --max-backtracks halvings alpha = 0 (the old weights). Returns the last measurement
-    and the number of backtracks."""
+def backtrack(model, params, inside, kl: TrustRegion, cfg: Config) -> tuple[Measure, int]:
+    """Along the step that crossed the radius, from `inside` (the weights before it, with D <=
+    delta) to the weights now: theta = inside + alpha (theta - inside), alpha = 1/2, 1/4, ...,
+    until D <= delta; after --max-backtracks halvings alpha = 0 (`inside` itself). The progress of
+    the earlier steps is kept: only the last step is shortened. Returns the last measurement and
+    the number of backtracks."""
     theta_new = [p.detach().clone() for p in params]
     backtracks, measured = 0, None
     with torch.no_grad():
         while measured is None or measured.D > cfg.delta:
             backtracks += 1
             alpha = 0.5**backtracks if backtracks <= cfg.max_backtracks else 0.0
-            for p, p_old, p_new in zip(params, theta_old, theta_new):
-                p.copy_(p_old + alpha * (p_new - p_old))
+            for p, p_in, p_new in zip(params, inside, theta_new):
+                p.copy_(p_in + alpha * (p_new - p_in))
             measured = kl.measure(model)
             if alpha == 0.0:
                 break
@@ -290,7 +305,7 @@ class Plays:
     def play(self, episodes, keep=None, counted: bool = True):
         """Every episode played from turn keep[e] on (default 0); counted: training compute."""
         t0, cfg, seed = time.time(), self.cfg, (self.cfg.seed, self.stage, 0)
-        args = (cfg.temperature, cfg.top_p, seed, keep, self.reuse_kv, not cfg.no_early_exit)
+        args = (cfg.temperature, seed, keep, self.reuse_kv, not cfg.no_early_exit)
         episodes, counts = rollout.play(self.team, self.task, episodes, *args)
         self.seconds += time.time() - t0
         if counted:
@@ -327,13 +342,12 @@ class StaleGap:
     (surrogate_errors). The other batch's old log-probs are taken before the update."""
 
     def __init__(self, agent, i: int, other, cfg: Config):
-        self.data = agent_data(agent, i, other, cfg)[0]
-        self.minibatch = cfg.minibatch
-        self.old = batch_logprobs(agent.model, self.data, False, self.minibatch)[0]
+        self.data, self.cfg = agent_data(agent, i, other, cfg)[0], cfg
+        self.old = batch_logprobs(agent.model, self.data, False, cfg)[0]
 
     def surrogates(self, agent) -> tuple[float, float]:
         """(L_hat_i, L_hat*_i) on the other batch, under the agent's weights now."""
-        logp = batch_logprobs(agent.model, self.data, False, self.minibatch)[0]
+        logp = batch_logprobs(agent.model, self.data, False, self.cfg)[0]
         d = self.data
         own = losses.own_shift_surrogate(logp, self.old, d["adv"], d["mask"], d["episode"])
         return losses.surrogate(logp, self.old, d["adv"], d["mask"]), own

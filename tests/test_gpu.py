@@ -22,7 +22,7 @@ def test_bf16_team_with_checkpointing_keeps_fp32_logprobs_and_the_radius(cfg):
     team = team_lib.clone_team(model, tok, 3, team_lib.Training(lr=1e-2, grad_ckpt=True))
     task = tasks.Relay(3)
     eps = rollout.new_episodes(tasks.questions(task, 4, 0, False), 4, 3, 1, "fixed", 0)
-    played = random_rewards(rollout.play(team, task, eps, 1.0, 1.0, 0)[0])
+    played = random_rewards(rollout.play(team, task, eps, 1.0, 0)[0])
     data = losses.agent_batch(played, 1, torch.ones(len(played)), tok.pad_token_id, "cuda")
     with torch.no_grad():
         logp = losses.token_logprobs(team[1].model, data)[0]

@@ -95,7 +95,7 @@ def test_each_agent_renders_with_its_own_chat_template_and_roles_follow_agents(t
     team = team_lib.clone_team(model, tok, 2, team_lib.Training(lr=1e-3))
     task = mathtask.make(task_cfg())
     eps = rollout.new_episodes(task.heldout(3), 2, 2, 1, "random", seed=0)
-    played, counts = rollout.play(team, task, eps, 1.0, 1.0, seed=0)
+    played, counts = rollout.play(team, task, eps, 1.0, seed=0)
     turns, cut = counts.turns, counts.truncated
     assert turns == 12 and cut == sum(s.truncated for e in played for s in e.steps)
     for e in played:
@@ -112,7 +112,7 @@ def test_a_context_longer_than_the_model_is_a_clear_error(tmp_path):
     team = team_lib.clone_team(model, tok, 2, team_lib.Training(lr=1e-3))
     task = mathtask.make(task_cfg(max_new_tokens=1020))
     with pytest.raises(rollout.ContextTooLong, match="exceeds the model's maximum of 1024"):
-        rollout.play(team, task, rollout.new_episodes(task.heldout(1), 1, 2, 1, "fixed", 0), 1.0, 1.0, seed=0)
+        rollout.play(team, task, rollout.new_episodes(task.heldout(1), 1, 2, 1, "fixed", 0), 1.0, seed=0)
 
 
 def test_prompts_need_enough_roles(tmp_path):

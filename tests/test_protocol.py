@@ -167,7 +167,7 @@ def test_per_agent_learning_rates_radii_and_message_lengths(cfg):
     relay = tasks.Relay(3)
     relay.max_new_tokens = [1, 3, 2]
     eps = rollout.new_episodes(tasks.questions(relay, 4, 0, False), 4, 3, 1, "fixed", 0)
-    played = rollout.play(team, relay, eps, 1.0, 1.0, 0)[0]
+    played = rollout.play(team, relay, eps, 1.0, 0)[0]
     assert max(len(e.steps[t].tokens) for e in played for t in range(3)) <= 3
     assert [max(len(e.steps[t].tokens) for e in played) for t in range(3)] == [1, 3, 2]
     # each agent's update stays inside its own radius

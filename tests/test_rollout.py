@@ -112,7 +112,7 @@ def test_team_rollout_passes_text_and_follows_the_order(make_team):
     qs = tasks.questions(task, 4, seed=0, heldout=False)
     eps = rollout.new_episodes(qs, 2, 3, 1, "random", seed=0)
     assert all(sorted(e.order) == [0, 1, 2] for e in eps) and len({tuple(e.order) for e in eps}) > 1
-    played, counts = rollout.play(team, task, eps, 1.0, 1.0, seed=0)
+    played, counts = rollout.play(team, task, eps, 1.0, seed=0)
     turns, tokens = counts.turns, counts.tokens
     assert turns == 3 * len(eps) and tokens == sum(len(s.tokens) for e in played for s in e.steps)
     for e in played:
@@ -125,10 +125,10 @@ def test_team_rollout_passes_text_and_follows_the_order(make_team):
 def test_suffix_resampling_keeps_prefix_and_regenerates_exactly_the_suffix(make_team):
     team, task = make_team(3), tasks.Relay(3)
     qs = tasks.questions(task, 4, seed=0, heldout=False)
-    first, _ = rollout.play(team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, seed=(0, 0))
+    first, _ = rollout.play(team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, seed=(0, 0))
     keep = [rollout.first_turn(e, 1) for e in first]
     assert keep == [1] * len(first)
-    again, counts = rollout.play(team, task, first, 1.0, 1.0, seed=(0, 1), keep=keep)
+    again, counts = rollout.play(team, task, first, 1.0, seed=(0, 1), keep=keep)
     turns = counts.turns
     assert turns == 2 * len(first)
     # the prefix is kept, not resampled
@@ -178,7 +178,7 @@ def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team,
     team, task = make_team(3), tasks.Relay(3)
     qs = tasks.questions(task, 4, seed=0, heldout=False)
     first = rollout.play(
-        team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, 1.0, (0, 0), reuse_kv=True
+        team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, (0, 0), reuse_kv=True
     )[0]
     # agent 1 is updated: its earlier caches are stale
     with torch.no_grad():
@@ -188,10 +188,10 @@ def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team,
     reuse, calls = rollout.reuse, []
     monkeypatch.setattr(rollout, "reuse", lambda *args: calls.append(args[1]) or reuse(*args))
     keep = [rollout.first_turn(e, 1) for e in first]
-    again = rollout.play(team, task, first, 1.0, 1.0, (0, 1), keep, reuse_kv=True)[0]
+    again = rollout.play(team, task, first, 1.0, (0, 1), keep, reuse_kv=True)[0]
     # agent 2's turn only, not agent 1's
     assert calls == [[s.context for s in (e.steps[2] for e in again)]]
-    plain = rollout.play(team, task, first, 1.0, 1.0, (0, 1), keep)[0]
+    plain = rollout.play(team, task, first, 1.0, (0, 1), keep)[0]
     assert [[s.tokens for s in e.steps] for e in again] == [[s.tokens for s in e.steps] for e in plain]
     torch.testing.assert_close(
         torch.tensor([s.logprobs[0] for e in again for s in e.steps]),

@@ -24,7 +24,7 @@ def played_batch(team, cfg, seed=0):
     task = tasks.Relay(cfg.agents)
     qs = tasks.questions(task, cfg.questions, seed=seed, heldout=False)
     eps = rollout.new_episodes(qs, cfg.group, len(team), 1, "fixed", seed)
-    return random_rewards(rollout.play(team, task, eps, 1.0, 1.0, seed)[0], seed)
+    return random_rewards(rollout.play(team, task, eps, 1.0, seed)[0], seed)
 
 
 def snapshot(agent):

@@ -75,7 +75,8 @@ def test_every_mode_runs(tmp_path, monkeypatch, mode):
         ["--codes", "--model", "some/model"],
         ["--code-links", "0.5"],
         ["--codes", "--code-links", "1.5"],
-        ["--top-p", "1.5"],
+        ["--top-p", "0.9"],
+        ["--temperature", "0"],
         ["--lr", "0"],
         ["--mode", "naive", "--shared-prefix"],
         ["--mode", "stale", "--reuse-kv"],
@@ -126,7 +127,9 @@ def test_every_flag_has_a_doc_a_help_group_and_its_checks_beside_its_field():
 
 def test_a_value_outside_what_its_field_accepts_is_refused(capsys):
     for argv, message in [
-        (["--top-p", "1.5"], "--top-p must be at most 1, got 1.5"),
+        (["--temperature", "-1"], "--temperature must be at least 0.0, got -1.0"),
+        (["--top-p", "0.9"], "--top-p: training samples the whole distribution at --temperature"),
+        (["--temperature", "0"], "--temperature 0 samples every group's messages alike"),
         (["--lr", "0"], "--lr must be positive, got 0.0"),
         (["--agents", "2,0", "--mode", "compare"], "--agents must be at least 1, got 0"),
         (["--kl", "forward"], "argument --kl: invalid choice: 'forward'"),

@@ -111,8 +111,11 @@ def credit(task, episodes, group: int, adv_max: float) -> dict:
 
 
 def solo_task(cfg):
-    """agent0 alone in the task's one-agent format: (task, config)."""
-    solo = dataclasses.replace(cfg, mode="single", rounds=1, order="fixed", eval_tasks="")
+    """agent0 alone in the task's one-agent format: (task, config). The relay's solo chain holds
+    every operation of the team's questions, agents x rounds, and so does its message length."""
+    solo = dataclasses.replace(
+        cfg, mode="single", agents=cfg.agents * cfg.rounds, rounds=1, order="fixed", eval_tasks=""
+    )
     return tasks.make(solo), solo
 
 
@@ -155,16 +158,21 @@ def report(name: str, count: int, columns: dict, args):
 
 def benchmark_sets(names: str, cfg, task, size: int) -> dict:
     """{name: questions} of --tasks: `heldout` is the run's held-out set, any other name a whole
-    benchmark set of a real-task run (mathdata.benchmark)."""
+    benchmark set of a real-task run (mathdata.benchmark), except the set the run trained from
+    (its --task), of which only the held-out part is evaluated: the run trained on the rest."""
     if cfg.task == "relay" and names != "heldout":
         raise TaskError(f"--tasks {names}: a relay run has its held-out set only (heldout)")
     mathdata.check_names(names.split(","), "--tasks", extra=("heldout",))
-    return {
-        mathdata.short_name(n): task.heldout(size)
-        if n == "heldout"
-        else mathdata.benchmark(mathdata.absolute(n))
-        for n in names.split(",")
-    }
+    sets = {}
+    for name in names.split(","):
+        spec = mathdata.absolute(name)
+        if name == "heldout":
+            sets[name] = task.heldout(size)
+        elif spec == cfg.task:
+            sets[f"{mathdata.short_name(name)} (held-out part)"] = mathdata.load_questions(spec)[1]
+        else:
+            sets[mathdata.short_name(name)] = mathdata.benchmark(spec)
+    return sets
 
 
 def relay_diagnosis(team, task, qs, cfg, args):

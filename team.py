@@ -202,10 +202,16 @@ class Training:
 
 def make_agent(name, model, tokenizer, training: Training = Training()) -> Agent:
     model.config.use_cache = True
-    # no dropout anywhere: the ratio must be exactly 1 before an update
+    # no dropout anywhere: the ratio must be exactly 1 before an update, and the loss's forward
+    # (train mode) must be the measurement's (eval mode)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        # Hugging Face attention reads its dropout as a float, in train mode only
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = 0.0
     # checkpointing is only active in train mode, and sampling runs in eval mode; non-reentrant,
     # because a frozen base's inputs need no grad
     if training.grad_ckpt:

@@ -133,15 +133,53 @@ def checkpoint(run_dir: str, team, stage: int, log: runs.Log, base: str):
         raise runs.RunError(error)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (kill, torchrun ending the other processes), raised where the
+    run is; it exits 128 + the signal's number, 130 or 143."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 @contextlib.contextmanager
-def stops_cleanly(run_dir: str):
-    """Ctrl-C (or torchrun's SIGTERM) and a lost process end in one line with the resume command."""
+def stop_on_signals():
+    """Inside it, Ctrl-C and SIGTERM stop the run as Stopped. Installed whatever the process
+    inherited: a job started in the background by a non-interactive shell starts with SIGINT
+    ignored, and Python then never raises KeyboardInterrupt. The handlers before it come back at
+    its end (train.main called in-process, as the tests do)."""
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
-    except KeyboardInterrupt:
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def stops_cleanly(run_dir: str, resumable=None):
+    """A stop (Stopped, KeyboardInterrupt) and a lost process end in one line: the resume command
+    where resumable() says something is kept; otherwise the run's directory is removed, so that
+    the same command, --name included, starts it again."""
+    resumable = resumable or (lambda: True)
+    try:
+        yield
+    except KeyboardInterrupt as e:
         # torchrun may signal again while this one ends
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        fail(f"interrupted; continue with: {resume_command(run_dir)}", 130)
+        code = 128 + getattr(e, "signum", signal.SIGINT)
+        if resumable():
+            fail(f"interrupted; continue with: {resume_command(run_dir)}", code)
+        if parallel.main():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        fail(
+            f"interrupted before the first checkpoint: nothing was kept ({run_dir} removed); start again",
+            code,
+        )
     except (parallel.ProcessLost, RuntimeError) as e:
         # --fsdp: a collective inside FSDP failed (parallel.lost); any other error is raised as it is
         reason = e if isinstance(e, parallel.ProcessLost) else parallel.lost(e)
@@ -193,7 +231,7 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
     )
     base = runs.lora_base(cfg, run_dir)
     try:
-        with stops_cleanly(run_dir):
+        with stops_cleanly(run_dir, lambda: bool(runs.checkpoints(run_dir))):
             if cfg.replace and not done:
                 team = replace.swap_and_align(team, task, heldout, cfg, log, device, dtype)
             accs = loop.train_stages(
@@ -228,11 +266,14 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     device, dtype = runs.placement(cfg)
     parallel.init(device, cfg.dist_timeout)
-    # torchrun ends the other processes with SIGTERM when one fails: stop as on Ctrl-C
-    if parallel.WORLD > 1:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-    task = checked_inputs(cfg, sizes)
-    train(cfg, sizes, resume, device, dtype, task, began)
+    # Ctrl-C, kill and torchrun's SIGTERM (sent to the other processes when one fails)
+    with stop_on_signals():
+        task = checked_inputs(cfg, sizes)
+        try:
+            train(cfg, sizes, resume, device, dtype, task, began)
+        # before the run's directory holds anything to resume (the warm-up)
+        except KeyboardInterrupt as e:
+            fail("interrupted before training began: nothing to resume", 128 + getattr(e, "signum", 2))
     parallel.close()
 
 

@@ -74,6 +74,18 @@ def test_the_sampled_reverse_kl_is_zero_at_ratio_one_and_never_negative():
     assert torch.equal(losses.token_kl(same, same, "kl_rev"), torch.zeros_like(same))
 
 
+def test_the_sampled_reverse_kl_is_never_nan_and_large_where_log_r_is():
+    # fp32, as the update computes it: e^{log r} log r - e^{log r} + 1 is inf - inf = nan at
+    # log r = 100, and an update measured nan is reverted instead of backtracked
+    log_r = torch.tensor([[-100.0, -20.0, 0.0, 20.0, 80.0, 100.0]])
+    kl = losses.token_kl(log_r, torch.zeros_like(log_r), "kl_rev")
+    assert not kl.isnan().any() and (kl >= 0).all()
+    # finite wherever r (log r - 1) is, and +inf (the radius is crossed) where r is not
+    assert kl[0, :5].isfinite().all() and kl[0, 5] == float("inf")
+    assert float(kl[0, 4]) == pytest.approx(math.exp(80) * 79 + 1, rel=1e-5)
+    assert float(kl[0, 0]) == 1.0
+
+
 def test_the_full_kl_sums_p_new_times_the_log_ratio_over_the_vocabulary():
     p_new = [[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]]
     p_old = [[0.25, 0.25, 0.5], [1 / 3, 1 / 3, 1 / 3]]

@@ -216,3 +216,14 @@ def test_a_verl_prompt_gives_its_user_message_and_keeps_a_problems_own_paragraph
         },
     ]
     assert mathdata.dapo_problem(prompt) == "Line one.\n\nLine two."
+
+
+def test_eval_tasks_naming_the_training_set_scores_only_its_held_out_part():
+    cfg = task_cfg()
+    task = tasks.make(cfg)
+    sets = evaluation.benchmark_sets(f"jsonl:{FIXTURE},heldout", cfg, task, 4)
+    part = sets["math (held-out part)"]
+    # the questions training never drew, and all of them
+    assert part and all(questions.is_heldout(q.text) for q in part)
+    assert len(part) == len(mathdata.load_questions(cfg.task)[1])
+    assert not {q.text for q in part} & {q.text for q in task.pool}

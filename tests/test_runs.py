@@ -26,13 +26,14 @@ def metrics(run_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(UNTIMED)} for r in records]
 
 
-def start(cwd, *args):
+def start(cwd, *args, preexec_fn=None):
     return subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -111,15 +112,42 @@ def test_same_seed_same_metrics_and_a_killed_run_resumes_to_them(tmp_path):
     assert (runs_dir / "a" / "summary.md").read_text() == summary
 
 
-def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tmp_path):
-    proc = start(tmp_path, *RUN, "--name", "stopped")
+def ignore_sigint():
+    """The child starts with SIGINT ignored, as a background job of a non-interactive shell does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_print_the_resume_command(tmp_path, signum, code):
+    # the disposition is set here, so the result cannot depend on how the suite was launched
+    proc = start(tmp_path, *RUN, "--name", "stopped", preexec_fn=ignore_sigint)
     wait_for_update(tmp_path / "runs" / "stopped", 1, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == code, err
     assert (
         err.strip().splitlines()[-1].endswith(f"python train.py --resume {os.path.join('runs', 'stopped')}")
     )
+
+
+def test_an_interrupt_before_the_first_checkpoint_keeps_nothing_and_frees_the_name(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+
+    # Ctrl-C during the stage-0 evaluation, before checkpoint-stage0 is written
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.loop, "evaluate", interrupted)
+    small = "--agents 2 --stages 1 --warmup-steps 2 --questions 4 --group 2 --eval-size 4".split()
+    with pytest.raises(SystemExit) as stop:
+        train.main([*small, "--name", "early"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 130 and "--resume" not in err
+    assert "before the first checkpoint: nothing was kept" in err
+    # the same --name is free again
+    assert not (tmp_path / "runs" / "early").exists()
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(tmp_path, monkeypatch, capsys):

@@ -149,3 +149,15 @@ def test_a_one_operation_relay_warms_up_on_all_its_questions_and_refuses_too_man
         match="--questions 46: the relay has only 45 distinct training questions at --agents 1",
     ):
         tasks.make(config.Config(agents=1, questions=46))
+
+
+def test_eval_solo_baseline_gets_the_whole_chain_with_rounds():
+    # 3 agents, 2 rounds: 6 operations per question, and agent0 alone must write all 6 values
+    cfg = config.resolve(config.Config(agents=3, rounds=2))
+    team_task = tasks.make(cfg)
+    solo, _ = evaluation.solo_task(cfg)
+    for q in team_task.heldout(8):
+        answer = ";".join(q.steps)
+        assert len(q.steps) == 6 and solo.reward(q, answer) == 1.0
+        # one token per character, and EOS
+        assert len(answer) + 1 <= solo.max_new_tokens

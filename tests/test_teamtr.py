@@ -20,11 +20,11 @@ import teamtr
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
 
 
-def played_batch(team, cfg, seed=0):
+def played_batch(team, cfg, seed=0, temperature=1.0):
     task = tasks.Relay(cfg.agents)
     qs = tasks.questions(task, cfg.questions, seed=seed, heldout=False)
     eps = rollout.new_episodes(qs, cfg.group, len(team), 1, "fixed", seed)
-    return random_rewards(rollout.play(team, task, eps, 1.0, seed)[0], seed)
+    return random_rewards(rollout.play(team, task, eps, temperature, seed)[0], seed)
 
 
 def snapshot(agent):
@@ -55,6 +55,84 @@ def test_every_update_ends_inside_the_radius(make_team, cfg, kl):
             backtracks += stats["backtracks"]
     # the backtracking path was exercised, not only the early stop
     assert backtracks > 0
+
+
+def test_backtracking_shortens_only_the_step_that_crossed_the_radius(make_team, cfg, monkeypatch):
+    cfg = dataclasses.replace(cfg, delta=0.5, epochs=4, minibatch=4)
+    team = make_team(2, lr=1e-2)
+    batch = played_batch(team, cfg)
+    measure, weights = teamtr.TrustRegion.measure, []
+
+    # the first two steps end inside the radius and the third outside; the rest is measured
+    def scripted(self, model):
+        measured = measure(self, model)
+        weights.append(snapshot(team[0]))
+        return measured._replace(D=(0.1, 0.2, 0.9)[len(weights) - 1]) if len(weights) <= 3 else measured
+
+    monkeypatch.setattr(teamtr.TrustRegion, "measure", scripted)
+    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0)
+    assert stats["steps"] == 3 and stats["backtracks"] == 1 and stats["kl_rev"] <= cfg.delta
+    # halfway along the third step, from the weights after the second: their progress is kept
+    inside, crossed = weights[1], weights[2]
+    for p, a, b in zip(team[0].model.parameters(), inside, crossed):
+        torch.testing.assert_close(p.detach(), a + 0.5 * (b - a), rtol=0, atol=1e-7)
+
+
+def test_an_update_without_signal_takes_no_step(make_team, cfg):
+    team = make_team(2, lr=1e-2)
+    # a real update first, so that Adam's momentum would move the weights on a zero gradient
+    assert teamtr.update_agent(team[0], 0, played_batch(team, cfg), cfg, seed=0)["steps"] > 0
+    batch, version = played_batch(team, cfg, seed=1), team[0].version
+    # every sample of every question right: every advantage is 0
+    for e in batch:
+        e.reward = 1.0
+    before = snapshot(team[0])
+    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=1)
+    assert stats["no_signal"] == 1 and stats["steps"] == 0 and stats["kl_rev"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(team[0])))
+    # its turns stay reusable by early exit
+    assert team[0].version == version
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_the_measured_kl_is_the_kl_of_the_distribution_that_sampled(make_team, cfg, temperature):
+    cfg = dataclasses.replace(cfg, questions=32, group=8, temperature=temperature)
+    team = make_team(2)
+    agent, batch = team[0], played_batch(team, cfg, temperature=temperature)
+    data = teamtr.agent_data(agent, 0, batch, cfg)[0]
+    kl = teamtr.TrustRegion(agent.model, data, cfg)
+    # the sampler's log-probs are the policy's: the ratio is 1 before the update
+    torch.testing.assert_close(kl.old * data["mask"], data["sampler_logp"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        old_logits = agent.model(input_ids=data["ids"], attention_mask=data["attn"]).logits[:, :-1]
+        for p in agent.model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
+        new_logits = agent.model(input_ids=data["ids"], attention_mask=data["attn"]).logits[:, :-1]
+    measured = kl.measure(agent.model)
+    # the exact reverse KL of the tempered distributions, over the whole vocabulary, per token
+    new, old = ((x.double() / temperature).log_softmax(-1) for x in (new_logits, old_logits))
+    exact = (new.exp() * (new - old)).sum(-1)
+    where = data["mask"].bool()
+    # the estimate minus the exact KL, per sampled token: mean 0 when pi_old sampled
+    error = (measured.kl_tok.double() - exact)[where]
+    assert 0.005 < exact[where].mean() < 0.2
+    assert abs(error.mean()) < 4 * error.std() / len(error) ** 0.5
+
+
+def test_attention_dropout_is_off_in_the_losss_forward():
+    tok = team_lib.char_tokenizer(tasks.CHARS)
+    model = team_lib.tiny_model(tok, hidden=32)
+    model.config.attention_dropout = 0.5
+    # a model whose config sets attention dropout, as some pretrained ones do
+    model = type(model)(model.config)
+    agent = team_lib.make_agent("agent0", model, tok)
+    ids = torch.tensor([tok.encode("7+3-2|7;0")])
+    with torch.no_grad():
+        eval_logits = agent.model(input_ids=ids).logits
+        agent.model.train()
+        train_logits = [agent.model(input_ids=ids).logits for _ in range(2)]
+        agent.model.eval()
+    assert all(torch.equal(x, eval_logits) for x in train_logits)
 
 
 def test_without_trust_region_the_radius_is_not_enforced(make_team, cfg):

@@ -93,7 +93,8 @@ def token_logprobs(model, batch, rows=slice(None), full: bool = False, temperatu
     targets = ids[:, 1:]
     if full:
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        logp_all = (logits / temperature).log_softmax(-1)
+        # the policy at the temperature (no copy at T = 1)
+        logp_all = (logits if temperature == 1 else logits / temperature).log_softmax(-1)
         fsdp.release(model)
         logp = logp_all.gather(-1, targets[..., None])[..., 0] * mask
         return (logp[:0], logp_all[:0]) if standin else (logp, logp_all)
@@ -107,7 +108,8 @@ def token_logprobs(model, batch, rows=slice(None), full: bool = False, temperatu
     logits = model.get_output_embeddings()(hidden[where]).float()
     fsdp.release(model)
     logp = torch.zeros(mask.shape, device=logits.device)
-    logp[where] = (logits / temperature).log_softmax(-1).gather(-1, targets[where][:, None])[:, 0]
+    logits = logits if temperature == 1 else logits / temperature
+    logp[where] = logits.log_softmax(-1).gather(-1, targets[where][:, None])[:, 0]
     return (logp[:0] if standin else logp), None
 
 

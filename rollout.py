@@ -167,7 +167,8 @@ def sample(
     tokens, logps = [], []
     for s in range(max_new_tokens):
         # (B, V), fp32: the policy at this temperature (logits / T; greedy reads the model's own)
-        logp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
+        logits = logits.float() if temperature in (0, 1) else logits.float() / temperature
+        logp = logits.log_softmax(-1)
         nxt = pick(logp, temperature, top_p, None if uniforms is None else uniforms[:, s].to(device))
         tokens.append(nxt)
         logps.append(logp.gather(-1, nxt[:, None])[:, 0])

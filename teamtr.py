@@ -115,7 +115,8 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> di
     kl = TrustRegion(model, data, cfg)
     drift = losses.token_mean((kl.old - data["sampler_logp"]).abs(), data["mask"])
     params = [p for p in model.parameters() if p.requires_grad]
-    theta_old = [p.detach().clone() for p in params]
+    # theta_old: what a non-finite KL reverts to (none needed when no step is taken)
+    theta_old = None if no_signal else [p.detach().clone() for p in params]
     # clipped steps inside the radius: D is measured after every step, and they stop once D > delta
     steps, skipped, measured, inside = (
         (0, 0, None, None) if no_signal else clipped_steps(agent, data, kl, params, cfg, seed)
@@ -129,7 +130,7 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> di
     # a non-finite KL is a fault: the update is undone
     reverted = not math.isfinite(measured.D)
     if reverted:
-        restore(params, theta_old)
+        copy_weights(params, theta_old)
         measured = kl.measure(model)
     # log
     stats = losses.update_stats(
@@ -211,12 +212,14 @@ def clipped_steps(agent, data, kl: TrustRegion, params, cfg: Config, seed):
     # this rank's rows among every rank's (one process: all of them)
     first, total = parallel.row_block(len(data["ids"]))
     steps, skipped, measured = 0, 0, None
+    # the last weights inside the radius, where backtracking starts: one copy, refilled per step
+    inside = [p.detach().clone() for p in params] if cfg.trust_region == "on" else None
     for _ in range(cfg.epochs):
         for rows in torch.randperm(total, generator=gen).split(cfg.minibatch):
             # the minibatch's rows on this rank
             rows = rows[(rows >= first) & (rows < first + len(data["ids"]))] - first
-            # the last weights inside the radius: where backtracking starts if this step crosses it
-            inside = [p.detach().clone() for p in params] if cfg.trust_region == "on" else None
+            if inside is not None:
+                copy_weights(inside, params)
             if not minibatch_step(agent, data, kl, rows, params, cfg):
                 skipped += 1
                 continue
@@ -274,9 +277,9 @@ def backtrack(model, params, inside, kl: TrustRegion, cfg: Config) -> tuple[Meas
     return measured, backtracks
 
 
-def restore(params, values):
+def copy_weights(into, values):
     with torch.no_grad():
-        for p, value in zip(params, values):
+        for p, value in zip(into, values):
             p.copy_(value)
 
 

@@ -221,6 +221,13 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
     parallel.print0(
         f"run directory: {run_dir}" + (f" (resumed after stage {done[-1]['stage']})" if done else "")
     )
+    # from here to the saved team, a stop keeps what the last checkpoint holds, or nothing
+    with stops_cleanly(run_dir, lambda: bool(runs.checkpoints(run_dir))):
+        run(cfg, team, done, run_dir, task, device, dtype, began)
+
+
+def run(cfg: Config, team, done: list, run_dir: str, task, device, dtype, began: float):
+    """A single run's stages, from its start or its last checkpoint, and its saved team."""
     heldout = task.heldout(cfg.eval_size)
     log = runs.Log(
         os.path.join(run_dir, "metrics.jsonl"),
@@ -231,12 +238,11 @@ def train(cfg: Config, sizes: list[int], resume: str, device, dtype, task, began
     )
     base = runs.lora_base(cfg, run_dir)
     try:
-        with stops_cleanly(run_dir, lambda: bool(runs.checkpoints(run_dir))):
-            if cfg.replace and not done:
-                team = replace.swap_and_align(team, task, heldout, cfg, log, device, dtype)
-            accs = loop.train_stages(
-                team, task, heldout, cfg, log, done, lambda stage: checkpoint(run_dir, team, stage, log, base)
-            )
+        if cfg.replace and not done:
+            team = replace.swap_and_align(team, task, heldout, cfg, log, device, dtype)
+        accs = loop.train_stages(
+            team, task, heldout, cfg, log, done, lambda stage: checkpoint(run_dir, team, stage, log, base)
+        )
     except rollout.ContextTooLong as e:
         # found by the very first sampling: nothing worth keeping was written
         if parallel.main() and not runs.checkpoints(run_dir):
@@ -271,9 +277,12 @@ def main(argv=None):
         task = checked_inputs(cfg, sizes)
         try:
             train(cfg, sizes, resume, device, dtype, task, began)
-        # before the run's directory holds anything to resume (the warm-up)
+        # before the run's directory is known: the warm-up, or loading the checkpoint of --resume
         except KeyboardInterrupt as e:
-            fail("interrupted before training began: nothing to resume", 128 + getattr(e, "signum", 2))
+            code = 128 + getattr(e, "signum", signal.SIGINT)
+            if resume:
+                fail(f"interrupted; continue with: {resume_command(resume)}", code)
+            fail("interrupted before training began: nothing to resume", code)
     parallel.close()
 
 

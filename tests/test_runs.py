@@ -130,24 +130,48 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_print_the_resume_command(tmp_path, 
     )
 
 
-def test_an_interrupt_before_the_first_checkpoint_keeps_nothing_and_frees_the_name(
-    tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize(
+    "where, kept",
+    [
+        # the tracker's start and the stage-0 evaluation: before checkpoint-stage0 is written
+        ("tracking.start", False),
+        ("loop.evaluate", False),
+        # the trained team's summary, after the last checkpoint
+        ("train.write_summary", True),
+    ],
+)
+def test_an_interrupt_keeps_the_run_only_where_a_checkpoint_holds_it(
+    tmp_path, monkeypatch, capsys, where, kept
 ):
     monkeypatch.chdir(tmp_path)
 
-    # Ctrl-C during the stage-0 evaluation, before checkpoint-stage0 is written
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.loop, "evaluate", interrupted)
+    module, name = where.split(".")
+    monkeypatch.setattr(train if module == "train" else getattr(train, module), name, interrupted)
     small = "--agents 2 --stages 1 --warmup-steps 2 --questions 4 --group 2 --eval-size 4".split()
     with pytest.raises(SystemExit) as stop:
         train.main([*small, "--name", "early"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert stop.value.code == 130 and "--resume" not in err
-    assert "before the first checkpoint: nothing was kept" in err
-    # the same --name is free again
-    assert not (tmp_path / "runs" / "early").exists()
+    assert stop.value.code == 130
+    if kept:
+        command = f"python train.py --resume {os.path.join('runs', 'early')}"
+        assert err.endswith(command)
+        # a stop while that command loads the checkpoint prints it again
+        monkeypatch.setattr(train.runs, "load_checkpoint", interrupted)
+        with pytest.raises(SystemExit) as stop:
+            train.main(command.split()[2:])
+        assert stop.value.code == 130 and capsys.readouterr().err.strip().endswith(command)
+        # and the command finishes the run
+        monkeypatch.undo()
+        monkeypatch.chdir(tmp_path)
+        train.main(["--resume", os.path.join("runs", "early")])
+        assert (tmp_path / "runs" / "early" / "agent1" / "model.safetensors").exists()
+    else:
+        assert "--resume" not in err and "before the first checkpoint: nothing was kept" in err
+        # the same --name is free again
+        assert not (tmp_path / "runs" / "early").exists()
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ are checked here.
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
@@ -107,6 +108,15 @@ def resumed(cli, run_dir: str, args: dict, given: set) -> tuple[Config, list[int
         cfg, sizes = runs.read_config(run_dir)
     except runs.RunError as e:
         cli.error(str(e))
+    # a run started before training refused --top-p < 1 (its KL was not of the distribution
+    # that sampled); the saved config holds it, Config no longer does
+    with open(os.path.join(run_dir, "config.json")) as f:
+        top_p = json.load(f).get("top_p", 1.0)
+    if top_p != 1.0:
+        cli.error(
+            f"--resume {run_dir}: the run samples with --top-p {top_p}, which training no longer "
+            "takes (the trust region's KL would not be of the distribution that sampled); start it again"
+        )
     # summary.md is written last, by a finished run (compare writes none)
     if os.path.exists(os.path.join(run_dir, "summary.md")):
         cli.error(f"--resume {run_dir}: the run is finished (its summary.md is written); nothing to resume")

@@ -129,6 +129,7 @@ def test_a_value_outside_what_its_field_accepts_is_refused(capsys):
     for argv, message in [
         (["--temperature", "-1"], "--temperature must be at least 0.0, got -1.0"),
         (["--top-p", "0.9"], "--top-p: training samples the whole distribution at --temperature"),
+        (["--top-p=0.9"], "--top-p: training samples the whole distribution at --temperature"),
         (["--temperature", "0"], "--temperature 0 samples every group's messages alike"),
         (["--lr", "0"], "--lr must be positive, got 0.0"),
         (["--agents", "2,0", "--mode", "compare"], "--agents must be at least 1, got 0"),
@@ -137,3 +138,15 @@ def test_a_value_outside_what_its_field_accepts_is_refused(capsys):
         with pytest.raises(SystemExit) as stop:
             cli.parse("train", argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_run_saved_with_top_p_below_1_is_not_resumed(tmp_path, capsys):
+    # a run started before training refused --top-p: its config.json still holds it
+    saved = {**dataclasses.asdict(config.Config()), "top_p": 0.9}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as stop:
+        cli.parse("train", ["--resume", str(tmp_path)])
+    assert (
+        stop.value.code == 2
+        and "samples with --top-p 0.9, which training no longer takes" in capsys.readouterr().err
+    )

@@ -168,9 +168,9 @@ class Config:
     weights); default: from --mode"""
     trust_region: str = flag("", choices=["", "on", "off"])
     """on (KL penalty + radius) or off (beta = 0, no radius); default: from --mode"""
-    delta: float = flag(0.02, positive=True, per_agent=True)
+    delta: float = flag(0.01, positive=True, per_agent=True)
     """trust-region radius: mean token reverse KL of an update, in nats (trust region on only), or
-    one value per agent (0.02,0.01,...)"""
+    one value per agent (0.01,0.005,...)"""
     lr: float = flag(3e-4, positive=True, per_agent=True)
     """learning rate of the RL updates, or one value per agent (1e-5,5e-6,...)"""
     optimizer: str = flag("adam", choices=["adam", "sgd"])

@@ -157,7 +157,7 @@ def sampled_episodes(model, sizes: Sizes, seed: int = 0) -> list:
 
 
 def update_config() -> Config:
-    """The updates' config: the defaults (radius 0.02, Adam) on 64 rows, 16 rows a step, 2 epochs."""
+    """The updates' config: the defaults (radius 0.01, Adam) on 64 rows, 16 rows a step, 2 epochs."""
     return resolve(Config(group=GROUP, minibatch=16, epochs=2))
 
 

@@ -81,7 +81,8 @@ def init(device, timeout_s: float):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     DEVICE = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
-    OBJECTS = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
+    # on CPU the default group (None) carries them
+    OBJECTS = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
 
 
 def main() -> bool:
@@ -171,8 +172,13 @@ def check_identical(team):
 
 
 def close():
-    """Leave the process group together: a process that tears down gloo while another is still
-    writing its files was seen to abort at exit ("terminate called without an active exception")."""
+    """Leave the process group together, and free it while Python still runs. gloo's worker thread
+    drops its last collectives' tensors, which needs the interpreter: a group still referenced
+    at exit lets that thread race the interpreter's shutdown and abort the process ("terminate
+    called without an active exception")."""
+    global OBJECTS
     if dist.is_initialized():
         collective(dist.barrier)
+        # the last reference to the groups goes here, so their threads are joined now
+        OBJECTS = None
         dist.destroy_process_group()

@@ -13,6 +13,8 @@ import parallel  # noqa: E402
 from team import Agent  # noqa: E402
 
 torch.set_num_threads(1)
+# this process's threads before the group exists: close() must leave no more
+threads = len(os.listdir("/proc/self/task"))
 parallel.init(torch.device("cpu"), timeout_s=60)
 assert parallel.WORLD == 2
 
@@ -57,4 +59,5 @@ try:
 except RuntimeError as e:
     assert "differ" in str(e)
 parallel.close()
+assert len(os.listdir("/proc/self/task")) == threads, "close() left gloo's threads running"
 print(f"rank {parallel.RANK} ok")

@@ -15,7 +15,10 @@ stage 10 points above the start (of the seeds that got there); accuracy at equal
 tokens (at the last stage whose cumulative training tokens fit the cheapest mode's total); the summed penalty
 per stage (the surrogate error of the batch the mode trained on: 0 for teamtr with one round) and
 the summed stale gap (what training on the stage's first batch errs by, measured in every
-mode); the out-of-region token fraction; generated tokens; and seconds (stages and held-out
+mode); the out-of-region fraction (of tokens, or messages with --radius message); the KL each
+message moved (its tokens' summed reverse KL, averaged over messages and updates) and, where the
+task tells which tokens decide a message (the relay), the token KL on those and on the rest;
+generated tokens; and seconds (stages and held-out
 evaluations; the shared warm-up is reported once per n and seed). With `stale` among the modes a
 second table gives every other mode's accuracy minus stale's, paired by seed (final, at equal
 tokens, best), and difference.png draws the final difference against n.
@@ -143,10 +146,16 @@ def summarize(records: list[dict], accs: list[float]) -> dict:
         ),
         "penalty": per_stage(updates, "penalty"),
         "stale_gap": per_stage(updates, "stale_gap"),
-        "out_of_region": statistics.mean(r[f"agent{r['agent']}/out_of_region"] for r in updates)
-        if updates
-        else None,
+        "out_of_region": per_update(updates, "out_of_region"),
+        # the radius each message moved, and the token KL on the tokens that decide and the rest
+        **{key: per_update(updates, key) for key in ("kl_msg", "kl_decide", "kl_rest")},
     }
+
+
+def per_update(updates: list[dict], key: str):
+    """The mean over updates of agent{i}/<key> (None if never measured)."""
+    values = [v for r in updates if (v := r.get(f"agent{r['agent']}/{key}")) is not None]
+    return statistics.mean(values) if values else None
 
 
 def per_stage(updates: list[dict], key: str):
@@ -196,8 +205,8 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
     rows = [
         "| n | mode | held-out accuracy | gain (points) | best | stages to +10 points "
         "| accuracy at equal tokens | penalty / stage | stale gap / stage | out-of-region "
-        "| generated tokens | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KL / message | token KL deciding / rest | generated tokens | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (n, mode), rs in groups.items():
         reached = [to_gain(r["accs"], 0.10) for r in rs]
@@ -211,6 +220,10 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
             spread((r.get("penalty") for r in rs), ".4f"),
             spread((r["stale_gap"] for r in rs), ".4f"),
             spread((r["out_of_region"] for r in rs), ".3f"),
+            spread((r.get("kl_msg") for r in rs), ".4f"),
+            spread((r.get("kl_decide") for r in rs), ".4f")
+            + " / "
+            + spread((r.get("kl_rest") for r in rs), ".5f"),
             spread((r["tokens"][-1] for r in rs), ",.0f"),
             spread((r["seconds"] for r in rs), ".0f"),
         ]

@@ -138,6 +138,10 @@ class Config:
     code_links: float = flag(1.0, at_least=0.0, at_most=1)
     """with --codes, the coupling knob: the fraction of links (messages but the last, evenly
     spread) written in either code; the others are always plain (0: the plain relay's start)"""
+    work: int = flag(0, at_least=0)
+    """relay messages show their work this many times before the value: what the agent read, its
+    operation and "=" ("8+1=8+1=9" at 2), so a message is about 4 work + 2 tokens of which only the
+    value's decide (the reader and the reward read the value after the last "=")"""
     # rollouts
     questions: int = flag(32, at_least=1)
     """questions per batch"""
@@ -169,8 +173,8 @@ class Config:
     trust_region: str = flag("", choices=["", "on", "off"])
     """on (KL penalty + radius) or off (beta = 0, no radius); default: from --mode"""
     delta: float = flag(0.01, positive=True, per_agent=True)
-    """trust-region radius: mean token reverse KL of an update, in nats (trust region on only), or
-    one value per agent (0.01,0.005,...)"""
+    """trust-region radius: the reverse KL of an update in --radius units (a token's mean, or a
+    message's sum), in nats (trust region on only), or one value per agent (0.01,0.005,...)"""
     lr: float = flag(3e-4, positive=True, per_agent=True)
     """learning rate of the RL updates, or one value per agent (1e-5,5e-6,...)"""
     optimizer: str = flag("adam", choices=["adam", "sgd"])
@@ -185,6 +189,9 @@ class Config:
     """advantages are clipped to [-adv_max, adv_max] (bounded group-normalised advantages)"""
     beta: float = 0.1
     """weight of the reverse-KL penalty (trust region on only)"""
+    radius: str = flag("token", choices=["token", "message"])
+    """the unit of the radius and the penalty: token (the mean token reverse KL of the agent's
+    batch) or message (the mean over its messages of each message's summed token KL)"""
     kl: str = flag("kl_rev", choices=["kl_rev", "full"])
     """trust-region KL: kl_rev (sample estimate r log r - r + 1) or full (exact over the vocabulary)"""
     reduction: str = flag("token", choices=["token", "sequence"])

@@ -16,7 +16,9 @@ any temperature > 0, and the estimators below are unbiased for it.
 Reductions (named, and chosen by `--reduction`): "token" averages over all of the agent's tokens
 in the batch, so long messages weigh more (a length bias toward long messages); "sequence"
 averages within each message first, then over messages, so every message weighs the same (a bias
-toward short messages per token). The trust-region measurement D is always the token mean.
+toward short messages per token). The trust-region measurement D is in the radius's unit
+(--radius): the token mean of the reverse KL (the paper's), or the message mean, each message's
+summed KL averaged over messages, which bounds what one message may move whatever its length.
 
 Under torch.distributed (parallel.py) each rank holds some of the batch's rows: the loss divides
 this rank's sum by the denominator of every rank's rows together (`denominator`, summed by the
@@ -70,6 +72,12 @@ def agent_batch(episodes, agent: int, advantages, pad_id: int, device, shared_pr
     batch = dict(
         ids=ids, attn=attn, mask=mask[:, 1:], adv=adv, sampler_logp=sampler_logp[:, 1:], episode=episode
     )
+    # where the task tells which tokens decide a message (rollout.Step.deciding): those, masked
+    if rows and all(s.deciding is not None for _, s in rows):
+        decide = torch.zeros_like(mask)
+        for r, (_, s) in enumerate(rows):
+            decide[r, len(s.context) + s.deciding[0] : len(s.context) + s.deciding[1]] = 1
+        batch["decide"] = decide[:, 1:]
     if shared_prompt:
         batch["group"] = torch.tensor([episodes[e].qid for e, _ in rows])
         batch["shared"] = sharedprompt.lengths(ids, attn, mask[:, 1:], batch["group"], shared_prompt)
@@ -114,20 +122,21 @@ def token_logprobs(model, batch, rows=slice(None), full: bool = False, temperatu
 
 
 def denominator(mask, reduction: str = "token"):
-    """What a mean over mask == 1 divides by: the agent's tokens ("token") or its rows that have
-    any ("sequence")."""
+    """What a mean over mask == 1 divides by: the agent's tokens ("token") or its rows (messages)
+    that have any ("sequence", "message")."""
     return mask.sum() if reduction == "token" else (mask.sum(1) > 0).sum()
 
 
 def masked_mean(x, mask, reduction: str = "token", denom=None):
-    """Mean of x over mask == 1: over all tokens ("token") or per row, then over rows ("sequence").
+    """Mean of x over mask == 1: over all tokens ("token"), per row then over rows ("sequence"),
+    or each row's sum averaged over rows ("message": the per-message KL of --radius message).
     denom: the denominator of the whole batch when these rows are part of it (default: theirs)."""
     denom = denominator(mask, reduction) if denom is None else denom
-    if reduction == "token":
-        total = (x * mask).sum()
-    else:
+    if reduction == "sequence":
         # a row without tokens adds 0
         total = ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+    else:
+        total = (x * mask).sum()
     return total / denom.clamp(min=1)
 
 
@@ -135,6 +144,18 @@ def token_mean(x, mask) -> float:
     """The token mean of x over mask == 1 on every rank's rows: sum and count summed over ranks."""
     total, count = parallel.all_sum(torch.stack([(x * mask).sum(), mask.sum()]))
     return (total / count.clamp(min=1)).item()
+
+
+def message_mean(x, mask) -> float:
+    """The mean over messages (rows with tokens) of x summed over each message's tokens, on every
+    rank's rows: the per-message KL, and the measure of --radius message."""
+    total, count = parallel.all_sum(torch.stack([(x * mask).sum(), denominator(mask, "message")]))
+    return (total / count.clamp(min=1)).item()
+
+
+def radius_mean(x, mask, radius: str) -> float:
+    """x in the radius's unit (--radius): its token mean, or its message mean."""
+    return token_mean(x, mask) if radius == "token" else message_mean(x, mask)
 
 
 def token_kl(logp, logp_old, kind: str, full=None, full_old=None):
@@ -147,14 +168,20 @@ def token_kl(logp, logp_old, kind: str, full=None, full_old=None):
     return log_r.exp() * (log_r - 1) + 1
 
 
-def ppo_loss(logp, logp_old, adv, mask, kl_tok, clip_eps: float, beta: float, reduction: str, denom=None):
+def ppo_loss(
+    logp, logp_old, adv, mask, kl_tok, clip_eps: float, beta: float, reduction: str, denom=None, penalty=None
+):
     """-surrogate + beta * KL. Surrogate (PPO clip): min(r A, clip(r, 1-eps, 1+eps) A).
-    denom: the minibatch's denominator over every rank (default: these rows')."""
+    denom: the minibatch's denominator over every rank (default: these rows'). penalty: the KL's
+    (reduction, denominator) where it is not the surrogate's (--radius message)."""
     ratio = (logp - logp_old).exp()
     # (S, 1): every token of a message gets its episode's advantage
     a = adv[:, None]
     clipped = torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
-    return -masked_mean(clipped, mask, reduction, denom) + beta * masked_mean(kl_tok, mask, reduction, denom)
+    kl_reduction, kl_denom = penalty or (reduction, denom)
+    return -masked_mean(clipped, mask, reduction, denom) + beta * masked_mean(
+        kl_tok, mask, kl_reduction, kl_denom
+    )
 
 
 def surrogate(logp, logp_old, adv, mask) -> float:
@@ -184,18 +211,35 @@ def sequence_log_ratio(logp, logp_old, mask, episode, n_episodes: int):
     return torch.zeros(n_episodes, device=per_row.device).index_add(0, episode, per_row)
 
 
-def update_stats(logp, logp_old, adv, mask, kl_tok, clip_eps: float, delta: float) -> dict:
-    """The per-update metrics (docs/design.md, "Metrics"), all token means over the agent's tokens."""
+def update_stats(
+    logp, logp_old, adv, mask, kl_tok, clip_eps: float, delta: float, radius: str = "token", decide=None
+) -> dict:
+    """The per-update metrics (docs/design.md, "Metrics"): token means over the agent's tokens,
+    the per-message KL, and where the task tells which tokens decide (decide), the token KL on
+    those and on the rest. out_of_region: the fraction of the radius's units (tokens, or
+    messages) whose own KL is above delta."""
     log_r = logp - logp_old
     ratio = log_r.exp()
     mean = lambda x: token_mean(x, mask)
-    return {
+    if radius == "token":
+        out = mean((kl_tok > delta).float())
+    else:
+        # one row per message
+        rows = mask.sum(1) > 0
+        out = token_mean(((kl_tok * mask).sum(1) > delta).float()[:, None], rows.float()[:, None])
+    stats = {
         "kl_rev": mean(kl_tok),
+        # each message's summed KL, averaged over messages
+        "kl_msg": message_mean(kl_tok, mask),
         # k1 = -log r
         "kl_k1": mean(-log_r),
         # k3 = (r - 1) - log r (Schulman, 2020)
         "kl_k3": mean((ratio - 1) - log_r),
-        "out_of_region": mean((kl_tok > delta).float()),
+        "out_of_region": out,
         "clipfrac": mean(((ratio - 1).abs() > clip_eps).float()),
         "surrogate": surrogate(logp, logp_old, adv, mask),
     }
+    if decide is not None:
+        stats["kl_decide"] = token_mean(kl_tok, decide * mask)
+        stats["kl_rest"] = token_mean(kl_tok, (1 - decide) * mask)
+    return stats

@@ -53,6 +53,8 @@ class Step:
     made: tuple | None = None
     # (its sampler call's KV, its row there), if kept
     kv: tuple | None = None
+    # (first, end): the tokens that decide what the message says, where the task can tell
+    deciding: tuple | None = None
 
 
 @dataclass
@@ -423,10 +425,26 @@ def play_turn(agent, a, t, task, eps, old, rows, counts, sampling, reuse_kv, ear
         past=[s.kv for s in replaced] if reusable else None,
     )
     for r, (i, p, o, lp, m) in enumerate(zip(rows, prompts, outs, logps, made)):
-        cut = o[-1] != tok.eos_token_id
-        eps[i].steps.append(Step(a, p, o, lp, agent.decode(o), cut, m, (kv, r) if reuse_kv and kv else None))
+        cut, text = o[-1] != tok.eos_token_id, agent.decode(o)
+        kept_kv = (kv, r) if reuse_kv and kv else None
+        eps[i].steps.append(
+            Step(a, p, o, lp, text, cut, m, kept_kv, deciding_span(agent, task, o, text, cut))
+        )
         counts.truncated += cut
     counts.turns, counts.tokens = counts.turns + len(rows), counts.tokens + sum(map(len, outs))
+
+
+def deciding_span(agent, task, tokens: list, text: str, cut: bool) -> tuple | None:
+    """(first, end): the message's last tokens before its EOS that hold the characters the task
+    says decide it (tasks.Relay.deciding), or None where the task cannot tell."""
+    if not hasattr(task, "deciding"):
+        return None
+    end = len(tokens) - (not cut)
+    first, chars = end, task.deciding(text)
+    while chars > 0 and first > 0:
+        first -= 1
+        chars -= len(agent.decode(tokens[first : first + 1]))
+    return first, end
 
 
 def same(step, made: tuple, steps: list, read: list, prompt) -> bool:

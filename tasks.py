@@ -28,6 +28,12 @@ which is where fresh and stale occupancy can differ (the plain relay gives every
 reading whatever upstream does: a wrong value is distributed like a right one). --code-links f
 is the coupling knob: only a fraction f of the links carry two codes, the rest stay plain.
 
+The long-message variant (--work K) gives each message K work lines before its value: what the
+agent read, its operation and "=" ("8+1=8+1=9" at K = 2), about 4K + 2 tokens. It was designed to
+share one property of an LLM's messages: most of their tokens follow from the context and a few
+decide. Readers see only the values (the chain stays "7;0;8"), and the reward reads the final
+message's value, so what is scored and what later agents read are the plain relay's.
+
 Questions are deterministic by seed; the held-out set is the questions whose CRC32 falls in one
 bucket of four, and training questions are drawn from the other three, so the two are disjoint.
 
@@ -56,7 +62,13 @@ class Relay:
     """Arithmetic relay mod `modulus`: one operation +a or -a (a in 1..max_arg) per turn."""
 
     def __init__(
-        self, n_ops: int, solo: bool = False, modulus: int = 10, max_arg: int = 3, p_max_arg: float = 0.0
+        self,
+        n_ops: int,
+        solo: bool = False,
+        modulus: int = 10,
+        max_arg: int = 3,
+        p_max_arg: float = 0.0,
+        work: int = 0,
     ):
         self.n_ops, self.solo, self.modulus, self.max_arg, self.p_max_arg = (
             n_ops,
@@ -65,12 +77,16 @@ class Relay:
             max_arg,
             p_max_arg,
         )
+        # a team message's work lines (--work); the solo chain has none
+        self.work = 0 if solo else work
         self.turns = 1 if solo else n_ops
         # chat template options: the tiny agents have no template; no benchmarks but the held-out set
         self.chat, self.benchmarks = {}, {}
         digits = len(str(modulus - 1))
-        # "3;6;2" + EOS, or "3" + slack
-        self.max_new_tokens = (digits + 1) * n_ops if solo else digits + 2
+        # one work line: the value read, the operation ("+3") and "="
+        line = digits + 1 + len(str(max_arg)) + 1
+        # "3;6;2" + EOS, or the work lines, "3" + slack
+        self.max_new_tokens = (digits + 1) * n_ops if solo else self.work * line + digits + 2
 
     def question(self, rng: random.Random) -> Question:
         value = rng.randrange(self.modulus)
@@ -102,10 +118,21 @@ class Relay:
     def render(self, q: Question, messages: list[str]) -> str:
         if self.solo:
             return f"{q.text}="
-        return f"{q.text}|{';'.join([start_value(q), *messages])}|{q.ops[len(messages)]}>"
+        values = map(self.value, messages)
+        return f"{q.text}|{';'.join([start_value(q), *values])}|{q.ops[len(messages)]}>"
+
+    def value(self, message: str) -> str:
+        """What a message says, all a reader reads: the message, or with --work what follows its
+        last "=" ("8+1=8+1=9" says "9")."""
+        return message.rsplit("=", 1)[-1] if self.work else message
+
+    def deciding(self, message: str) -> int:
+        """How many of the message's last characters decide what it says (its value's); the
+        others follow from the context."""
+        return len(self.value(message))
 
     def reward(self, q: Question, final_message: str) -> float:
-        return float(final_answer(final_message) == q.answer)
+        return float(final_answer(self.value(final_message)) == q.answer)
 
     def turn_correct(self, q: Question, messages: list[str]) -> list[bool]:
         """Per message: is it the value its writer's operation gives from the value it read (the
@@ -113,8 +140,9 @@ class Relay:
         a malformed one cannot. The plain code only (--codes messages may be mirrored)."""
         read, right = start_value(q), []
         for op, message in zip(q.ops, messages):
-            right.append(read.isdigit() and message == str(apply(int(read), op) % self.modulus))
-            read = message
+            value = self.value(message)
+            right.append(read.isdigit() and value == str(apply(int(read), op) % self.modulus))
+            read = value
         return right
 
 
@@ -124,7 +152,9 @@ def make(cfg):
     heldout(count), context(question, steps, agent) and reward(question, final_message)."""
     if cfg.task != "relay":
         return mathtask.make(cfg)
-    relay = Relay(cfg.agents * cfg.rounds, cfg.mode == "single", cfg.modulus, cfg.max_arg, cfg.p_max_arg)
+    relay = Relay(
+        cfg.agents * cfg.rounds, cfg.mode == "single", cfg.modulus, cfg.max_arg, cfg.p_max_arg, cfg.work
+    )
     relay.max_new_tokens = or_default(cfg.max_new_tokens, relay.max_new_tokens)
     # a short chain has few questions
     found = len(questions(relay, cfg.questions, 0, heldout=False, partial=True))

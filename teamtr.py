@@ -11,7 +11,8 @@ One stage updates every agent once, in an update order u_1..u_n. For k = 1..n, w
     2. bounded group-normalised advantages of the final reward, given to every token i wrote;
     3. old log-probs of i's tokens under i's weights before this update, in fp32;
     4. PPO-clip steps on i's tokens only, with a reverse-KL penalty, inside a hard trust region:
-       after every optimiser step the mean token reverse KL D is measured on i's whole batch;
+       after every optimiser step the reverse KL D is measured on i's whole batch (the token
+       mean, or with --radius message each message's sum averaged over messages);
        the steps stop once D > delta and backtrack along the step that crossed it, from the last
        weights inside the radius, until D <= delta (an update whose advantages are all 0 carries
        no signal and takes no step);
@@ -134,7 +135,15 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> di
         measured = kl.measure(model)
     # log
     stats = losses.update_stats(
-        measured.logp, kl.old, data["adv"], data["mask"], measured.kl_tok, cfg.clip_eps, cfg.delta
+        measured.logp,
+        kl.old,
+        data["adv"],
+        data["mask"],
+        measured.kl_tok,
+        cfg.clip_eps,
+        cfg.delta,
+        cfg.radius,
+        data.get("decide"),
     )
     stats.update(steps=steps, skipped_steps=skipped, reverted=int(reverted), backtracks=backtracks)
     stats["no_signal"] = int(no_signal)
@@ -186,7 +195,8 @@ def batch_logprobs(model, data, full: bool, cfg: Config):
 class TrustRegion:
     """The trust region's measurement on one agent's batch: the old log-probs (fp32, under the
     weights before the update; with --kl full also the whole old distributions), and `measure`,
-    D = the mean token reverse KL of the current weights against them, on every row."""
+    D = the reverse KL of the current weights against them on every row, in the radius's unit
+    (--radius: the token mean, or the mean over messages of each message's sum)."""
 
     def __init__(self, model, data, cfg: Config):
         self.data, self.cfg, self.full = data, cfg, cfg.kl == "full"
@@ -200,7 +210,7 @@ class TrustRegion:
     def measure(self, model) -> Measure:
         logp, full = batch_logprobs(model, self.data, self.full, self.cfg)
         kl_tok = self.token_kl(logp, full)
-        return Measure(losses.token_mean(kl_tok, self.data["mask"]), logp, kl_tok)
+        return Measure(losses.radius_mean(kl_tok, self.data["mask"], self.cfg.radius), logp, kl_tok)
 
 
 def clipped_steps(agent, data, kl: TrustRegion, params, cfg: Config, seed):
@@ -237,6 +247,10 @@ def minibatch_step(agent, data, kl: TrustRegion, rows, params, cfg: Config) -> b
     if the loss or the gradient is not finite (a fault: the step is skipped)."""
     beta = cfg.beta if cfg.trust_region == "on" else 0.0
     denom = parallel.all_sum(losses.denominator(data["mask"][rows], cfg.reduction))
+    # --radius message: the penalty is the minibatch's mean per-message KL, as the radius is
+    penalty = None
+    if cfg.radius == "message":
+        penalty = ("message", parallel.all_sum(losses.denominator(data["mask"][rows], "message")))
     agent.optimizer.zero_grad(set_to_none=True)
     loss = torch.zeros((), device=data["ids"].device)
     # --fsdp: every process takes part in every forward and backward
@@ -245,7 +259,9 @@ def minibatch_step(agent, data, kl: TrustRegion, rows, params, cfg: Config) -> b
         logp, full = losses.token_logprobs(agent.model, data, rows, kl.full, cfg.temperature)
         old, adv, mask = kl.old[rows], data["adv"][rows], data["mask"][rows]
         kl_tok = kl.token_kl(logp, full, rows)
-        loss = losses.ppo_loss(logp, old, adv, mask, kl_tok, cfg.clip_eps, beta, cfg.reduction, denom)
+        loss = losses.ppo_loss(
+            logp, old, adv, mask, kl_tok, cfg.clip_eps, beta, cfg.reduction, denom, penalty
+        )
         loss.backward()
         agent.model.eval()
     # this rank's share of the minibatch's gradient -> the whole gradient

@@ -2,6 +2,7 @@
 
     python theory.py            # exponents for n = 2..32, one and two rounds, and J curves (< 60 s)
     python theory.py --map --stages 10 --seeds 3    # where stale occupancy changes the outcome
+    python theory.py --place runs/cmp 8:0.04 --stages 10 --seeds 3    # where measured runs fall
 
 A team of n tabular softmax agents passes a message from an alphabet of M symbols: agent t
 reads the question q and the previous message and writes the next one; a reward table scores the
@@ -35,6 +36,8 @@ the already-updated agents' sequence ratios), checked in tests to equal the inte
 
 import argparse
 import itertools
+import json
+import os
 import time
 from collections import namedtuple
 
@@ -289,6 +292,53 @@ def regime_map(stages, seeds) -> str:
     return "\n".join(lines)
 
 
+def measured_radii(items: list[str]) -> list[tuple[str, int, float]]:
+    """(name, n, per-message KL) of each item: "N:KL" given by hand, a train.py run directory
+    (config.json, and the mean of its updates' agent{i}/kl_msg in metrics.jsonl), or a compare
+    directory (one entry per run of its results.json that measured kl_msg)."""
+    out = []
+    for item in items:
+        if os.path.isfile(os.path.join(item, "results.json")):
+            with open(os.path.join(item, "results.json")) as f:
+                runs = json.load(f)
+            out += [
+                (f"{item} {r['mode']} n{r['n']} s{r['seed']}", r["n"], r["kl_msg"])
+                for r in runs
+                if r.get("kl_msg")
+            ]
+        elif os.path.isfile(os.path.join(item, "config.json")):
+            with open(os.path.join(item, "config.json")) as f:
+                n = json.load(f)["agents"]
+            with open(os.path.join(item, "metrics.jsonl")) as f:
+                records = [json.loads(line) for line in f]
+            kls = [r[f"agent{r['agent']}/kl_msg"] for r in records if f"agent{r.get('agent')}/kl_msg" in r]
+            if not kls:
+                raise ValueError(f"{item}: no update logged agent{{i}}/kl_msg")
+            out.append((item, n, float(np.mean(kls))))
+        else:
+            n, kl = item.split(":")
+            out.append((item, int(n), float(kl)))
+    return out
+
+
+def place(items: list[str], stages: int, seeds: int) -> str:
+    """Where measured runs fall on the map: the testbed's stale error and lead (regime(), plain
+    relay start, no coupling, exact advantages) at each run's team size and per-message KL. The
+    testbed's radius is per turn, and a turn writes one message, so the per-message KL is the
+    radius that places a run; its agents are tabular, so steps do not generalise across contexts."""
+    lines = [
+        f"each run at the testbed's delta = its per-message KL ({stages} stages, {seeds} teams, coupling 0, "
+        "share 0, exact advantages)",
+        "",
+        "| run | n | KL per message | testbed: stale error, flip, lead, end |",
+        "|---|---|---|---|",
+    ]
+    for name, n, kl in measured_radii(items):
+        cell = map_cell(regime(n, kl, 0.0, 0.0, stages, seeds))
+        lines.append(f"| {name} | {n} | {kl:.4f} | {cell} |")
+    return "\n".join(lines)
+
+
 def map_cell(c: dict) -> str:
     return f"err {c['err']:.2f} flip {c['flip']:.0%} lead {100 * c['lead']:+.1f} end {100 * c['end']:+.1f}"
 
@@ -316,6 +366,13 @@ def main(argv=None):
         help="instead: where stale occupancy changes the outcome, over n, the radius, the coupling "
         "and how much each step generalises (--stages 10 --seeds 3 in docs/results.md)",
     )
+    parser.add_argument(
+        "--place",
+        nargs="+",
+        metavar="RUN",
+        help="instead: where measured runs fall on the map, each a train.py or compare run directory "
+        "(their logged per-message KL) or N:KL (a team size and a per-message KL)",
+    )
     args = parser.parse_args(argv)
     if not (args.delta > 0 and args.seeds >= 1 and args.stages >= 0):
         parser.error(
@@ -323,6 +380,13 @@ def main(argv=None):
             f"{args.seeds}, {args.stages}"
         )
     start, ns = time.time(), [2, 4, 8, 16, 32]
+    if args.place:
+        try:
+            print(place(args.place, args.stages, args.seeds))
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"--place: {e}")
+        print(f"\n{time.time() - start:.1f} s")
+        return
     if args.map:
         print(regime_map(args.stages, args.seeds))
         print(f"\n{time.time() - start:.1f} s")

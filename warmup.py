@@ -29,7 +29,8 @@ def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[
     high with probability demo_error. With --codes it also writes each message but the last
     mirrored (tasks.mirror) with probability 1/2, unmarked: a reader cannot tell which code it
     reads, so the agents learn to decode and encode both ways and must agree on a convention in RL.
-    --code-links f < 1 leaves all but a fraction f of those links plain (coupled_links).
+    --code-links f < 1 leaves all but a fraction f of those links plain (coupled_links). With
+    --work K each message first copies what it read and its operation, K times, without error.
     """
     n_ops, m = len(q.ops), task.modulus
     values = [
@@ -45,7 +46,10 @@ def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[
 
     # the true chain (what later turns read), its own messages
     shown, written = code(q.steps), code(values)
-    return [(task.render(q, shown[:t]), written[t]) for t in range(n_ops)] + [
+    # --work: each message first shows what it read and its operation, copied without error
+    read = [tasks.start_value(q), *shown[:-1]]
+    work = [(read[t] + q.ops[t] + "=") * task.work for t in range(n_ops)]
+    return [(task.render(q, shown[:t]), work[t] + written[t]) for t in range(n_ops)] + [
         (solo.render(q, []), ";".join(map(str, values)))
     ]
 
@@ -68,7 +72,9 @@ def warmup(model, tokenizer, cfg: Config, batch: int = 64):
     from the same model.
     """
     n_ops = cfg.agents * cfg.rounds
-    task, solo = (tasks.Relay(n_ops, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg) for s in (False, True))
+    task, solo = (
+        tasks.Relay(n_ops, s, cfg.modulus, cfg.max_arg, cfg.p_max_arg, cfg.work) for s in (False, True)
+    )
     agent = team_lib.make_agent("warmup", model, tokenizer, team_lib.Training(lr=cfg.warmup_lr))
     for step in tqdm(range(cfg.warmup_steps), desc="warm-up", unit="step", disable=not parallel.main()):
         rng = random.Random(derive_seed(cfg.seed, "demonstrator", step))

@@ -356,6 +356,8 @@ def test_update_stats_are_token_means_of_the_per_token_estimators():
     want = {
         # (0.3 + 0.05 + 0.15 + 0.1) / 4
         "kl_rev": 0.6 / 4,
+        # per message: (0.3 + 0.05 + 0.15 + 0.1) / 2
+        "kl_msg": 0.6 / 2,
         "kl_k1": -sum(logs) / 4,
         # sum of (r - 1) is 1 - 0.5 + 0.1 - 0.1 = 0.5
         "kl_k3": (0.5 - sum(logs)) / 4,
@@ -458,3 +460,37 @@ def test_token_logprobs_on_the_agents_tokens_equal_the_full_logits_and_their_gra
     assert (logp[mask == 0] == 0).all()
     for got, want in zip(ours, (p.grad for p in model.parameters())):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_in_message_units_the_stats_sum_each_message_and_split_the_deciding_tokens():
+    logp_old = t([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]])
+    mask = t([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    kl_tok = t([[0.3, 0.05, 9.0], [9.0, 0.15, 0.1]])
+    # the first message's first token and the second message's last decide
+    decide = t([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    stats = losses.update_stats(logp_old, logp_old, t([2.0, -1.0]), mask, kl_tok, 0.2, 0.3, "message", decide)
+    # messages 0.35 and 0.25: one of the two is above delta = 0.3
+    assert stats["kl_msg"] == pytest.approx(0.3, abs=1e-7) and stats["out_of_region"] == 0.5
+    assert stats["kl_decide"] == pytest.approx(0.4 / 2, abs=1e-7)
+    assert stats["kl_rest"] == pytest.approx(0.2 / 2, abs=1e-7)
+    assert stats["kl_rev"] == pytest.approx(0.6 / 4, abs=1e-7)
+
+
+def test_the_message_mean_sums_each_message_then_averages_the_messages_that_have_tokens():
+    mask = t([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    x = t([[0.1, 0.2, 9.0], [9.0, 0.4, 0.6], [5.0, 5.0, 5.0]])
+    assert losses.message_mean(x, mask) == pytest.approx((0.3 + 1.0) / 2, abs=1e-7)
+    assert float(losses.masked_mean(x, mask, "message")) == pytest.approx(0.65, abs=1e-7)
+    assert losses.radius_mean(x, mask, "token") == pytest.approx(1.3 / 4, abs=1e-7)
+
+
+def test_with_a_message_radius_the_penalty_is_beta_times_the_mean_message_kl():
+    logp = t([[-1.0, -0.5, -2.0], [-0.3, -1.2, -0.7]])
+    adv, mask, kl = t([1.5, -0.5]), t(KL_MASK), t(KL_TOK)
+    loss = lambda b, penalty: float(
+        losses.ppo_loss(logp, logp, adv, mask, kl, 0.2, b, "token", None, penalty)
+    )
+    per_message = ("message", losses.denominator(mask, "message"))
+    # messages 0.1 + 0.2 and 0.4 + 0.6
+    assert loss(0.5, per_message) - loss(0.0, per_message) == pytest.approx(0.5 * 1.3 / 2, abs=1e-7)
+    assert loss(0.5, None) - loss(0.0, None) == pytest.approx(0.5 * 1.3 / 4, abs=1e-7)

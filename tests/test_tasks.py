@@ -161,3 +161,48 @@ def test_eval_solo_baseline_gets_the_whole_chain_with_rounds():
         assert len(q.steps) == 6 and solo.reward(q, answer) == 1.0
         # one token per character, and EOS
         assert len(answer) + 1 <= solo.max_new_tokens
+
+
+def test_with_work_a_message_shows_its_work_and_readers_read_only_its_value():
+    q = tasks.Question("7+3-2+1", "9", ("0", "8", "9"), ("+3", "-2", "+1"))
+    relay = tasks.Relay(3, work=2)
+    # what a later agent reads is the chain of values, as in the plain relay
+    assert relay.render(q, ["7+3=7+3=0"]) == "7+3-2+1|7;0|-2>" == tasks.Relay(3).render(q, ["0"])
+    assert relay.value("8+1=8+1=9") == "9" and relay.deciding("8+1=8+1=9") == 1
+    assert relay.reward(q, "8+1=8+1=9") == 1.0 and relay.reward(q, "8+1=8+1=8") == 0.0
+    # a message cut before its value says nothing, not the operation's "1"
+    assert relay.value("8+1=") == "" and relay.reward(q, "8+1=") == 0.0 and relay.deciding("8+1=") == 0
+    # a miscopied work line does not change what the message says
+    assert relay.turn_correct(q, ["5+3=0", "0-2=8", "8+1=9"]) == [True, True, True]
+    # 2 work lines of 4 characters, the value, EOS and one token of slack
+    assert relay.max_new_tokens == 2 * 4 + 3 and tasks.Relay(3, solo=True, work=2).max_new_tokens == 6
+    # without --work a message is its value, whole
+    assert tasks.Relay(3).value("8+1=9") == "8+1=9" and tasks.Relay(3).deciding("9") == 1
+
+
+@pytest.mark.parametrize("codes", [False, True])
+def test_with_work_the_demonstrator_copies_what_it_read_and_its_operation(codes):
+    task, rng = tasks.Relay(4, work=3), random.Random(0)
+    cfg = config.Config(demo_error=0.0, codes=codes, work=3)
+    for q in tasks.questions(task, 50, seed=3, heldout=False):
+        demos = warmup.demonstration(q, task, tasks.Relay(4, solo=True), cfg, rng)
+        for t, (context, message) in enumerate(demos[:4]):
+            # the last value of the chain it reads (as written, in its code), and its operation
+            read, op = context.split("|")[1].split(";")[-1], q.ops[t]
+            assert read == (tasks.start_value(q) if t == 0 else demos[t - 1][1].rsplit("=", 1)[-1])
+            assert message == (read + op + "=") * 3 + task.value(message)
+        # the solo format has no work lines
+        assert demos[4][1] == ";".join(q.steps)
+
+
+def test_the_deciding_tokens_of_a_played_message_are_its_value(make_team):
+    team, relay = make_team(2), tasks.Relay(2, work=1)
+    qs = tasks.questions(relay, 8, seed=0, heldout=False)
+    played = rollout.play(team, relay, rollout.new_episodes(qs, 4, 2, 1, "fixed", 0), 1.0, 0)[0]
+    for s in (s for e in played for s in e.steps):
+        first, end = s.deciding
+        # the tokens before EOS (the character tokenizer: one character each) that say the value
+        assert end == len(s.tokens) - (not s.truncated)
+        assert team[0].decode(s.tokens[first:end]) == relay.value(s.text)
+    # a task that cannot tell gives none
+    assert rollout.deciding_span(team[0], object(), [5, 1], "", False) is None

@@ -477,3 +477,27 @@ def test_early_exit_is_exact_on_a_real_model_team_with_chat_templates(tmp_path, 
     same_batches(a, b)
     assert kept["stage/turns"] + kept["stage/reused_turns"] == full["stage/turns"]
     assert kept["stage/reused_turns"] > 0
+
+
+@pytest.mark.parametrize("radius", ["token", "message"])
+def test_each_radius_unit_stops_where_its_own_mean_crosses_delta(make_team, cfg, monkeypatch, radius):
+    # every token's KL is 0.004: the token mean is 0.004, and a message of m tokens moved 0.004 m
+    cfg = dataclasses.replace(cfg, delta=0.006, radius=radius, epochs=2, minibatch=8, max_backtracks=2)
+    team = make_team(2, lr=1e-2)
+    batch = played_batch(team, cfg)
+    monkeypatch.setattr(
+        teamtr.TrustRegion, "token_kl", lambda self, logp, full, rows=slice(None): logp * 0 + 0.004
+    )
+    data = teamtr.agent_data(team[0], 0, batch, cfg)[0]
+    tokens, messages = float(data["mask"].sum()), len(data["ids"])
+    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0)
+    assert stats["kl_rev"] == pytest.approx(0.004) and stats["kl_msg"] == pytest.approx(
+        0.004 * tokens / messages
+    )
+    if radius == "token":
+        # 0.004 <= 0.006: every minibatch step of both epochs, no backtracking
+        assert stats["steps"] == 2 * -(-messages // 8) and stats["backtracks"] == 0
+    else:
+        # messages of more than 1.5 tokens on average: above 0.006 after the first step, so it
+        # stops, and every halving stays outside, down to the weights before the step (alpha = 0)
+        assert tokens / messages > 1.5 and stats["steps"] == 1 and stats["backtracks"] == 3

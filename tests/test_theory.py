@@ -1,5 +1,7 @@
 """The exact testbed: exactness, the HAPPO identity, and stale error growing faster in n."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -121,4 +123,21 @@ def test_stale_error_grows_faster_in_n_than_intermediate():
 def test_bad_flags_give_one_line_exit_2(args, capsys):
     with pytest.raises(SystemExit) as stop:
         theory.main(args)
+    assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_measured_runs_are_placed_at_their_team_size_and_per_message_kl(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"agents": 2}))
+    records = [{"stage": 0}, {"agent": 0, "agent0/kl_msg": 0.01}, {"agent": 1, "agent1/kl_msg": 0.03}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert theory.measured_radii([str(run), "4:0.05"]) == [(str(run), 2, 0.02), ("4:0.05", 4, 0.05)]
+    table = theory.place([str(run)], stages=2, seeds=1)
+    assert (
+        table.splitlines()[-1]
+        == f"| {run} | 2 | 0.0200 | " + theory.map_cell(theory.regime(2, 0.02, 0.0, 0.0, 2, 1)) + " |"
+    )
+    with pytest.raises(SystemExit) as stop:
+        theory.main(["--place", str(tmp_path)])
     assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

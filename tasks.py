@@ -82,7 +82,7 @@ class Relay:
         self.turns = 1 if solo else n_ops
         # chat template options: the tiny agents have no template; no benchmarks but the held-out set
         self.chat, self.benchmarks = {}, {}
-        digits = len(str(modulus - 1))
+        self.digits = digits = len(str(modulus - 1))
         # one work line: the value read, the operation ("+3") and "="
         line = digits + 1 + len(str(max_arg)) + 1
         # "3;6;2" + EOS, or the work lines, "3" + slack
@@ -123,13 +123,20 @@ class Relay:
 
     def value(self, message: str) -> str:
         """What a message says, all a reader reads: the message, or with --work what follows its
-        last "=" ("8+1=8+1=9" says "9")."""
-        return message.rsplit("=", 1)[-1] if self.work else message
+        last "=" ("8+1=8+1=9" says "9"; without an "=" nothing), at most as long as a plain
+        relay message, so that contexts stay the plain relay's length."""
+        if not self.work:
+            return message
+        return self.tail(message)[: self.digits + 2]
+
+    def tail(self, message: str) -> str:
+        """The message after its last "=" with --work (all of it without, "" if it has none)."""
+        return message.rsplit("=", 1)[-1] if "=" in message or not self.work else ""
 
     def deciding(self, message: str) -> int:
-        """How many of the message's last characters decide what it says (its value's); the
-        others follow from the context."""
-        return len(self.value(message))
+        """How many of the message's last characters decide what it says (those after its last
+        "=" with --work, all of it without); the others follow from the context."""
+        return len(self.tail(message))
 
     def reward(self, q: Question, final_message: str) -> float:
         return float(final_answer(self.value(final_message)) == q.answer)

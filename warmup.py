@@ -49,6 +49,7 @@ def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[
     # --work: each message first shows what it read and its operation, copied without error
     read = [tasks.start_value(q), *shown[:-1]]
     work = [(read[t] + q.ops[t] + "=") * task.work for t in range(n_ops)]
+    shown = [w + v for w, v in zip(work, shown)]
     return [(task.render(q, shown[:t]), work[t] + written[t]) for t in range(n_ops)] + [
         (solo.render(q, []), ";".join(map(str, values)))
     ]

@@ -170,8 +170,10 @@ def test_with_work_a_message_shows_its_work_and_readers_read_only_its_value():
     assert relay.render(q, ["7+3=7+3=0"]) == "7+3-2+1|7;0|-2>" == tasks.Relay(3).render(q, ["0"])
     assert relay.value("8+1=8+1=9") == "9" and relay.deciding("8+1=8+1=9") == 1
     assert relay.reward(q, "8+1=8+1=9") == 1.0 and relay.reward(q, "8+1=8+1=8") == 0.0
-    # a message cut before its value says nothing, not the operation's "1"
+    # a message cut before its value says nothing, not the operation's "1"; one without its work
+    # lines neither; a long value is read as long as a plain relay message at most
     assert relay.value("8+1=") == "" and relay.reward(q, "8+1=") == 0.0 and relay.deciding("8+1=") == 0
+    assert relay.value("9") == "" and relay.value("8+1=12345") == "123" and relay.deciding("8+1=12345") == 5
     # a miscopied work line does not change what the message says
     assert relay.turn_correct(q, ["5+3=0", "0-2=8", "8+1=9"]) == [True, True, True]
     # 2 work lines of 4 characters, the value, EOS and one token of slack
@@ -201,8 +203,8 @@ def test_the_deciding_tokens_of_a_played_message_are_its_value(make_team):
     played = rollout.play(team, relay, rollout.new_episodes(qs, 4, 2, 1, "fixed", 0), 1.0, 0)[0]
     for s in (s for e in played for s in e.steps):
         first, end = s.deciding
-        # the tokens before EOS (the character tokenizer: one character each) that say the value
+        # the tokens before EOS after the last "=" (the character tokenizer: one character each)
         assert end == len(s.tokens) - (not s.truncated)
-        assert team[0].decode(s.tokens[first:end]) == relay.value(s.text)
+        assert team[0].decode(s.tokens[first:end]) == relay.tail(s.text)
     # a task that cannot tell gives none
     assert rollout.deciding_span(team[0], object(), [5, 1], "", False) is None

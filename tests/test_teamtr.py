@@ -501,3 +501,16 @@ def test_each_radius_unit_stops_where_its_own_mean_crosses_delta(make_team, cfg,
         # messages of more than 1.5 tokens on average: above 0.006 after the first step, so it
         # stops, and every halving stays outside, down to the weights before the step (alpha = 0)
         assert tokens / messages > 1.5 and stats["steps"] == 1 and stats["backtracks"] == 3
+
+
+def test_the_stale_penalty_is_measured_against_the_fresh_batchs_own_shift_surrogate():
+    # (L_hat, L_hat*) on the other batch differ once an agent speaks twice (--rounds 2): the stale
+    # penalty compares with L_hat* (the occupancy its update gives its own later turns)
+    m = lambda: {"surrogate": 0.5, "own_surrogate": 0.4, "plain_surrogate": 0.45}
+    other = (0.3, 0.2)
+    stale = teamtr.surrogate_errors(m(), other, True, trained_on_intermediate=False)
+    assert stale == pytest.approx({"penalty": 0.3, "stale_gap": 0.15})
+    fresh = teamtr.surrogate_errors(m(), other, True, trained_on_intermediate=True)
+    assert fresh == pytest.approx({"penalty": 0.1, "stale_gap": 0.15})
+    assert teamtr.surrogate_errors(m(), None, True, True) == pytest.approx({"penalty": 0.1, "stale_gap": 0.0})
+    assert teamtr.surrogate_errors(m(), None, False, False) == {"penalty": None, "stale_gap": None}

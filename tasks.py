@@ -45,6 +45,7 @@ last "Answer: X", else the last number), so a solo message "0;8;9" is scored by 
 """
 
 import random
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -56,6 +57,38 @@ from questions import Question, TaskError, final_answer, is_heldout
 # the relay alphabet; the character tokenizer is built from it
 CHARS = "0123456789+-|;>="
 HELDOUT_SEED = 1_000_003
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What a task provides, and all the rest of the code reads of it; the relay (below) and
+    mathtask.MathTask are the two. To add one, write a class with these and pick it in `make`.
+
+    Optional: `turn_correct(question, messages) -> list[bool]` (each message right given what it
+    read: per-agent turn accuracy, tasks.turn_accuracy), `deciding(message) -> int` (how many of a
+    message's last characters decide it: the deciding-token KL, rollout.deciding_span) and `roles`
+    (one {"name", "instructions"} per agent: the tracker's transcripts)."""
+
+    # turns per episode (agents x rounds; 1 for a solo task)
+    turns: int
+    # tokens per message: one value, or one per agent
+    max_new_tokens: int | list
+    # chat template options (enable_thinking), {} for none
+    chat: dict
+    # whole benchmark sets scored at every evaluation, {name: questions}
+    benchmarks: dict
+
+    def train_questions(self, count: int, seed: int) -> list[Question]:
+        """`count` training questions, the same for the same seed, none of them held out."""
+
+    def heldout(self, count: int) -> list[Question]:
+        """The first `count` held-out questions, the same in every run."""
+
+    def context(self, q: Question, steps: list, agent: int):
+        """What `agent` reads after `steps` (rollout.Step): a string, or chat messages."""
+
+    def reward(self, q: Question, final_message: str) -> float:
+        """The team's reward, read from the last message alone."""
 
 
 class Relay:
@@ -153,10 +186,9 @@ class Relay:
         return right
 
 
-def make(cfg):
+def make(cfg) -> Task:
     """The task of a run: the relay with one operation per turn (`single` mode plays it solo), or
-    a math task (mathtask.py). Every task has turns, max_new_tokens, train_questions(count, seed),
-    heldout(count), context(question, steps, agent) and reward(question, final_message)."""
+    a math task (mathtask.py); each provides what `Task` lists."""
     if cfg.task != "relay":
         return mathtask.make(cfg)
     relay = Relay(

@@ -12,6 +12,7 @@ import mathdata
 import mathtask
 import questions
 import rollout
+import tasks
 import team as team_lib
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
@@ -146,3 +147,11 @@ def test_roles_belong_to_agents_across_rounds():
     task = mathtask.make(task_cfg(rounds=2))
     assert task.turns == 4 and len(task.roles) == 2
     assert "team of 2" in task.context(task.heldout(1)[0], [], 1)[0]["content"]
+
+
+def test_both_tasks_provide_what_the_task_protocol_lists():
+    assert isinstance(mathtask.make(task_cfg()), tasks.Task)
+    assert isinstance(mathtask.make(task_cfg(task="words")), tasks.Task)
+    assert isinstance(tasks.make(config.Config()), tasks.Task)
+    # a class without a reward is not a task
+    assert not isinstance(object(), tasks.Task)

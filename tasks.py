@@ -164,7 +164,9 @@ class Relay:
 
     def tail(self, message: str) -> str:
         """The message after its last "=" with --work (all of it without, "" if it has none)."""
-        return message.rsplit("=", 1)[-1] if "=" in message or not self.work else ""
+        if not self.work:
+            return message
+        return message.rsplit("=", 1)[-1] if "=" in message else ""
 
     def deciding(self, message: str) -> int:
         """How many of the message's last characters decide what it says (those after its last

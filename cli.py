@@ -180,9 +180,8 @@ def check_combinations(cli, cfg: Config, sizes: list[int], given: set):
         check_compare(cli, cfg, given)
     # the relay's variants, learned in the tiny agents' warm-up
     variants = [name for name, on in (("--codes", cfg.codes), ("--work", cfg.work)) if on]
-    for name in variants:
-        if cfg.model or cfg.models:
-            cli.error(f"{name} changes the warm-up of the tiny agents; --model/--models are not warmed up")
+    if variants and (cfg.model or cfg.models):
+        cli.error(f"{variants[0]} changes the warm-up of the tiny agents; --model/--models are not warmed up")
     if cfg.task != "relay" and not mathdata.is_math_task(cfg.task):
         tasks = f"relay, words, {', '.join(mathdata.HUB)}, jsonl:PATH or parquet:PATH"
         cli.error(f"--task: unknown task {cfg.task!r} ({tasks})")
@@ -192,9 +191,8 @@ def check_combinations(cli, cfg: Config, sizes: list[int], given: set):
             f"--task {cfg.task} needs pretrained agents: pass --model, --models or --init RUN_DIR (the "
             "tiny agents only learn the relay)"
         )
-    for name in variants:
-        if cfg.task != "relay":
-            cli.error(f"{name} is a variant of the relay task")
+    if variants and cfg.task != "relay":
+        cli.error(f"{variants[0]} is a variant of the relay task")
     if "--code-links" in given and not cfg.codes:
         cli.error("--code-links sets how many links --codes leaves free; add --codes")
     if cfg.prompts and cfg.task == "relay":

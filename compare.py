@@ -12,14 +12,14 @@ every mode; those batches are neither trained on nor counted as generated tokens
 The table has, per n and mode (mean and standard deviation over seeds): held-out accuracy after
 the last stage and its gain over the starting team; the best accuracy of any stage; the first
 stage 10 points above the start (of the seeds that got there); accuracy at equal generated
-tokens (at the last stage whose cumulative training tokens fit the cheapest mode's total); the summed penalty
-per stage (the surrogate error of the batch the mode trained on: 0 for teamtr with one round) and
-the summed stale gap (what training on the stage's first batch errs by, measured in every
-mode); the out-of-region fraction (of tokens, or messages with --radius message); the KL each
-message moved (its tokens' summed reverse KL, averaged over messages and updates) and, where the
-task tells which tokens decide a message (the relay), the token KL on those and on the rest;
-generated tokens; and seconds (stages and held-out
-evaluations; the shared warm-up is reported once per n and seed). With `stale` among the modes a
+tokens (at the last stage whose cumulative training tokens fit the cheapest mode's total); the
+summed penalty per stage (the surrogate error of the batch the mode trained on: 0 for teamtr
+with one round) and the summed stale gap (what training on the stage's first batch errs by,
+measured in every mode); the out-of-region fraction (of tokens, or messages with --radius
+message); the KL each message moved (its tokens' summed reverse KL, averaged over messages and
+updates) and, where the task tells which tokens decide a message (the relay), the token KL on
+those and on the rest; generated tokens; and seconds (stages and held-out evaluations; the
+shared warm-up is reported once per n and seed). With `stale` among the modes a
 second table gives every other mode's accuracy minus stale's, paired by seed (final, at equal
 tokens, best), and difference.png draws the final difference against n.
 
@@ -147,7 +147,7 @@ def summarize(records: list[dict], accs: list[float]) -> dict:
         "penalty": per_stage(updates, "penalty"),
         "stale_gap": per_stage(updates, "stale_gap"),
         "out_of_region": per_update(updates, "out_of_region"),
-        # the radius each message moved, and the token KL on the tokens that decide and the rest
+        # the KL each message moved, and the token KL on the tokens that decide and on the rest
         **{key: per_update(updates, key) for key in ("kl_msg", "kl_decide", "kl_rest")},
     }
 
@@ -221,7 +221,7 @@ def write_outputs(results: list[dict], run_dir: str) -> str:
             spread((r["stale_gap"] for r in rs), ".4f"),
             spread((r["out_of_region"] for r in rs), ".3f"),
             spread((r.get("kl_msg") for r in rs), ".4f"),
-            spread((r.get("kl_decide") for r in rs), ".4f")
+            spread((r.get("kl_decide") for r in rs), ".5f")
             + " / "
             + spread((r.get("kl_rest") for r in rs), ".5f"),
             spread((r["tokens"][-1] for r in rs), ",.0f"),

@@ -139,9 +139,9 @@ class Config:
     """with --codes, the coupling knob: the fraction of links (messages but the last, evenly
     spread) written in either code; the others are always plain (0: the plain relay's start)"""
     work: int = flag(0, at_least=0)
-    """relay messages show their work this many times before the value: what the agent read, its
-    operation and "=" ("8+1=8+1=9" at 2), so a message is about 4 work + 2 tokens of which only the
-    value's decide (the reader and the reward read the value after the last "=")"""
+    """relay messages show their work this many times before their value: what the agent read, its
+    operation and "=" ("8+1=8+1=9" at 2). A message is then about 4 x work + 2 tokens (modulus 10),
+    and only the value's decide: readers and the reward read what follows the last "=" """
     # rollouts
     questions: int = flag(32, at_least=1)
     """questions per batch"""

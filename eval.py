@@ -96,11 +96,13 @@ def credit(task, episodes, group: int, adv_max: float) -> dict:
     )
     for e, a in zip(episodes, advantages.tolist()):
         texts = [s.text for s in e.steps]
-        for t, (message, next_value) in enumerate(zip(texts, task.turn_correct(e.question, texts))):
-            if t == 0 or texts[t - 1] == e.question.steps[t - 1]:
+        # what each message says (its value, with --work)
+        values = [task.value(text) for text in texts]
+        for t, (value, next_value) in enumerate(zip(values, task.turn_correct(e.question, texts))):
+            if t == 0 or values[t - 1] == e.question.steps[t - 1]:
                 kind = 0 if next_value else 1
             else:
-                kind = 2 if next_value else 3 if message == e.question.steps[t] else 4
+                kind = 2 if next_value else 3 if value == e.question.steps[t] else 4
             total[kind] += a
             count[kind] += 1
     total, count = parallel.all_sum(total), parallel.all_sum(count)

@@ -73,7 +73,7 @@ def agent_batch(episodes, agent: int, advantages, pad_id: int, device, shared_pr
         ids=ids, attn=attn, mask=mask[:, 1:], adv=adv, sampler_logp=sampler_logp[:, 1:], episode=episode
     )
     # where the task tells which tokens decide a message (rollout.Step.deciding): those, masked
-    if rows and all(s.deciding is not None for _, s in rows):
+    if all(s.deciding is not None for _, s in rows):
         decide = torch.zeros_like(mask)
         for r, (_, s) in enumerate(rows):
             decide[r, len(s.context) + s.deciding[0] : len(s.context) + s.deciding[1]] = 1
@@ -211,6 +211,16 @@ def sequence_log_ratio(logp, logp_old, mask, episode, n_episodes: int):
     return torch.zeros(n_episodes, device=per_row.device).index_add(0, episode, per_row)
 
 
+def out_of_region(kl_tok, mask, delta: float, radius: str) -> float:
+    """The fraction of the radius's units whose own KL is above delta: tokens, or messages (one
+    per row, each its tokens' sum; rows without tokens not counted)."""
+    if radius == "token":
+        return token_mean((kl_tok > delta).float(), mask)
+    # (S, 1): each message's summed KL above delta, and whether the row holds a message
+    above = ((kl_tok * mask).sum(1, keepdim=True) > delta).float()
+    return token_mean(above, (mask.sum(1, keepdim=True) > 0).float())
+
+
 def update_stats(
     logp, logp_old, adv, mask, kl_tok, clip_eps: float, delta: float, radius: str = "token", decide=None
 ) -> dict:
@@ -221,12 +231,6 @@ def update_stats(
     log_r = logp - logp_old
     ratio = log_r.exp()
     mean = lambda x: token_mean(x, mask)
-    if radius == "token":
-        out = mean((kl_tok > delta).float())
-    else:
-        # one row per message
-        rows = mask.sum(1) > 0
-        out = token_mean(((kl_tok * mask).sum(1) > delta).float()[:, None], rows.float()[:, None])
     stats = {
         "kl_rev": mean(kl_tok),
         # each message's summed KL, averaged over messages
@@ -235,7 +239,7 @@ def update_stats(
         "kl_k1": mean(-log_r),
         # k3 = (r - 1) - log r (Schulman, 2020)
         "kl_k3": mean((ratio - 1) - log_r),
-        "out_of_region": out,
+        "out_of_region": out_of_region(kl_tok, mask, delta, radius),
         "clipfrac": mean(((ratio - 1).abs() > clip_eps).float()),
         "surrogate": surrogate(logp, logp_old, adv, mask),
     }

@@ -45,7 +45,7 @@ class Step:
     tokens: list
     # sampler's fp32 log pi(token | context)
     logprobs: list
-    # the message other agents read
+    # the message as written (other agents read it through the task's context)
     text: str
     # cut at max_new_tokens (no EOS)
     truncated: bool = False

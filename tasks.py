@@ -115,7 +115,8 @@ class Relay:
         self.turns = 1 if solo else n_ops
         # chat template options: the tiny agents have no template; no benchmarks but the held-out set
         self.chat, self.benchmarks = {}, {}
-        self.digits = digits = len(str(modulus - 1))
+        self.digits = len(str(modulus - 1))
+        digits = self.digits
         # one work line: the value read, the operation ("+3") and "="
         line = digits + 1 + len(str(max_arg)) + 1
         # "3;6;2" + EOS, or the work lines, "3" + slack
@@ -169,8 +170,9 @@ class Relay:
         return message.rsplit("=", 1)[-1] if "=" in message else ""
 
     def deciding(self, message: str) -> int:
-        """How many of the message's last characters decide what it says (those after its last
-        "=" with --work, all of it without); the others follow from the context."""
+        """How many of the message's last characters decide what it says: those after its last
+        "=" with --work (a value too long to be read whole counted in full), all of it without.
+        The others follow from the context; EOS, which ends the value, is counted with them."""
         return len(self.tail(message))
 
     def reward(self, q: Question, final_message: str) -> float:

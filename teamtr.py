@@ -23,7 +23,7 @@ algorithm and the metric names in full.
 Unlike HAPPO, which reweights one stale buffer (our `happo` mode: each episode's advantage times
 the product of the sequence ratios pi_new / pi_old of the agents already updated this stage,
 clipped to [1/w, w]), TeamTR resamples after every agent's update; unlike GRPO, every step is
-bounded by a token-level KL radius. Updating all agents simultaneously from one batch
+bounded by a KL radius (per token, the paper's, or per message). Updating all agents simultaneously from one batch
 (MAGRPO-style "joint" training) is the same computation as `stale`: each agent's loss involves
 only its own tokens and weights, and the batch and advantages do not change between the updates.
 
@@ -47,8 +47,8 @@ import rollout
 import tasks
 from config import Config, derive_seed, for_agent
 
-# The trust region's measurement of the current weights: D (the mean token reverse KL on the
-# whole batch), the fp32 log-probs and the per-token KL it was computed from
+# The trust region's measurement of the current weights: D (the reverse KL on the whole batch in
+# the radius's unit), the fp32 log-probs and the per-token KL it was computed from
 Measure = namedtuple("Measure", "D logp kl_tok")
 
 
@@ -415,7 +415,7 @@ def log_update(log, stage: int, k: int, i: int, batch, m: dict):
     record = {"stage": stage, "update": k + 1, "agent": i, "batch_reward": reward}
     record |= {f"agent{i}/{key}": v for key, v in m.items()}
     line = (
-        f"stage {stage} update {k + 1} agent{i}: reward {reward:.3f} kl {m['kl_rev']:.4f} "
+        f"stage {stage} update {k + 1} agent{i}: reward {reward:.3f} kl {m['kl_rev']:.4f} per message {m['kl_msg']:.4f} "
         f"steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} penalty {penalty} gap {gap}"
     )
     log(record, line)

@@ -38,6 +38,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import time
 from collections import namedtuple
 
@@ -293,32 +294,43 @@ def regime_map(stages, seeds) -> str:
 
 
 def measured_radii(items: list[str]) -> list[tuple[str, int, float]]:
-    """(name, n, per-message KL) of each item: "N:KL" given by hand, a train.py run directory
-    (config.json, and the mean of its updates' agent{i}/kl_msg in metrics.jsonl), or a compare
-    directory (one entry per run of its results.json that measured kl_msg)."""
+    """(name, n, per-message KL) of each item: "N:KL" given by hand, a compare directory (each run
+    of its results.json), or a train.py run directory (its updates' mean agent{i}/kl_msg)."""
     out = []
     for item in items:
         if os.path.isfile(os.path.join(item, "results.json")):
-            with open(os.path.join(item, "results.json")) as f:
-                runs = json.load(f)
-            out += [
-                (f"{item} {r['mode']} n{r['n']} s{r['seed']}", r["n"], r["kl_msg"])
-                for r in runs
-                if r.get("kl_msg")
-            ]
+            out += compare_radii(item)
         elif os.path.isfile(os.path.join(item, "config.json")):
-            with open(os.path.join(item, "config.json")) as f:
-                n = json.load(f)["agents"]
-            with open(os.path.join(item, "metrics.jsonl")) as f:
-                records = [json.loads(line) for line in f]
-            kls = [r[f"agent{r['agent']}/kl_msg"] for r in records if f"agent{r.get('agent')}/kl_msg" in r]
-            if not kls:
-                raise ValueError(f"{item}: no update logged agent{{i}}/kl_msg")
-            out.append((item, n, float(np.mean(kls))))
-        else:
+            out.append(run_radius(item))
+        elif re.fullmatch(r"\d+:[0-9.e-]+", item):
             n, kl = item.split(":")
             out.append((item, int(n), float(kl)))
+        else:
+            raise ValueError(f"{item}: not a run directory, a compare directory or N:KL")
     return out
+
+
+def compare_radii(path: str) -> list[tuple[str, int, float]]:
+    """Each run of a compare directory that logged the per-message KL."""
+    with open(os.path.join(path, "results.json")) as f:
+        runs = [r for r in json.load(f) if r.get("kl_msg") is not None]
+    if not runs:
+        raise ValueError(f"{path}: no run logged the per-message KL (kl_msg)")
+    return [(f"{path} {r['mode']} n{r['n']} s{r['seed']}", r["n"], r["kl_msg"]) for r in runs]
+
+
+def run_radius(path: str) -> tuple[str, int, float]:
+    """A train.py run: its team size and the mean over its updates of agent{i}/kl_msg."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    if config.get("rounds", 1) != 1:
+        raise ValueError(f"{path}: --rounds {config['rounds']}; the map's testbed plays one round")
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    kls = [r[key] for r in records if (key := f"agent{r.get('agent')}/kl_msg") in r]
+    if not kls:
+        raise ValueError(f"{path}: no update logged agent{{i}}/kl_msg")
+    return path, config["agents"], float(np.mean(kls))
 
 
 def place(items: list[str], stages: int, seeds: int) -> str:

@@ -93,7 +93,8 @@ def transcripts(task, played: list, stage: int) -> list[dict]:
             "episode": j,
             "question": e.question.text,
             "messages": [{"role": role(task, s.agent), "text": s.text} for s in e.steps],
-            "answer": final_answer(e.steps[-1].text) if e.steps else "",
+            # graded as the reward reads it (the relay's value, with --work)
+            "answer": final_answer(getattr(task, "value", str)(e.steps[-1].text)) if e.steps else "",
             "gold": e.question.answer,
             "reward": e.reward,
         }

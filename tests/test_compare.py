@@ -4,6 +4,7 @@ import json
 import os
 
 import matplotlib.pyplot as plt
+import pytest
 from test_train_cli import TINY, run
 
 import compare
@@ -90,6 +91,8 @@ def test_summary_sums_the_gap_and_penalty_per_stage_and_reads_accuracy_at_a_toke
     # stages sum to 0.3 and 0.1; penalties to 0.5 and 0.1
     assert abs(result["stale_gap"] - 0.2) < 1e-12 and abs(result["penalty"] - 0.3) < 1e-12
     assert abs(result["out_of_region"] - 0.15) < 1e-12
+    # not logged by these updates
+    assert result["kl_msg"] is None and result["kl_decide"] is None
     assert [compare.at_budget(result, b) for b in (0, 99, 100, 149, 150, 10**6)] == [
         0.2,
         0.2,
@@ -99,6 +102,31 @@ def test_summary_sums_the_gap_and_penalty_per_stage_and_reads_accuracy_at_a_toke
         0.7,
     ]
     assert compare.spread([0.5, 0.7], ".3f") == "0.600 ± 0.141" and compare.spread([None], ".3f") == "-"
+
+
+def test_the_summary_averages_the_per_message_and_deciding_token_kl_over_updates():
+    records = [
+        {
+            "stage": 1,
+            "update": 1,
+            "agent": 0,
+            "agent0/kl_msg": 0.02,
+            "agent0/kl_decide": 0.01,
+            "agent0/kl_rest": 0.001,
+        },
+        {
+            "stage": 1,
+            "update": 2,
+            "agent": 1,
+            "agent1/kl_msg": 0.04,
+            "agent1/kl_decide": 0.03,
+            "agent1/kl_rest": 0.003,
+        },
+        {"stage": 1, "stage/tokens": 10},
+    ]
+    result = compare.summarize(records, [0.2, 0.5])
+    assert result["kl_msg"] == pytest.approx(0.03) and result["kl_decide"] == pytest.approx(0.02)
+    assert result["kl_rest"] == pytest.approx(0.002)
 
 
 def test_the_table_gives_best_accuracy_stages_to_ten_points_and_differences_to_stale_by_seed():

@@ -6,9 +6,11 @@ relay's few questions."""
 import random
 
 import pytest
+import torch
 
 import config
 import eval as evaluation
+import losses
 import questions
 import rollout
 import tasks
@@ -120,8 +122,11 @@ def test_turn_accuracy_counts_each_agents_messages():
     assert tasks.turn_accuracy(tasks.Relay(3, solo=True), played, 3) == {}
 
 
-def test_credit_sorts_sampled_messages_by_what_was_read_and_written():
+@pytest.mark.parametrize("work", [0, 1])
+def test_credit_sorts_sampled_messages_by_what_was_read_and_written(work):
     q = tasks.Question("7+3-2+1", "9", ("0", "8", "9"), ("+3", "-2", "+1"))
+    # with --work each message first shows a work line (its copy does not matter): "1+1=9"
+    shown = lambda text: "1+1=" * work + text
     played = []
     for texts, reward in (
         (["0", "8", "9"], 1.0),
@@ -130,10 +135,10 @@ def test_credit_sorts_sampled_messages_by_what_was_read_and_written():
         (["5", "3", "4"], 0.0),
     ):
         e = rollout.Episode(q, 0, len(played), [0, 1, 2], reward=reward)
-        e.steps = [rollout.Step(agent, [], [], [], text) for agent, text in enumerate(texts)]
+        e.steps = [rollout.Step(agent, [], [], [], shown(text)) for agent, text in enumerate(texts)]
         played.append(e)
     # advantages +1, -1, +1, -1
-    table = evaluation.credit(tasks.Relay(3), played, group=4, adv_max=3.0)
+    table = evaluation.credit(tasks.Relay(3, work=work), played, group=4, adv_max=3.0)
     assert [count for _, count in table.values()] == [5, 3, 3, 1, 0]
     assert [mean for mean, _ in table.values()] == pytest.approx([0.6, -1 / 3, -1.0, 1.0, 0.0], abs=1e-5)
 
@@ -206,5 +211,10 @@ def test_the_deciding_tokens_of_a_played_message_are_its_value(make_team):
         # the tokens before EOS after the last "=" (the character tokenizer: one character each)
         assert end == len(s.tokens) - (not s.truncated)
         assert team[0].decode(s.tokens[first:end]) == relay.tail(s.text)
+    # the update's mask of them, shifted as its loss mask is, holds exactly those tokens
+    data = losses.agent_batch(played, 0, torch.zeros(len(played)), 0, torch.device("cpu"))
+    spans = [s.tokens[s.deciding[0] : s.deciding[1]] for e in played for s in e.steps if s.agent == 0]
+    assert data["ids"][:, 1:][data["decide"].bool()].tolist() == [x for span in spans for x in span]
+    assert (data["decide"] <= data["mask"]).all()
     # a task that cannot tell gives none
     assert rollout.deciding_span(team[0], object(), [5, 1], "", False) is None

@@ -514,3 +514,24 @@ def test_the_stale_penalty_is_measured_against_the_fresh_batchs_own_shift_surrog
     assert fresh == pytest.approx({"penalty": 0.1, "stale_gap": 0.15})
     assert teamtr.surrogate_errors(m(), None, True, True) == pytest.approx({"penalty": 0.1, "stale_gap": 0.0})
     assert teamtr.surrogate_errors(m(), None, False, False) == {"penalty": None, "stale_gap": None}
+
+
+@pytest.mark.parametrize("radius", ["token", "message"])
+def test_the_penalty_is_in_the_radiuss_unit(make_team, cfg, monkeypatch, radius):
+    cfg = dataclasses.replace(cfg, radius=radius, epochs=1, minibatch=6)
+    team = make_team(2, lr=1e-2)
+    batch = played_batch(team, cfg)
+    seen, ppo_loss = [], losses.ppo_loss
+
+    def spy(logp, old, adv, mask, kl_tok, clip_eps, beta, reduction, denom=None, penalty=None):
+        seen.append((int(mask.sum()), int((mask.sum(1) > 0).sum()), penalty))
+        return ppo_loss(logp, old, adv, mask, kl_tok, clip_eps, beta, reduction, denom, penalty)
+
+    monkeypatch.setattr(losses, "ppo_loss", spy)
+    teamtr.update_agent(team[0], 0, batch, cfg, seed=0)
+    assert seen
+    for tokens, messages, penalty in seen:
+        # token: the surrogate's own mean; message: each message's sum over the minibatch's messages
+        assert (
+            penalty is None if radius == "token" else penalty[0] == "message" and int(penalty[1]) == messages
+        )

@@ -138,6 +138,15 @@ def test_measured_runs_are_placed_at_their_team_size_and_per_message_kl(tmp_path
         table.splitlines()[-1]
         == f"| {run} | 2 | 0.0200 | " + theory.map_cell(theory.regime(2, 0.02, 0.0, 0.0, 2, 1)) + " |"
     )
+    # a compare directory: each run that logged it
+    cmp = tmp_path / "cmp"
+    cmp.mkdir()
+    runs = [
+        {"mode": "stale", "n": 8, "seed": 0, "kl_msg": 0.04},
+        {"mode": "none", "n": 8, "seed": 0, "kl_msg": None},
+    ]
+    (cmp / "results.json").write_text(json.dumps(runs))
+    assert theory.measured_radii([str(cmp)]) == [(f"{cmp} stale n8 s0", 8, 0.04)]
     with pytest.raises(SystemExit) as stop:
         theory.main(["--place", str(tmp_path)])
     assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 
+import tasks
 import tracking
 import train
 from questions import Question, final_answer
@@ -216,3 +217,12 @@ def test_transcripts_name_a_math_task_role_and_grade_the_last_message():
         "gold": "4",
         "reward": 1.0,
     }
+
+
+def test_a_relay_transcript_grades_the_value_the_reward_reads():
+    relay = tasks.Relay(2, work=1)
+    for text, answer in (("4+1=5", "5"), ("4+1=", "")):
+        steps = [Step(0, [], [], [], "3+1=4"), Step(1, [], [], [], text)]
+        played = [Episode(Question("3+1+1", "5", ("4", "5"), ("+1", "+1")), 0, 0, [0, 1], steps)]
+        # a message cut before its value says nothing, not the operation's "1"
+        assert tracking.transcripts(relay, played, stage=0)[0]["answer"] == answer

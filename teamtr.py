@@ -24,8 +24,9 @@ Unlike HAPPO, which reweights one stale buffer (our `happo` mode: each episode's
 the product of the sequence ratios pi_new / pi_old of the agents already updated this stage,
 clipped to [1/w, w]), TeamTR resamples after every agent's update; unlike GRPO, every step is
 bounded by a KL radius (per token, the paper's, or per message). Updating all agents
-simultaneously from one batch (MAGRPO-style "joint" training) is the same computation as `stale`: each agent's loss involves
-only its own tokens and weights, and the batch and advantages do not change between the updates.
+simultaneously from one batch (MAGRPO-style "joint" training) is the same computation as
+`stale`: each agent's loss involves only its own tokens and weights, and the batch and
+advantages do not change between the updates.
 
 Left out on purpose: evaluation, checkpoints and printing (loop.py and train.py), and value
 functions (the advantage is the group-normalised team reward). Run it through the CLI:
@@ -416,7 +417,8 @@ def log_update(log, stage: int, k: int, i: int, batch, m: dict):
     record |= {f"agent{i}/{key}": v for key, v in m.items()}
     line = (
         f"stage {stage} update {k + 1} agent{i}: reward {reward:.3f} kl {m['kl_rev']:.4f} "
-        f"per message {m['kl_msg']:.4f} steps {m['steps']} backtracks {m['backtracks']} L {m['surrogate']:+.4f} penalty {penalty} gap {gap}"
+        f"per message {m['kl_msg']:.4f} steps {m['steps']} backtracks {m['backtracks']} "
+        f"L {m['surrogate']:+.4f} penalty {penalty} gap {gap}"
     )
     log(record, line)
 

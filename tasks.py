@@ -116,11 +116,10 @@ class Relay:
         # chat template options: the tiny agents have no template; no benchmarks but the held-out set
         self.chat, self.benchmarks = {}, {}
         self.digits = len(str(modulus - 1))
-        digits = self.digits
         # one work line: the value read, the operation ("+3") and "="
-        line = digits + 1 + len(str(max_arg)) + 1
+        line = self.digits + 1 + len(str(max_arg)) + 1
         # "3;6;2" + EOS, or the work lines, "3" + slack
-        self.max_new_tokens = (digits + 1) * n_ops if solo else self.work * line + digits + 2
+        self.max_new_tokens = (self.digits + 1) * n_ops if solo else self.work * line + self.digits + 2
 
     def question(self, rng: random.Random) -> Question:
         value = rng.randrange(self.modulus)
@@ -159,9 +158,7 @@ class Relay:
         """What a message says, all a reader reads: the message, or with --work what follows its
         last "=" ("8+1=8+1=9" says "9"; without an "=" nothing), at most as long as a plain
         relay message, so that contexts stay the plain relay's length."""
-        if not self.work:
-            return message
-        return self.tail(message)[: self.digits + 2]
+        return self.tail(message)[: self.digits + 2] if self.work else message
 
     def tail(self, message: str) -> str:
         """The message after its last "=" with --work (all of it without, "" if it has none)."""

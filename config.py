@@ -46,7 +46,7 @@ class Config:
     # run
     mode: str = flag("teamtr", choices=[*MODES, "compare"])
     """teamtr, stale, naive, fresh-no-tr, happo, single or none (presets of --resample and
-    --trust-region), or compare (several modes side by side, compare.py)"""
+    --trust-region), or compare (several modes side by side, tools/compare.py)"""
     agents: int = flag(3, at_least=1)
     """number of agents n (compare: a list such as 2,4,6,8 sweeps team sizes)"""
     task: str = "relay"
@@ -78,7 +78,7 @@ class Config:
     it ends with an error"""
     fsdp: bool = False
     """under torchrun: shard every agent's parameters, gradients and optimiser state over the
-    processes (FSDP2, fsdp.py) instead of a whole copy of the team on each"""
+    processes (FSDP2, parallel/fsdp.py) instead of a whole copy of the team on each"""
     tracker: str = flag("", choices=["", "tensorboard", "wandb"])
     """also mirror every metrics.jsonl record (and the evaluations' transcripts) to tensorboard or
     wandb (optional packages; metrics.jsonl stays the record)"""
@@ -86,7 +86,7 @@ class Config:
     models: str = ""
     """comma-separated names or paths, one per agent (a heterogeneous team)"""
     prompts: str = ""
-    """real tasks: the roles file (default prompts/team.json)"""
+    """real tasks: the roles file (default tasks/prompts/team.json)"""
     thinking: str = flag("off", choices=["off", "on"])
     """real tasks: enable_thinking for chat templates that take it (Qwen3's thinking mode)"""
     max_new_tokens: int = flag(0, at_least=0, per_agent=True)
@@ -216,6 +216,11 @@ class Config:
     measure_gap: bool = False
     """stale/reweight: also sample diagnostic-only fresh batches, so stale_gap is measured (not
     trained on, not counted)"""
+
+    @property
+    def early_exit(self) -> bool:
+        """Whether plays keep the turns that would come out the same (--no-early-exit: not)."""
+        return not self.no_early_exit
 
 
 def resolve(cfg: Config) -> Config:

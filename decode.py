@@ -4,7 +4,7 @@ The sampler's decode loop feeds one token per row per step. Through the model's 
 step also builds a 4D attention mask, concatenates every layer's cache and runs the fused
 attention kernel, and on a small model that costs more than the arithmetic: on this project's
 CPU the default tiny agent's forward calls alone ran at 1.25x `model.generate` over 32 tokens
-(timed by forward hooks in a bench.py run before this file), so no sampler calling that forward
+(timed by forward hooks in a tools/bench.py run before this file), so no sampler calling that forward
 could reach 1.5x. `Cache.step` is the same computation as the Hugging Face forward of Llama, Qwen2
 and Qwen3 models, written out: the model's own modules (embedding, rotary embedding, projections,
 Qwen3's per-head query and key norms, norms, MLP, output layer, and so LoRA layers too) around
@@ -21,6 +21,12 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 FAMILY = ("llama", "qwen2", "qwen3")
+
+
+def positions(attn):
+    """Position ids from an attention mask: real tokens count from 0; padding repeats the position
+    before it (0 at the start), which no real token attends to."""
+    return (attn.cumsum(-1) - 1).clamp(min=0)
 
 
 def supported(model) -> bool:

@@ -11,7 +11,7 @@ On the relay it also prints each agent's turn accuracy (its message right given 
 read), greedy and sampled, and with --samples K > 1 which messages the team reward favours
 (`credit`): the diagnosis of why large teams stall (docs/results.md, "Eight agents").
 
-It works for every task of the run (relay or mathtask.py's). The single-agent comparison plays
+It works for every task of the run (relay or tasks/mathtask.py's). The single-agent comparison plays
 the same held-out questions with agent0 alone in the task's one-agent format (the relay's solo
 chain, or a real task's one-agent prompt): what the team adds over one of its members.
 
@@ -29,13 +29,13 @@ from math import comb
 import torch
 
 import losses
-import mathdata
 import parallel
 import rollout
-import runs
 import tasks
 import team as team_lib
-from questions import TaskError
+from plumbing import runs
+from tasks import mathdata
+from tasks.base import TaskError
 
 
 def play(
@@ -47,7 +47,7 @@ def play(
     episodes = rollout.new_episodes(qs, samples, len(team), cfg.rounds, cfg.order, seed)
     # this rank's questions
     episodes = [e for e in episodes if e.qid in parallel.shard(len(qs))]
-    return rollout.play(team, task, episodes, temperature, seed, top_p=top_p)[0]
+    return rollout.play(team, task, episodes, rollout.Settings(temperature, seed, top_p))[0]
 
 
 def correct_counts(played, count: int) -> list[int]:

@@ -1,10 +1,11 @@
-"""Losses: bounded group-normalised advantages, the loss mask, fp32 log-probs, the PPO surrogate,
-KL estimators and reductions.
+"""Losses: bounded group-normalised advantages, the loss mask, the PPO surrogate, KL estimators
+and reductions. Tensors in, tensors out: the log-probs come from the agent (team.Agent.token_logprobs)
+and nothing here runs a model or talks to another process.
 
 Which KL is which. Rollouts are sampled from pi_old (the agent before its update), and
 r = pi_new / pi_old is the per-token ratio. The policy pi is the model's logits divided by the
-sampling temperature (`token_logprobs`), so pi_old is exactly the distribution that sampled, at
-any temperature > 0, and the estimators below are unbiased for it.
+sampling temperature (team.Agent.token_logprobs), so pi_old is exactly the distribution that
+sampled, at any temperature > 0, and the estimators below are unbiased for it.
   - Trust-region measurement and penalty: the token-level *reverse* KL(pi_new || pi_old).
     `kl_rev` estimates it from behaviour samples as r log r - r + 1 (unbiased, since
     E_old[r log r] = KL(new || old) and E_old[r] = 1; and >= 0 for every token).
@@ -20,17 +21,27 @@ toward short messages per token). The trust-region measurement D is in the radiu
 (--radius): the token mean of the reverse KL (the paper's), or the message mean, each message's
 summed KL averaged over messages, which bounds what one message may move whatever its length.
 
-Under torch.distributed (parallel.py) each rank holds some of the batch's rows: the loss divides
-this rank's sum by the denominator of every rank's rows together (`denominator`, summed by the
-caller), so the gradients summed over ranks are those of the whole batch; `token_mean` sums
-numerator and denominator over ranks before it divides. With one process both are the plain means.
+Under torch.distributed (parallel/__init__.py) each rank holds some of the batch's rows: the loss
+divides this rank's sum by the denominator of every rank's rows together (`denominator`, summed by
+the caller), so the gradients summed over ranks are those of the whole batch. The logged means are
+`Mean`s, a sum and a count, which the caller sums over ranks before it divides (teamtr.global_means).
+With one process both are the plain means.
 """
+
+from typing import NamedTuple
 
 import torch
 
-import fsdp
-import parallel
-import sharedprompt
+
+class Mean(NamedTuple):
+    """A mean over some tokens or messages, kept as its sum and count so that the sums of several
+    processes' rows can be added before dividing."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+    def value(self) -> float:
+        return (self.total / self.count.clamp(min=1)).item()
 
 
 def group_advantages(rewards, group: int, a_max: float, eps: float = 1e-6):
@@ -45,14 +56,12 @@ def group_advantages(rewards, group: int, a_max: float, eps: float = 1e-6):
     return adv.clamp(-a_max, a_max), (adv.abs() > a_max).float().mean().item()
 
 
-def agent_batch(episodes, agent: int, advantages, pad_id: int, device, shared_prompt: int = 0) -> dict:
+def agent_batch(episodes, agent: int, advantages, pad_id: int, device) -> dict:
     """Every message agent `agent` wrote, as right-padded teacher-forcing rows.
 
     One row per (episode, turn) of the agent. Shapes are (S, L-1): position p predicts token p+1.
     mask is 1 exactly on the tokens the agent wrote (its EOS included) and 0 on the prompt, on
     other agents' tokens and on padding; it is built from lengths, never from pad_token_id.
-    shared_prompt > 0: also each row's question ("group") and the tokens it shares with the
-    question's other rows ("shared", if at least shared_prompt; sharedprompt.py).
     """
     rows = [(e_idx, s) for e_idx, e in enumerate(episodes) for s in e.steps if s.agent == agent]
     L = max(len(s.context) + len(s.tokens) for _, s in rows)
@@ -78,47 +87,7 @@ def agent_batch(episodes, agent: int, advantages, pad_id: int, device, shared_pr
         for r, (_, s) in enumerate(rows):
             decide[r, len(s.context) + s.deciding[0] : len(s.context) + s.deciding[1]] = 1
         batch["decide"] = decide[:, 1:]
-    if shared_prompt:
-        batch["group"] = torch.tensor([episodes[e].qid for e, _ in rows])
-        batch["shared"] = sharedprompt.lengths(ids, attn, mask[:, 1:], batch["group"], shared_prompt)
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def token_logprobs(model, batch, rows=slice(None), full: bool = False, temperature: float = 1.0):
-    """fp32 log pi(token_{p+1} | tokens_<=p) for the selected rows: (S, L-1), 0 where mask is 0;
-    with full=True also the whole next-token log-distributions (S, L-1, V). The policy is the
-    model's logits / temperature: the distribution the sampler drew from (rollout.sample).
-
-    Without full, the output layer and the log-softmax run only on the agent's own tokens (mask
-    1): the decoder reads every token, but the (tokens, vocabulary) logits of the prompt, which no
-    loss uses, are never built. On a 49k vocabulary that halves the time and memory of an update.
-    """
-    ids, attn, mask = batch["ids"][rows], batch["attn"][rows], batch["mask"][rows]
-    # --fsdp: every process runs every forward; one without rows here runs its first, masked out
-    standin = len(ids) == 0 and fsdp.is_sharded(model)
-    if standin:
-        ids, attn, mask = batch["ids"][:1], batch["attn"][:1], batch["mask"][:1] * 0
-    targets = ids[:, 1:]
-    if full:
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        # the policy at the temperature (no copy at T = 1)
-        logp_all = (logits if temperature == 1 else logits / temperature).log_softmax(-1)
-        fsdp.release(model)
-        logp = logp_all.gather(-1, targets[..., None])[..., 0] * mask
-        return (logp[:0], logp_all[:0]) if standin else (logp, logp_all)
-    if sharedprompt.applies(model, batch, full):
-        hidden = sharedprompt.decoder_output(model, ids, attn, batch["group"][rows], batch["shared"][rows])
-    else:
-        hidden = fsdp.decoder_output(model, ids, attn)
-    hidden = hidden[:, :-1]
-    where = mask.bool()
-    # (T, V): the agent's tokens only
-    logits = model.get_output_embeddings()(hidden[where]).float()
-    fsdp.release(model)
-    logp = torch.zeros(mask.shape, device=logits.device)
-    logits = logits if temperature == 1 else logits / temperature
-    logp[where] = logits.log_softmax(-1).gather(-1, targets[where][:, None])[:, 0]
-    return (logp[:0] if standin else logp), None
 
 
 def denominator(mask, reduction: str = "token"):
@@ -140,20 +109,18 @@ def masked_mean(x, mask, reduction: str = "token", denom=None):
     return total / denom.clamp(min=1)
 
 
-def token_mean(x, mask) -> float:
-    """The token mean of x over mask == 1 on every rank's rows: sum and count summed over ranks."""
-    total, count = parallel.all_sum(torch.stack([(x * mask).sum(), mask.sum()]))
-    return (total / count.clamp(min=1)).item()
+def token_mean(x, mask) -> Mean:
+    """The token mean of x over mask == 1."""
+    return Mean((x * mask).sum(), mask.sum())
 
 
-def message_mean(x, mask) -> float:
-    """The mean over messages (rows with tokens) of x summed over each message's tokens, on every
-    rank's rows: the per-message KL, and the measure of --radius message."""
-    total, count = parallel.all_sum(torch.stack([(x * mask).sum(), denominator(mask, "message")]))
-    return (total / count.clamp(min=1)).item()
+def message_mean(x, mask) -> Mean:
+    """The mean over messages (rows with tokens) of x summed over each message's tokens: the
+    per-message KL, and the measure of --radius message."""
+    return Mean((x * mask).sum(), denominator(mask, "message"))
 
 
-def radius_mean(x, mask, radius: str) -> float:
+def radius_mean(x, mask, radius: str) -> Mean:
     """x in the radius's unit (--radius): its token mean, or its message mean."""
     return token_mean(x, mask) if radius == "token" else message_mean(x, mask)
 
@@ -168,28 +135,33 @@ def token_kl(logp, logp_old, kind: str, full=None, full_old=None):
     return log_r.exp() * (log_r - 1) + 1
 
 
-def ppo_loss(
-    logp, logp_old, adv, mask, kl_tok, clip_eps: float, beta: float, reduction: str, denom=None, penalty=None
-):
-    """-surrogate + beta * KL. Surrogate (PPO clip): min(r A, clip(r, 1-eps, 1+eps) A).
-    denom: the minibatch's denominator over every rank (default: these rows'). penalty: the KL's
-    (reduction, denominator) where it is not the surrogate's (--radius message)."""
+def clipped_objective(logp, logp_old, adv, clip_eps: float):
+    """PPO clip per token, (S, L-1): min(r A, clip(r, 1-eps, 1+eps) A), every token of a message
+    with its episode's advantage A."""
     ratio = (logp - logp_old).exp()
-    # (S, 1): every token of a message gets its episode's advantage
+    # (S, 1)
     a = adv[:, None]
-    clipped = torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
-    kl_reduction, kl_denom = penalty or (reduction, denom)
-    return -masked_mean(clipped, mask, reduction, denom) + beta * masked_mean(
+    return torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+
+
+def ppo_loss(objective, kl_tok, mask, beta: float, average=("token", None), penalty=None):
+    """-objective + beta * KL, each a masked mean. average: the objective's (reduction,
+    denominator), the denominator that of the minibatch's rows on every process (None: these
+    rows'); penalty: the KL's (reduction, denominator) where it is not the objective's (--radius
+    message)."""
+    reduction, denom = average
+    kl_reduction, kl_denom = penalty or average
+    return -masked_mean(objective, mask, reduction, denom) + beta * masked_mean(
         kl_tok, mask, kl_reduction, kl_denom
     )
 
 
-def surrogate(logp, logp_old, adv, mask) -> float:
+def surrogate(logp, logp_old, adv, mask) -> Mean:
     """L_hat = token mean of (r - 1) A: the first-order estimate of the improvement."""
     return token_mean(((logp - logp_old).exp() - 1) * adv[:, None], mask)
 
 
-def own_shift_surrogate(logp, logp_old, adv, mask, episode) -> float:
+def own_shift_surrogate(logp, logp_old, adv, mask, episode) -> Mean:
     """L_hat* = token mean of w (r - 1) A, where a message's w is the product of the ratios of the
     agent's earlier messages in its episode: the surrogate under the occupancy its own update gives
     its later turns (those contexts hold its earlier messages; --rounds 2 and more). Where the agent
@@ -211,7 +183,7 @@ def sequence_log_ratio(logp, logp_old, mask, episode, n_episodes: int):
     return torch.zeros(n_episodes, device=per_row.device).index_add(0, episode, per_row)
 
 
-def out_of_region(kl_tok, mask, delta: float, radius: str) -> float:
+def out_of_region(kl_tok, mask, delta: float, radius: str) -> Mean:
     """The fraction of the radius's units whose own KL is above delta: tokens, or messages (one
     per row, each its tokens' sum; rows without tokens not counted)."""
     if radius == "token":
@@ -221,13 +193,13 @@ def out_of_region(kl_tok, mask, delta: float, radius: str) -> float:
     return token_mean(above, (mask.sum(1, keepdim=True) > 0).float())
 
 
-def update_stats(
-    logp, logp_old, adv, mask, kl_tok, clip_eps: float, delta: float, radius: str = "token", decide=None
-) -> dict:
-    """The per-update metrics (docs/design.md, "Metrics"): token means over the agent's tokens,
-    the per-message KL, and where the task tells which tokens decide (decide), the token KL on
-    those and on the rest. out_of_region: the fraction of the radius's units (tokens, or
+def update_stats(logp, logp_old, kl_tok, rows: dict, clip_eps: float, radius: tuple) -> dict:
+    """The per-update metrics (docs/design.md, "Metrics"), each a Mean: token means over the
+    agent's tokens, the per-message KL, and where the task tells which tokens decide (rows'
+    "decide"), the token KL on those and on the rest. rows: agent_batch's (its "adv" and "mask").
+    radius: (delta, its unit); out_of_region is the fraction of the radius's units (tokens, or
     messages) whose own KL is above delta."""
+    adv, mask, decide = rows["adv"], rows["mask"], rows.get("decide")
     log_r = logp - logp_old
     ratio = log_r.exp()
     mean = lambda x: token_mean(x, mask)
@@ -239,7 +211,7 @@ def update_stats(
         "kl_k1": mean(-log_r),
         # k3 = (r - 1) - log r (Schulman, 2020)
         "kl_k3": mean((ratio - 1) - log_r),
-        "out_of_region": out_of_region(kl_tok, mask, delta, radius),
+        "out_of_region": out_of_region(kl_tok, mask, *radius),
         "clipfrac": mean(((ratio - 1).abs() > clip_eps).float()),
         "surrogate": surrogate(logp, logp_old, adv, mask),
     }

@@ -21,13 +21,13 @@ moves in Stage 0; every other agent stays bit-identical.
 import torch
 
 import eval as evaluation
-import fsdp
 import rollout
-import runs
 import team as team_lib
 import teamtr
 import warmup
 from config import Config, derive_seed
+from parallel import fsdp
+from plumbing import runs
 
 
 def target(cfg: Config) -> tuple[int, str]:
@@ -67,8 +67,8 @@ def swap_and_align(team, task, heldout, cfg: Config, log, device, dtype) -> list
         update = teamtr.update_agent(new, i, played, cfg, (cfg.seed, "align"))
         record.update(
             {
-                "replace/kl_rev": update["kl_rev"],
-                "replace/steps": update["steps"],
+                "replace/kl_rev": update.metrics["kl_rev"],
+                "replace/steps": update.metrics["steps"],
                 "replace/examples": len(pairs),
             }
         )
@@ -93,7 +93,7 @@ def successful_messages(team, i: int, task, cfg: Config) -> list[tuple]:
     count = max(cfg.questions, -(-cfg.align_steps * cfg.minibatch // cfg.group))
     qs = task.train_questions(count, derive_seed(cfg.seed, "imitate"))
     episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, "imitate"))
-    played = rollout.play(team, task, episodes, cfg.temperature, (cfg.seed, "imitate"))[0]
+    played = rollout.play(team, task, episodes, rollout.Settings(cfg.temperature, (cfg.seed, "imitate")))[0]
     return [
         (e.question, task.context(e.question, e.steps[:t], i), s.text)
         for e in played

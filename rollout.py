@@ -1,4 +1,5 @@
-"""Rollouts: one KV-cached batched sampler, team episodes with a text handoff, suffix resampling.
+"""Rollouts: a KV-cached batched sampler (a reference, and the one the runs use: the same with its
+fast paths), team episodes with a text handoff, suffix resampling.
 
 An episode is a question played by the team in a turn order: at turn t the acting agent reads
 the rendered shared context (question + messages so far), writes a message, and the next agent
@@ -27,12 +28,12 @@ runs in eval mode: gradient checkpointing in train mode turns the cache off.
 import os
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
 
 import decode
-import fsdp
 from config import derive_seed, of_agent
 
 
@@ -49,8 +50,8 @@ class Step:
     text: str
     # cut at max_new_tokens (no EOS)
     truncated: bool = False
-    # what made it (play_turn): the writer's weights version, sampling settings, random numbers
-    made: tuple | None = None
+    # what made it (Made): the writer's weights version, sampling settings, random numbers
+    made: "Made | None" = None
     # (its sampler call's KV, its row there), if kept
     kv: tuple | None = None
     # (first, end): the tokens that decide what the message says, where the task can tell
@@ -81,72 +82,123 @@ class Episode:
     reward: float = 0.0
 
 
-@torch.no_grad()
-def sample(
-    model,
-    prompts,
-    eos_id,
-    pad_id,
-    max_new_tokens,
-    temperature=1.0,
-    top_p=1.0,
-    uniforms=None,
-    groups=None,
-    share_prefix=True,
-    past=None,
-):
-    """Batched sampling with a KV cache. prompts: list of id lists (any lengths).
+@dataclass(frozen=True)
+class Sampling:
+    """How one sampler call draws: rows of at most `new_tokens` tokens, each cut after its first
+    `eos_id` and padded with `pad_id`, from the policy at `temperature` (the model's logits / T;
+    0 is greedy) within the nucleus `top_p` (eval.py only)."""
 
-    Left padding with explicit position ids, so padded rows see the same positions as unpadded
-    ones. The prefill shares work in two parts: rows of one group (groups[r]: the G samples of a
-    question; default one group) share their longest common prefix, prefilled once; then each
-    distinct prompt's own tail is prefilled on top of its prefix's KV-cache rows, and those rows
-    are copied to the samples that read it (share_prefix=False prefills every row whole: the
-    reference the tests compare with). past instead gives each row an earlier call's KV-cache row
-    by the same weights (past[r] = (KV, row)); its prompt's prefix in common with that row's prompt
-    is taken from there, and only the rest is prefilled. The prefill computes logits at the last
-    position only. The decode loop runs decode.Cache.step for Llama and Qwen models (a step
-    written out, on a cache allocated once), the model's forward otherwise. temperature 0 is
-    greedy. uniforms: (B, max_new_tokens) in [0, 1), one row per prompt (inverse-CDF sampling).
-    Returns per row (tokens, fp32 log-probs of those tokens under the policy that drew them, the
-    model's logits / temperature; the model's own at temperature 0), each cut
-    after the row's first EOS, and the call's KV cache at its end (a later call's past; None for a
-    model with a sliding-window layer, or where the cache dropped positions).
+    new_tokens: int
+    eos_id: int
+    pad_id: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@torch.no_grad()
+def reference_sample(model, prompts, how: Sampling, uniforms=None):
+    """The sampler, plainly; `sample` adds its fast paths and is held to this by tests.
+    prompts: lists of ids, of any lengths. uniforms: (B, how.new_tokens) in [0, 1), one row per
+    prompt (inverse-CDF sampling; None draws with torch.multinomial).
+      1. left padding: every prompt ends in the last column, and position ids count real tokens
+         only, so a padded row sees the positions it would see alone;
+      2. prefill: one forward over the prompts fills the KV cache, logits at the last position;
+      3. decode (decode_loop): per step, the policy's fp32 log-probs, the next token of each row
+         from its uniform (pick), and one forward of the new tokens on the cache.
+    Returns per row (tokens, their fp32 log-probs under the policy that drew them: the model's
+    logits / temperature, its own at temperature 0), each cut after the row's first EOS."""
+    device = next(model.parameters()).device
+    ids, attn = left_pad(prompts, how.pad_id, device)
+    out = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=decode.positions(attn),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    tokens, logps, _ = decode_loop(
+        forward_step(model, out.past_key_values), out.logits[:, -1], attn, how, uniforms
+    )
+    return tokens, logps
+
+
+def forward_step(model, cache):
+    """One decoding step through the model's forward: the next logits (B, V) of the new tokens
+    (B, 1) at positions pos, the cache (updated in place) holding every earlier one."""
+
+    def step(new, pos, attn):
+        out = model(
+            input_ids=new, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+        )
+        return out.logits[:, -1]
+
+    return step
+
+
+def decode_loop(step, logits, attn, how: Sampling, uniforms):
+    """Up to how.new_tokens tokens per row from the prefill's last logits (B, V): the policy's
+    fp32 log-probs (logits / temperature), the next token (pick), then step(tokens, positions,
+    mask) for the next logits. Returns (tokens, log-probs) per row, cut after the row's first
+    EOS, and the attention mask of the prompts and the tokens fed back."""
+    B, device = len(logits), logits.device
+    pos = decode.positions(attn)[:, -1:]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for s in range(how.new_tokens):
+        # (B, V), fp32: the policy at this temperature (logits / T; greedy reads the model's own)
+        logits = logits.float() if how.temperature in (0, 1) else logits.float() / how.temperature
+        logp = logits.log_softmax(-1)
+        nxt = pick(logp, how.temperature, how.top_p, None if uniforms is None else uniforms[:, s].to(device))
+        tokens.append(nxt)
+        logps.append(logp.gather(-1, nxt[:, None])[:, 0])
+        done |= nxt == how.eos_id
+        if done.all() or s == how.new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+        pos = pos + 1
+        logits = step(nxt[:, None], pos, attn)
+    # (B, T)
+    tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
+    cut = [row.index(how.eos_id) + 1 if how.eos_id in row else len(row) for row in tokens]
+    return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)], attn
+
+
+@torch.no_grad()
+def sample(model, prompts, how: Sampling, uniforms=None, groups=None, past=None):
+    """reference_sample with its fast paths, each a named piece that tests hold to the reference
+    (tests/test_rollout.py, tests/test_decode.py):
+      - prefix sharing (prefill_plan): rows of one group (groups[r]: the G samples of a
+        question; default one group) share their longest common prefix, prefilled once; then
+        each distinct prompt's own tail is prefilled on top of its prefix's KV-cache rows, and
+        those rows are copied to the samples that read it;
+      - KV reuse (reuse): past gives each row an earlier call's KV-cache row by the same weights
+        (past[r] = (KV, row)); its prompt's prefix in common with that row's prompt is taken from
+        there, and only the rest is prefilled;
+      - the written decode step (decode.Cache) for Llama and Qwen models: a step written out, on
+        a cache allocated once, instead of the model's forward.
+    Returns (tokens, log-probs) as reference_sample does, and the call's KV cache at its end (a
+    later call's past; None where the cache dropped positions).
 
     A sliding window (Gemma 3, Mistral) counts cache slots, not positions (transformers' masks and
     its sliding cache layer), so padding between a prefix and its tail would take slots of the
-    window: a model with a sliding-window layer prefills every row whole, padded on the left only,
-    and ignores groups and past.
+    window: a model with a sliding-window layer samples with reference_sample (and no KV).
     """
+    if decode.sliding(model):
+        return (*reference_sample(model, prompts, how, uniforms), None)
     device = next(model.parameters()).device
-    # no padding after a real token, so each row's slots are its positions
-    windowed = decode.sliding(model)
-    if windowed:
-        share_prefix, past = False, None
-    # part 1 from earlier calls
+    # part 1: the shared prefixes, or earlier calls' keys and values
     if past is not None:
         unique, expand, cache, head_attn = reuse(past, prompts, model.config)
     else:
-        unique, expand, heads, head_of = prefill_plan(prompts, groups, share_prefix)
-        cache, head_attn = None, torch.zeros((len(unique), 0), dtype=torch.long, device=device)
-        # part 1: the shared prefixes
-        if max(map(len, heads)) > 0:
-            ids, attn = left_pad(heads, pad_id, device)
-            cache = model(
-                input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=True
-            ).past_key_values
-            head_of = torch.tensor(head_of, device=device)
-            # each distinct prompt gets its prefix's keys and values
-            cache.reorder_cache(head_of)
-            head_attn = attn[head_of]
-    # part 2: each prompt's own tail
-    ids, attn = left_pad([tail for _, tail in unique], pad_id, device)
+        unique, expand, cache, head_attn = prefill_prefixes(model, prompts, groups, how.pad_id)
+    # part 2: each distinct prompt's own tail
+    ids, attn = left_pad([tail for _, tail in unique], how.pad_id, device)
     # (U, prefix + tail)
     attn = torch.cat([head_attn, attn], dim=1)
     out = model(
         input_ids=ids,
         attention_mask=attn,
-        position_ids=positions(attn)[:, -ids.shape[1] :],
+        position_ids=decode.positions(attn)[:, -ids.shape[1] :],
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
@@ -160,43 +212,34 @@ def sample(
     written = decode.supported(model)
     if written:
         # every row gets its prompt's keys and values
-        cache = decode.Cache(cache, expand, max_new_tokens - 1)
-    elif len(unique) < len(prompts):
-        cache.reorder_cache(expand)
-    B, attn = len(prompts), attn[expand]
-    pos = positions(attn)[:, -1:]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logps = [], []
-    for s in range(max_new_tokens):
-        # (B, V), fp32: the policy at this temperature (logits / T; greedy reads the model's own)
-        logits = logits.float() if temperature in (0, 1) else logits.float() / temperature
-        logp = logits.log_softmax(-1)
-        nxt = pick(logp, temperature, top_p, None if uniforms is None else uniforms[:, s].to(device))
-        tokens.append(nxt)
-        logps.append(logp.gather(-1, nxt[:, None])[:, 0])
-        done |= nxt == eos_id
-        if done.all() or s == max_new_tokens - 1:
-            break
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-        pos = pos + 1
-        if written:
-            logits = cache.step(model, nxt[:, None], pos, attn)
-        else:
-            out = model(
-                input_ids=nxt[:, None],
-                attention_mask=attn,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache, logits = out.past_key_values, out.logits[:, -1]
-    # (B, T)
-    tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
-    cut = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in tokens]
+        cache = decode.Cache(cache, expand, how.new_tokens - 1)
+        step = lambda new, pos, attn: cache.step(model, new, pos, attn)
+    else:
+        if len(unique) < len(prompts):
+            cache.reorder_cache(expand)
+        step = forward_step(model, cache)
+    tokens, logps, attn = decode_loop(step, logits, attn[expand], how, uniforms)
     layers = cache.filled() if written else [(layer.keys, layer.values) for layer in cache.layers]
-    whole = not windowed and all(k.shape[2] == attn.shape[1] for k, _ in layers)
-    kv = KV(layers, attn.bool(), prompts) if whole else None
-    return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)], kv
+    whole = all(k.shape[2] == attn.shape[1] for k, _ in layers)
+    return tokens, logps, KV(layers, attn.bool(), prompts) if whole else None
+
+
+def prefill_prefixes(model, prompts, groups, pad_id):
+    """Part 1 of sample's prefill: each group's shared prefix (prefill_plan), computed once.
+    Returns (the distinct (prefix, tail) rows, each prompt's row, the cache of their prefixes or
+    None where every prefix is empty, its attention mask)."""
+    device = next(model.parameters()).device
+    unique, expand, heads, head_of = prefill_plan(prompts, groups)
+    if max(map(len, heads)) == 0:
+        return unique, expand, None, torch.zeros((len(unique), 0), dtype=torch.long, device=device)
+    ids, attn = left_pad(heads, pad_id, device)
+    cache = model(
+        input_ids=ids, attention_mask=attn, position_ids=decode.positions(attn), use_cache=True
+    ).past_key_values
+    head_of = torch.tensor(head_of, device=device)
+    # each distinct prompt gets its prefix's keys and values
+    cache.reorder_cache(head_of)
+    return unique, expand, cache, attn[head_of]
 
 
 def reuse(past, prompts, config):
@@ -226,7 +269,7 @@ def reuse(past, prompts, config):
         mine, theirs = torch.tensor(mine, device=device), torch.tensor(theirs, device=device)
         real = kv.real[theirs]
         # each real token's index among its row's
-        rank = positions(real)
+        rank = decode.positions(real)
         # the prefixes' positions there
         row, col = (real & (rank < n[mine, None])).nonzero(as_tuple=True)
         # and here, left-padded
@@ -236,12 +279,11 @@ def reuse(past, prompts, config):
     return rows, list(range(len(prompts))), DynamicCache(layers, config=config) if N else None, attn
 
 
-def prefill_plan(prompts, groups=None, share_prefix=True):
+def prefill_plan(prompts, groups=None):
     """What the prefill computes: the distinct (shared prefix, own tail) rows, each prompt's row
     among them, the distinct prefixes, and each row's prefix among those."""
-    rows = split_prompts(prompts, groups) if share_prefix else [((), tuple(p)) for p in prompts]
     # each distinct prompt prefilled once
-    unique, expand = dedup(rows) if share_prefix else (rows, list(range(len(rows))))
+    unique, expand = dedup(split_prompts(prompts, groups))
     heads, head_of = dedup(head for head, _ in unique)
     return unique, expand, heads, head_of
 
@@ -271,12 +313,6 @@ def left_pad(rows, pad_id, device):
     ids = torch.tensor([[pad_id] * (L - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
     attn = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
     return ids, attn
-
-
-def positions(attn):
-    """Position ids from an attention mask: real tokens count from 0; padding repeats the position
-    before it (0 at the start), which no real token attends to."""
-    return (attn.cumsum(-1) - 1).clamp(min=0)
 
 
 def pick(logp, temperature, top_p, u):
@@ -309,49 +345,61 @@ def new_episodes(qs, group: int, n_agents: int, rounds: int, order: str, seed) -
     return episodes
 
 
-def play(team, task, episodes, temperature, seed, keep=None, reuse_kv=False, early_exit=True, top_p=1.0):
-    """Play every episode to the end, keeping the first keep[e] turns of episode e (default 0).
-    top_p < 1 samples from the nucleus (eval.py only: training needs the log-probs of the
-    distribution that sampled, and those stored are of the whole distribution at the temperature).
+@dataclass(frozen=True)
+class Settings:
+    """How a play samples: the policy at `temperature` (0: greedy) within the nucleus `top_p`
+    (eval.py only: training needs the log-probs of the distribution that sampled, and those stored
+    are of the whole distribution at the temperature), with random numbers derived from `seed`;
+    and its fast paths, early exit and KV reuse (play)."""
 
-    early_exit: from there on, a turn is kept as it is where it would come out the same (`same`:
-    its writer's weights, its full context and its sampling are the ones that made it); only the
-    others are generated again, and counted as reused instead.
-    reuse_kv: each new turn keeps its sampler call's KV cache, and a turn that replaces one made
-    by the same agent's same weights (agent.version) prefills only the part of its prompt that
-    the replaced turn's prompt did not have (the kept turns of suffix resampling). Memory: a
+    temperature: float
+    seed: tuple | int
+    top_p: float = 1.0
+    early_exit: bool = True
+    reuse_kv: bool = False
+
+
+class Made(NamedTuple):
+    """What makes a turn, and so decides whether early exit may keep it (`same`): the writer's
+    weights version, the sampling (temperature, nucleus, message length), and the random numbers'
+    seed and row (question, sample, turn)."""
+
+    version: int
+    temperature: float
+    top_p: float
+    new_tokens: int
+    seed: tuple | int
+    qid: int
+    sample: int
+    turn: int
+
+
+def play(team, task, episodes, how: Settings, keep=None):
+    """Play every episode to the end, keeping the first keep[e] turns of episode e (default 0).
+
+    how.early_exit: from there on, a turn is kept as it is where it would come out the same
+    (`same`: its writer's weights, its full context and its sampling are the ones that made it);
+    only the others are generated again, and counted as reused instead.
+    how.reuse_kv: each new turn keeps its sampler call's KV cache, and a turn that replaces one
+    made by the same agent's same weights (agent.version) prefills only the part of its prompt
+    that the replaced turn's prompt did not have (the kept turns of suffix resampling). Memory: a
     play's KV caches, held as long as its episodes are.
 
     Returns (new episodes, Counts of what it generated and reused). Inputs are not modified.
     """
     keep = keep or [0] * len(episodes)
     eps = [Episode(e.question, e.qid, e.sample, e.order, e.steps[:k]) for e, k in zip(episodes, keep)]
-    counts = Counts()
+    turns = Turns(task, eps, episodes, how)
     # every process takes the same positions and the same writers (under --fsdp each writer's
     # weights are gathered, a collective); one agent is whole at a time
-    for t in range(fsdp.most_everywhere(team[0].model, max((len(e.order) for e in eps), default=0))):
+    for t in range(team[0].most_everywhere(max((len(e.order) for e in eps), default=0))):
         writing = {e.order[t] for e in eps if len(e.steps) == t and t < len(e.order)}
-        for a in fsdp.writers(team, writing):
-            with fsdp.gathered([team[a]]):
-                rows = [
-                    i for i, e in enumerate(eps) if len(e.steps) == t and t < len(e.order) and e.order[t] == a
-                ]
-                play_turn(
-                    team[a],
-                    a,
-                    t,
-                    task,
-                    eps,
-                    [episodes[i] for i in rows],
-                    rows,
-                    counts,
-                    (temperature, top_p, seed),
-                    reuse_kv,
-                    early_exit,
-                )
+        for a in [a for a in range(len(team)) if team[a].anywhere(a in writing)]:
+            with team[a].whole():
+                turns.play(team[a], a, t)
     for e in eps:
         e.reward = task.reward(e.question, e.steps[-1].text)
-    return eps, counts
+    return eps, turns.counts
 
 
 @dataclass
@@ -369,69 +417,80 @@ class Counts:
             setattr(self, key, getattr(self, key) + value)
 
 
-def play_turn(agent, a, t, task, eps, old, rows, counts, sampling, reuse_kv, early_exit):
-    """Agent a's turns at position t of episodes `rows`, appended to them; `old`: the episodes
-    played before, whose turns at t these replace."""
-    temperature, top_p, seed = sampling
-    # agent a's message length (--max-new-tokens may give one per agent)
-    new_tokens = of_agent(task.max_new_tokens, a)
-    encoded = {}
+@dataclass
+class Turns:
+    """A play in progress: the episodes being played (eps), the ones played before (old: what
+    their turns replace), how they are sampled, and what was generated so far."""
 
-    def prompt(i):
-        """Episode i's context in agent a's ids (encoded once, where needed)."""
-        if i not in encoded:
-            encoded[i] = agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat)
-        return encoded[i]
+    task: object
+    eps: list
+    old: list
+    how: Settings
+    counts: Counts = field(default_factory=Counts)
 
-    # what makes the turn: the writer's weights, its sampling, its random numbers
-    made = [(agent.version, temperature, top_p, new_tokens, seed, eps[i].qid, eps[i].sample, t) for i in rows]
-    replaced = [e.steps[t] if t < len(e.steps) else None for e in old]
-    # early exit: a turn that would come out the same is kept
-    kept = [
-        early_exit and same(s, m, eps[i].steps, e.steps[:t], lambda i=i: prompt(i))
-        for i, e, s, m in zip(rows, old, replaced, made)
-    ]
-    for i, s, k in zip(rows, replaced, kept):
-        if k:
-            eps[i].steps.append(s)
-    counts.reused += sum(kept)
-    todo = [r for r, k in enumerate(kept) if not k]
-    if not todo:
-        return
-    rows, made, replaced = ([x[r] for r in todo] for x in (rows, made, replaced))
-    prompts = [prompt(i) for i in rows]
-    check_length(agent, max(map(len, prompts)) + new_tokens)
-    uniforms = torch.stack(
-        [
-            torch.rand(
-                new_tokens,
-                generator=torch.Generator().manual_seed(derive_seed(seed, eps[i].qid, eps[i].sample, t)),
+    def play(self, agent, a: int, t: int):
+        """Agent a's turns at position t, appended to the episodes whose turn t is agent a's."""
+        task, eps, how = self.task, self.eps, self.how
+        rows = [i for i, e in enumerate(eps) if len(e.steps) == t and t < len(e.order) and e.order[t] == a]
+        # agent a's message length (--max-new-tokens may give one per agent)
+        new_tokens = of_agent(task.max_new_tokens, a)
+        encoded = {}
+
+        def prompt(i):
+            """Episode i's context in agent a's ids (encoded once, where needed)."""
+            if i not in encoded:
+                encoded[i] = agent.encode(task.context(eps[i].question, eps[i].steps, a), task.chat)
+            return encoded[i]
+
+        made = [
+            Made(
+                agent.version, how.temperature, how.top_p, new_tokens, how.seed, eps[i].qid, eps[i].sample, t
             )
             for i in rows
         ]
-    )
-    reusable = reuse_kv and all(s and s.agent == a and s.kv and s.made[0] == agent.version for s in replaced)
-    tok = agent.tokenizer
-    outs, logps, kv = sample(
-        agent.model,
-        prompts,
-        tok.eos_token_id,
-        tok.pad_token_id,
-        new_tokens,
-        temperature,
-        top_p,
-        uniforms,
-        [eps[i].qid for i in rows],
-        past=[s.kv for s in replaced] if reusable else None,
-    )
-    for r, (i, p, o, lp, m) in enumerate(zip(rows, prompts, outs, logps, made)):
-        cut, text = o[-1] != tok.eos_token_id, agent.decode(o)
-        kept_kv = (kv, r) if reuse_kv and kv else None
-        eps[i].steps.append(
-            Step(a, p, o, lp, text, cut, m, kept_kv, deciding_span(agent, task, o, text, cut))
+        old = [self.old[i] for i in rows]
+        replaced = [e.steps[t] if t < len(e.steps) else None for e in old]
+        # early exit: a turn that would come out the same is kept
+        kept = [
+            how.early_exit and same(s, m, eps[i].steps, e.steps[:t], lambda i=i: prompt(i))
+            for i, e, s, m in zip(rows, old, replaced, made)
+        ]
+        for i, s, k in zip(rows, replaced, kept):
+            if k:
+                eps[i].steps.append(s)
+        self.counts.reused += sum(kept)
+        todo = [r for r, k in enumerate(kept) if not k]
+        if not todo:
+            return
+        rows, made, replaced = ([x[r] for r in todo] for x in (rows, made, replaced))
+        prompts = [prompt(i) for i in rows]
+        check_length(agent, max(map(len, prompts)) + new_tokens)
+        # each row's uniforms, derived from what made it: the same wherever the row is played
+        uniforms = torch.stack(
+            [
+                torch.rand(
+                    new_tokens,
+                    generator=torch.Generator().manual_seed(derive_seed(how.seed, m.qid, m.sample, t)),
+                )
+                for m in made
+            ]
         )
-        counts.truncated += cut
-    counts.turns, counts.tokens = counts.turns + len(rows), counts.tokens + sum(map(len, outs))
+        reusable = how.reuse_kv and all(
+            s and s.agent == a and s.kv and s.made.version == agent.version for s in replaced
+        )
+        tok = agent.tokenizer
+        sampling = Sampling(new_tokens, tok.eos_token_id, tok.pad_token_id, how.temperature, how.top_p)
+        past = [s.kv for s in replaced] if reusable else None
+        outs, logps, kv = sample(agent.model, prompts, sampling, uniforms, [eps[i].qid for i in rows], past)
+        for r, (i, p, o, lp, m) in enumerate(zip(rows, prompts, outs, logps, made)):
+            cut, text = o[-1] != tok.eos_token_id, agent.decode(o)
+            kept_kv = (kv, r) if how.reuse_kv and kv else None
+            eps[i].steps.append(
+                Step(a, p, o, lp, text, cut, m, kept_kv, deciding_span(agent, task, o, text, cut))
+            )
+            self.counts.truncated += cut
+        self.counts.turns += len(rows)
+        self.counts.tokens += sum(map(len, outs))
 
 
 def deciding_span(agent, task, tokens: list, text: str, cut: bool) -> tuple | None:
@@ -447,13 +506,13 @@ def deciding_span(agent, task, tokens: list, text: str, cut: bool) -> tuple | No
     return first, end
 
 
-def same(step, made: tuple, steps: list, read: list, prompt) -> bool:
+def same(step, made: Made, steps: list, read: list, prompt) -> bool:
     """The reuse rule: a played turn `step` is what its writer would write now only if what made
     it (`made`: the writer's weights version, sampling settings and random numbers) and its full
     context are the ones that made it; the sampler is then deterministic. A task's context reads
-    the earlier turns' writers and messages (tasks.py, mathtask.py), so it is the same where each
-    earlier turn (`steps`) has the writer, tokens and text of the one it read (`read`); otherwise
-    where prompt(), the context encoded again, gives its ids."""
+    the earlier turns' writers and messages (tasks/__init__.py, tasks/mathtask.py), so it is the
+    same where each earlier turn (`steps`) has the writer, tokens and text of the one it read
+    (`read`); otherwise where prompt(), the context encoded again, gives its ids."""
     if step is None or step.made != made:
         return False
     unchanged = all(

@@ -18,8 +18,6 @@ import torch
 from transformers import DynamicCache
 
 import decode
-import fsdp
-from rollout import positions
 
 
 class ReadOnly(DynamicCache):
@@ -48,9 +46,19 @@ def lengths(ids, attn, mask, group, at_least: int):
     return shared
 
 
-def applies(model, batch, full: bool) -> bool:
+def groups(episodes, data: dict, at_least: int) -> dict:
+    """For an agent's rows (losses.agent_batch of `episodes`): each row's question ("group") and
+    how many tokens it shares with the question's other rows ("shared", lengths)."""
+    group = torch.tensor([episodes[e].qid for e in data["episode"].tolist()])
+    ids, attn, mask = (data[key].cpu() for key in ("ids", "attn", "mask"))
+    shared = lengths(ids, attn, mask, group, at_least)
+    return {"group": group.to(data["ids"].device), "shared": shared.to(data["ids"].device)}
+
+
+def applies(model, batch) -> bool:
+    """Whether the rows share prompts (and the model has no sliding-window layer)."""
     shares = "shared" in batch and bool(batch["shared"].any())
-    return shares and not full and not fsdp.is_sharded(model) and not decode.sliding(model)
+    return shares and not decode.sliding(model)
 
 
 def decoder_output(model, ids, attn, group, shared):
@@ -64,9 +72,9 @@ def decoder_output(model, ids, attn, group, shared):
         if shared[r] > 0:
             heads.setdefault(g, []).append(r)
     heads = {g: rows for g, rows in heads.items() if len(rows) > 1}
-    if not heads:
-        return fsdp.decoder_output(model, ids, attn)
     decoder = model.get_decoder()
+    if not heads:
+        return decoder(input_ids=ids, attention_mask=attn).last_hidden_state
     # part 1: the shared prompts, left-padded
     leaders = [rows[0] for rows in heads.values()]
     P = int(shared[leaders].max())
@@ -77,7 +85,10 @@ def decoder_output(model, ids, attn, group, shared):
         head_ids[h, P - n :], head_attn[h, P - n :] = ids[r, :n], 1
     with checkpointing(decoder, False):
         cache = decoder(
-            input_ids=head_ids, attention_mask=head_attn, position_ids=positions(head_attn), use_cache=True
+            input_ids=head_ids,
+            attention_mask=head_attn,
+            position_ids=decode.positions(head_attn),
+            use_cache=True,
         ).past_key_values
     # each row's prompt among the heads (a row that shares nothing reads head 0, masked out)
     head_of = torch.zeros(S, dtype=torch.long, device=ids.device)

@@ -11,6 +11,7 @@ the tokenizer pads on the left for the batched sampler, and a missing pad token 
 EOS (safe, because no mask in this project is built from pad_token_id).
 """
 
+import contextlib
 import copy
 import itertools
 import os
@@ -31,6 +32,8 @@ from transformers.utils import logging as hf_logging
 
 import hub
 import lora
+import parallel
+import sharedprompt
 from config import derive_seed, of_agent
 
 # a bar per checkpoint written or read would bury the training log
@@ -73,6 +76,83 @@ class Agent:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_logprobs(self, batch, rows=slice(None), full: bool = False, temperature: float = 1.0):
+        """fp32 log pi(token_{p+1} | tokens_<=p) for the selected rows of a losses.agent_batch:
+        (S, L-1), 0 where mask is 0; with full=True also the whole next-token log-distributions
+        (S, L-1, V). The policy is the model's logits / temperature: the distribution the sampler
+        drew from (rollout.sample).
+
+        Without full, the output layer and the log-softmax run only on the agent's own tokens
+        (mask 1): the decoder reads every token, but the (tokens, vocabulary) logits of the prompt,
+        which no loss uses, are never built. On a 49k vocabulary that halves the time and memory
+        of an update. With --shared-prompt each question's shared prompt is computed once.
+        """
+        model = self.model
+        ids, attn, mask = batch["ids"][rows], batch["attn"][rows], batch["mask"][rows]
+        targets = ids[:, 1:]
+        if full:
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            # the policy at the temperature (no copy at T = 1)
+            logp_all = (logits if temperature == 1 else logits / temperature).log_softmax(-1)
+            self.release()
+            return logp_all.gather(-1, targets[..., None])[..., 0] * mask, logp_all
+        if sharedprompt.applies(model, batch):
+            hidden = sharedprompt.decoder_output(
+                model, ids, attn, batch["group"][rows], batch["shared"][rows]
+            )
+        else:
+            hidden = self.decoder_output(ids, attn)
+        hidden = hidden[:, :-1]
+        where = mask.bool()
+        # (T, V): the agent's tokens only
+        logits = model.get_output_embeddings()(hidden[where]).float()
+        self.release()
+        logp = torch.zeros(mask.shape, device=logits.device)
+        logits = logits if temperature == 1 else logits / temperature
+        logp[where] = logits.log_softmax(-1).gather(-1, targets[where][:, None])[:, 0]
+        return logp, None
+
+    def step(self, params, loss, max_grad_norm: float) -> bool:
+        """One optimiser step on the gradient of `loss` (its backward done on every process): the
+        gradient summed over processes, clipped to max_grad_norm. False, with the weights
+        untouched, if the loss or the gradient is not finite (a fault: the step is skipped)."""
+        self.sum_gradients(params)
+        grad_norm = self.clip_grad_norm_(params, max_grad_norm)
+        if not (torch.isfinite(parallel.all_sum(loss.detach())) and torch.isfinite(grad_norm)):
+            return False
+        self.optimizer.step()
+        return True
+
+    # Where the weights live. These are for whole weights on every process; under --fsdp
+    # (parallel/fsdp.py) a sharded agent takes this one's place and gives each its sharded form.
+
+    def decoder_output(self, ids, attn):
+        """The decoder's last hidden states (B, L, H)."""
+        return self.model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+
+    def release(self):
+        """After a forward: nothing to give back (a sharded agent shards its weights again)."""
+
+    def sum_gradients(self, params):
+        parallel.sum_gradients(params)
+
+    def clip_grad_norm_(self, params, max_norm: float):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def most_everywhere(self, count: int) -> int:
+        """How many rows or turns this process's loops cover: its own `count` (a sharded agent:
+        the most any process has, since each of its forwards is a collective)."""
+        return count
+
+    def anywhere(self, writes: bool) -> bool:
+        """Whether this process plays the agent's turns at a position: `writes` (a sharded agent:
+        whether any process does, since gathering its weights is a collective)."""
+        return writes
+
+    def whole(self):
+        """Its whole weights for a block of sampling: they are whole already."""
+        return contextlib.nullcontext()
 
 
 def char_tokenizer(chars: str) -> PreTrainedTokenizerFast:

@@ -28,29 +28,54 @@ simultaneously from one batch (MAGRPO-style "joint" training) is the same comput
 `stale`: each agent's loss involves only its own tokens and weights, and the batch and
 advantages do not change between the updates.
 
-Left out on purpose: evaluation, checkpoints and printing (loop.py and train.py), and value
+Left out on purpose: evaluation, checkpoints and printing (plumbing/loop.py and train.py), and value
 functions (the advantage is the group-normalised team reward). Run it through the CLI:
 `python train.py --agents 3 --mode teamtr`. Under torchrun each process plays its block of the
-questions and every number below is reduced over processes (parallel.py).
+questions and every number below is reduced over processes (parallel/__init__.py).
 """
 
 import math
 import random
 import time
 from collections import namedtuple
+from typing import NamedTuple
 
 import torch
 
-import fsdp
 import losses
 import parallel
 import rollout
+import sharedprompt
 import tasks
 from config import Config, derive_seed, for_agent
 
 # The trust region's measurement of the current weights: D (the reverse KL on the whole batch in
 # the radius's unit), the fp32 log-probs and the per-token KL it was computed from
 Measure = namedtuple("Measure", "D logp kl_tok")
+
+
+class Update(NamedTuple):
+    """What one agent's update returns: its metrics (logged as they are), and what the stage needs
+    of it: the (E,) per-episode sequence log-ratio log pi_new / pi_old of its tokens (HAPPO's
+    weights), and its surrogate under the occupancy the update gives its own later turns (L_hat*)
+    and without HAPPO's weights, for the penalty and the stale gap (surrogate_errors)."""
+
+    metrics: dict
+    log_ratio: torch.Tensor
+    own_surrogate: float
+    plain_surrogate: float
+
+
+class Seed(NamedTuple):
+    """The seed of one update: the run's seed, the stage and the update's place in it. Every play
+    of a stage uses update 0's (common random numbers)."""
+
+    run: int
+    stage: int
+    update: int
+
+    # derive_seed hashes repr(): the plain tuple's, so the numbers do not depend on these names
+    __repr__ = tuple.__repr__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,25 +108,25 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
         probe = StaleGap(team[i], i, first if fresh else current, cfg) if k > 0 and intermediate else None
         weights, clipfrac = happo_weights(log_w, cfg) if cfg.resample == "reweight" else (None, None)
         # the update of agent i alone
-        m = update_agent(team[i], i, batch, cfg, (cfg.seed, stage, k), weights)
-        log_w += m.pop("log_ratio").cpu()
+        update = update_agent(team[i], i, batch, cfg, Seed(cfg.seed, stage, k), weights)
+        log_w += update.log_ratio.cpu()
         # what training on this batch costs: the penalty, and the stale gap (B_1 is the
         # intermediate team's batch at k = 0)
         other = probe.surrogates(team[i]) if probe else None
-        m |= surrogate_errors(m, other, intermediate, trained_on_intermediate=fresh or k == 0)
+        m = update.metrics | surrogate_errors(update, other, intermediate, fresh or k == 0)
         if clipfrac is not None:
             m["weight_clipfrac"] = clipfrac
         # log
         updates.append(m)
         log_update(log, stage, k, i, batch, m)
         previous = i
-    return stage_metrics(team, task, cfg, stage, first, plays, updates, time.time() - start)
+    return stage_metrics(task, cfg, first, plays, updates, time.time() - start)
 
 
-def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> dict:
-    """One trust-region update of agent i on its tokens in `episodes`. Returns its metrics, and
-    under "log_ratio" the (E,) per-episode sequence log-ratio log pi_new / pi_old of its tokens.
-    weights: (E,) HAPPO weights on the advantages (reweight mode)."""
+def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> Update:
+    """One trust-region update of agent i on its tokens in `episodes`. seed: what the minibatch
+    order is derived from (a Seed in a stage). weights: (E,) HAPPO weights on the advantages
+    (reweight mode)."""
     model = agent.model
     # agent i's own radius (--delta may give one per agent)
     cfg = for_agent(cfg, i)
@@ -114,7 +139,7 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> di
     if not no_signal:
         agent.changed()
     # old log-probs: fp32, of the policy that sampled (logits / temperature), before the update
-    kl = TrustRegion(model, data, cfg)
+    kl = TrustRegion(agent, data, cfg)
     drift = losses.token_mean((kl.old - data["sampler_logp"]).abs(), data["mask"])
     params = [p for p in model.parameters() if p.requires_grad]
     # theta_old: what a non-finite KL reverts to (none needed when no step is taken)
@@ -126,39 +151,31 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> di
     # backtrack along the step that crossed the radius, from the weights before it, until D <= delta
     backtracks = 0
     if measured is not None and measured.D > cfg.delta:
-        measured, backtracks = backtrack(model, params, inside, kl, cfg)
+        measured, backtracks = backtrack(agent, params, inside, kl, cfg)
     # without the trust region: measured once, at the end
-    measured = measured or kl.measure(model)
+    measured = measured or kl.measure(agent)
     # a non-finite KL is a fault: the update is undone
     reverted = not math.isfinite(measured.D)
     if reverted:
         copy_weights(params, theta_old)
-        measured = kl.measure(model)
-    # log
-    stats = losses.update_stats(
-        measured.logp,
-        kl.old,
-        data["adv"],
-        data["mask"],
-        measured.kl_tok,
-        cfg.clip_eps,
-        cfg.delta,
-        cfg.radius,
-        data.get("decide"),
+        measured = kl.measure(agent)
+    # log: each metric's mean over every process's rows
+    radius = (cfg.delta, cfg.radius)
+    stats = global_means(
+        losses.update_stats(measured.logp, kl.old, measured.kl_tok, data, cfg.clip_eps, radius)
     )
     stats.update(steps=steps, skipped_steps=skipped, reverted=int(reverted), backtracks=backtracks)
     stats["no_signal"] = int(no_signal)
-    stats.update(adv_clipfrac=adv_clipfrac, logp_drift=drift)
-    stats["log_ratio"] = losses.sequence_log_ratio(
-        measured.logp, kl.old, data["mask"], data["episode"], len(episodes)
+    stats.update(adv_clipfrac=adv_clipfrac, logp_drift=global_means({"drift": drift})["drift"])
+    logp, old, mask, episode = measured.logp, kl.old, data["mask"], data["episode"]
+    surrogates = global_means(
+        {
+            "own": losses.own_shift_surrogate(logp, old, data["adv"], mask, episode),
+            "plain": losses.surrogate(logp, old, data["plain_adv"], mask),
+        }
     )
-    # for the penalty and the stale gap (surrogate_errors): the surrogate under the occupancy the
-    # update gives the agent's own later turns, and the surrogate without HAPPO's weights
-    stats["own_surrogate"] = losses.own_shift_surrogate(
-        measured.logp, kl.old, data["adv"], data["mask"], data["episode"]
-    )
-    stats["plain_surrogate"] = losses.surrogate(measured.logp, kl.old, data["plain_adv"], data["mask"])
-    return stats
+    log_ratio = losses.sequence_log_ratio(logp, old, mask, episode, len(episodes))
+    return Update(stats, log_ratio, surrogates["own"], surrogates["plain"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,20 +191,23 @@ def agent_data(agent, i: int, episodes, cfg: Config, weights=None):
     adv, clipped = losses.group_advantages(rewards, cfg.group, cfg.adv_max)
     device = next(agent.model.parameters()).device
     weighted = adv if weights is None else adv * weights
-    data = losses.agent_batch(episodes, i, weighted, agent.tokenizer.pad_token_id, device, cfg.shared_prompt)
+    data = losses.agent_batch(episodes, i, weighted, agent.tokenizer.pad_token_id, device)
+    # --shared-prompt: each row's question and the prompt it shares with the question's other rows
+    if cfg.shared_prompt:
+        data |= sharedprompt.groups(episodes, data, cfg.shared_prompt)
     # each row's advantage without the weights (the stale gap's surrogate)
     data["plain_adv"] = adv.to(device)[data["episode"]].float()
     return data, global_mean(clipped * len(episodes), len(episodes))
 
 
-def batch_logprobs(model, data, full: bool, cfg: Config):
-    """losses.token_logprobs over all rows (the policy at the sampling temperature), in chunks of
-    --minibatch rows, without gradients."""
+def batch_logprobs(agent, data, full: bool, cfg: Config):
+    """The agent's token_logprobs over all rows (the policy at the sampling temperature), in chunks
+    of --minibatch rows, without gradients."""
     chunk = cfg.minibatch
     with torch.no_grad():
         parts = [
-            losses.token_logprobs(model, data, slice(s, s + chunk), full, cfg.temperature)
-            for s in range(0, fsdp.most_everywhere(model, len(data["ids"])), chunk)
+            agent.token_logprobs(data, slice(s, s + chunk), full, cfg.temperature)
+            for s in range(0, agent.most_everywhere(len(data["ids"])), chunk)
         ]
     logp = torch.cat([p[0] for p in parts])
     return logp, torch.cat([p[1] for p in parts]) if full else None
@@ -199,19 +219,20 @@ class TrustRegion:
     D = the reverse KL of the current weights against them on every row, in the radius's unit
     (--radius: the token mean, or the mean over messages of each message's sum)."""
 
-    def __init__(self, model, data, cfg: Config):
+    def __init__(self, agent, data, cfg: Config):
         self.data, self.cfg, self.full = data, cfg, cfg.kl == "full"
-        self.old, self.old_full = batch_logprobs(model, data, self.full, cfg)
+        self.old, self.old_full = batch_logprobs(agent, data, self.full, cfg)
 
     def token_kl(self, logp, full, rows=slice(None)):
         """Per-token reverse KL(pi_new || pi_old) of `rows`, (S, L-1)."""
         old_full = self.old_full[rows] if self.full else None
         return losses.token_kl(logp, self.old[rows], self.cfg.kl, full, old_full)
 
-    def measure(self, model) -> Measure:
-        logp, full = batch_logprobs(model, self.data, self.full, self.cfg)
+    def measure(self, agent) -> Measure:
+        logp, full = batch_logprobs(agent, self.data, self.full, self.cfg)
         kl_tok = self.token_kl(logp, full)
-        return Measure(losses.radius_mean(kl_tok, self.data["mask"], self.cfg.radius), logp, kl_tok)
+        D = global_means({"D": losses.radius_mean(kl_tok, self.data["mask"], self.cfg.radius)})["D"]
+        return Measure(D, logp, kl_tok)
 
 
 def clipped_steps(agent, data, kl: TrustRegion, params, cfg: Config, seed):
@@ -220,15 +241,12 @@ def clipped_steps(agent, data, kl: TrustRegion, params, cfg: Config, seed):
     D > delta (a non-finite D stops them too). Returns (steps, skipped steps, the last
     measurement or None, the weights before the step that crossed the radius or None)."""
     gen = torch.Generator().manual_seed(derive_seed(seed, "minibatches"))
-    # this rank's rows among every rank's (one process: all of them)
-    first, total = parallel.row_block(len(data["ids"]))
     steps, skipped, measured = 0, 0, None
     # the last weights inside the radius, where backtracking starts: one copy, refilled per step
     inside = [p.detach().clone() for p in params] if cfg.trust_region == "on" else None
     for _ in range(cfg.epochs):
-        for rows in torch.randperm(total, generator=gen).split(cfg.minibatch):
-            # the minibatch's rows on this rank
-            rows = rows[(rows >= first) & (rows < first + len(data["ids"]))] - first
+        # this process's rows of each minibatch (one process: all of them)
+        for rows in parallel.minibatches(len(data["ids"]), cfg.minibatch, gen):
             if inside is not None:
                 copy_weights(inside, params)
             if not minibatch_step(agent, data, kl, rows, params, cfg):
@@ -236,7 +254,7 @@ def clipped_steps(agent, data, kl: TrustRegion, params, cfg: Config, seed):
                 continue
             steps += 1
             if cfg.trust_region == "on":
-                measured = kl.measure(agent.model)
+                measured = kl.measure(agent)
                 if not measured.D <= cfg.delta:
                     return steps, skipped, measured, inside
     return steps, skipped, measured, None
@@ -245,7 +263,7 @@ def clipped_steps(agent, data, kl: TrustRegion, params, cfg: Config, seed):
 def minibatch_step(agent, data, kl: TrustRegion, rows, params, cfg: Config) -> bool:
     """One optimiser step on the loss of the minibatch `rows`: the PPO-clip surrogate with the
     reverse-KL penalty (beta = 0 without the trust region). False, with the weights untouched,
-    if the loss or the gradient is not finite (a fault: the step is skipped)."""
+    if the loss or the gradient is not finite (a fault: the step is skipped; Agent.step)."""
     beta = cfg.beta if cfg.trust_region == "on" else 0.0
     denom = parallel.all_sum(losses.denominator(data["mask"][rows], cfg.reduction))
     # --radius message: the penalty is the minibatch's mean per-message KL, as the radius is
@@ -254,27 +272,20 @@ def minibatch_step(agent, data, kl: TrustRegion, rows, params, cfg: Config) -> b
         penalty = ("message", parallel.all_sum(losses.denominator(data["mask"][rows], "message")))
     agent.optimizer.zero_grad(set_to_none=True)
     loss = torch.zeros((), device=data["ids"].device)
-    # --fsdp: every process takes part in every forward and backward
-    if len(rows) or fsdp.is_sharded(agent.model):
+    # a process without rows of this minibatch has nothing to add (--fsdp: it takes part anyway)
+    if agent.most_everywhere(len(rows)):
         agent.model.train()
-        logp, full = losses.token_logprobs(agent.model, data, rows, kl.full, cfg.temperature)
-        old, adv, mask = kl.old[rows], data["adv"][rows], data["mask"][rows]
+        logp, full = agent.token_logprobs(data, rows, kl.full, cfg.temperature)
+        objective = losses.clipped_objective(logp, kl.old[rows], data["adv"][rows], cfg.clip_eps)
         kl_tok = kl.token_kl(logp, full, rows)
-        loss = losses.ppo_loss(
-            logp, old, adv, mask, kl_tok, cfg.clip_eps, beta, cfg.reduction, denom, penalty
-        )
+        loss = losses.ppo_loss(objective, kl_tok, data["mask"][rows], beta, (cfg.reduction, denom), penalty)
         loss.backward()
         agent.model.eval()
-    # this rank's share of the minibatch's gradient -> the whole gradient
-    parallel.sum_gradients(params)
-    grad_norm = fsdp.clip_grad_norm_(params, cfg.max_grad_norm)
-    if not (torch.isfinite(parallel.all_sum(loss.detach())) and torch.isfinite(grad_norm)):
-        return False
-    agent.optimizer.step()
-    return True
+    # this process's share of the minibatch's gradient -> the whole gradient, clipped, one step
+    return agent.step(params, loss, cfg.max_grad_norm)
 
 
-def backtrack(model, params, inside, kl: TrustRegion, cfg: Config) -> tuple[Measure, int]:
+def backtrack(agent, params, inside, kl: TrustRegion, cfg: Config) -> tuple[Measure, int]:
     """Along the step that crossed the radius, from `inside` (the weights before it, with D <=
     delta) to the weights now: theta = inside + alpha (theta - inside), alpha = 1/2, 1/4, ...,
     until D <= delta; after --max-backtracks halvings alpha = 0 (`inside` itself). The progress of
@@ -288,7 +299,7 @@ def backtrack(model, params, inside, kl: TrustRegion, cfg: Config) -> tuple[Meas
             alpha = 0.5**backtracks if backtracks <= cfg.max_backtracks else 0.0
             for p, p_in, p_new in zip(params, inside, theta_new):
                 p.copy_(p_in + alpha * (p_new - p_in))
-            measured = kl.measure(model)
+            measured = kl.measure(agent)
             if alpha == 0.0:
                 break
     return measured, backtracks
@@ -303,6 +314,13 @@ def copy_weights(into, values):
 def global_mean(total, count) -> float:
     """total / count, each summed over ranks first."""
     return (parallel.all_sum(float(total)) / parallel.all_sum(float(count))).item()
+
+
+def global_means(means: dict) -> dict:
+    """{name: float}: each losses.Mean's sum and count summed over processes (one collective for
+    all of them), then divided."""
+    pairs = torch.stack([torch.stack([m.total, m.count.to(m.total.dtype)]) for m in means.values()])
+    return {name: losses.Mean(*pair).value() for name, pair in zip(means, parallel.all_sum(pairs))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,9 +342,11 @@ class Plays:
 
     def play(self, episodes, keep=None, counted: bool = True):
         """Every episode played from turn keep[e] on (default 0); counted: training compute."""
-        t0, cfg, seed = time.time(), self.cfg, (self.cfg.seed, self.stage, 0)
-        args = (cfg.temperature, seed, keep, self.reuse_kv, not cfg.no_early_exit)
-        episodes, counts = rollout.play(self.team, self.task, episodes, *args)
+        t0, cfg = time.time(), self.cfg
+        how = rollout.Settings(
+            cfg.temperature, Seed(cfg.seed, self.stage, 0), early_exit=cfg.early_exit, reuse_kv=self.reuse_kv
+        )
+        episodes, counts = rollout.play(self.team, self.task, episodes, how, keep)
         self.seconds += time.time() - t0
         if counted:
             self.counts.add(counts)
@@ -363,19 +383,24 @@ class StaleGap:
 
     def __init__(self, agent, i: int, other, cfg: Config):
         self.data, self.cfg = agent_data(agent, i, other, cfg)[0], cfg
-        self.old = batch_logprobs(agent.model, self.data, False, cfg)[0]
+        self.old = batch_logprobs(agent, self.data, False, cfg)[0]
 
     def surrogates(self, agent) -> tuple[float, float]:
         """(L_hat_i, L_hat*_i) on the other batch, under the agent's weights now."""
-        logp = batch_logprobs(agent.model, self.data, False, self.cfg)[0]
+        logp = batch_logprobs(agent, self.data, False, self.cfg)[0]
         d = self.data
-        own = losses.own_shift_surrogate(logp, self.old, d["adv"], d["mask"], d["episode"])
-        return losses.surrogate(logp, self.old, d["adv"], d["mask"]), own
+        surrogates = global_means(
+            {
+                "plain": losses.surrogate(logp, self.old, d["adv"], d["mask"]),
+                "own": losses.own_shift_surrogate(logp, self.old, d["adv"], d["mask"], d["episode"]),
+            }
+        )
+        return surrogates["plain"], surrogates["own"]
 
 
-def surrogate_errors(m: dict, other, measured: bool, trained_on_intermediate: bool) -> dict:
-    """What an update's batch costs it, from its metrics m (own_surrogate and plain_surrogate are
-    taken out of them) and other, (L_hat, L_hat*) on the stage's other batch (None if none):
+def surrogate_errors(update: Update, other, measured: bool, trained_on_intermediate: bool) -> dict:
+    """What an update's batch costs it, from the update and other, (L_hat, L_hat*) on the stage's
+    other batch (None if none):
     - penalty: |its surrogate on the batch it trained on - L_hat* on the intermediate team's
       batch|, L_hat* the surrogate under the occupancy the update itself gives the agent's later
       turns (losses.own_shift_surrogate). Trained on the intermediate team's batch (fresh, or
@@ -385,14 +410,14 @@ def surrogate_errors(m: dict, other, measured: bool, trained_on_intermediate: bo
     - stale_gap: |L_hat_i(B_1) - L_hat_i(B_fresh)| without HAPPO's weights: what training on the
       stage's first batch would err by, in every mode that has both batches (0 where they are one).
     Both None where the intermediate team's batch is not sampled (stale without --measure-gap)."""
-    own, plain = m.pop("own_surrogate"), m.pop("plain_surrogate")
+    surrogate, own, plain = update.metrics["surrogate"], update.own_surrogate, update.plain_surrogate
     if not measured:
         penalty = gap = None
     elif trained_on_intermediate:
-        penalty = abs(m["surrogate"] - own)
+        penalty = abs(surrogate - own)
         gap = abs(other[0] - plain) if other else 0.0
     else:
-        penalty, gap = abs(m["surrogate"] - other[1]), abs(plain - other[0])
+        penalty, gap = abs(surrogate - other[1]), abs(plain - other[0])
     return {"penalty": penalty, "stale_gap": gap}
 
 
@@ -423,7 +448,7 @@ def log_update(log, stage: int, k: int, i: int, batch, m: dict):
     log(record, line)
 
 
-def stage_metrics(team, task, cfg: Config, stage: int, first, plays: Plays, updates, seconds) -> dict:
+def stage_metrics(task, cfg: Config, first, plays: Plays, updates, seconds) -> dict:
     """The stage's record: its first batch's reward and turn accuracy, the certificate, what it
     generated and how long it took."""
     n_episodes = int(parallel.all_sum(len(first)))
@@ -437,10 +462,10 @@ def stage_metrics(team, task, cfg: Config, stage: int, first, plays: Plays, upda
     radii = sum((2 * m["kl_rev"]) ** 0.5 for m in updates)
     certificate = surrogates - cfg.adv_max * radii
     return {
-        "stage": stage,
+        "stage": plays.stage,
         # sampled, on the first batch
         "stage/reward": global_mean(sum(e.reward for e in first), len(first)),
-        **{f"stage/sampled_{key}": v for key, v in tasks.turn_accuracy(task, first, len(team)).items()},
+        **{f"stage/sampled_{key}": v for key, v in tasks.turn_accuracy(task, first, len(plays.team)).items()},
         "stage/certificate": certificate,
         # summed over the stage's updates (None where not measured)
         **{f"stage/{key}": stage_sum(updates, key) for key in ("penalty", "stale_gap")},

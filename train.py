@@ -3,13 +3,13 @@
     python train.py --agents 3 --mode teamtr        # the default: relay task, tiny CPU agents
     python train.py --agents 3 --mode stale         # same, evaluated on stale occupancy
     python train.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --grad-ckpt
-    python train.py --mode compare                  # every mode side by side (compare.py)
+    python train.py --mode compare                  # every mode side by side (tools/compare.py)
     python train.py --resume runs/teamtr-n3-s0      # continue a run that was stopped or crashed
 
-What a run does: check every input (cli.py); build the task; build the agents (warmup.py: tiny Qwen2
+What a run does: check every input (plumbing/cli.py); build the task; build the agents (warmup.py: tiny Qwen2
 models warmed up to an imperfect start and copied once per agent, or Hugging Face models);
 evaluate the starting team on the held-out set; run the stages of teamtr.py, with a checkpoint
-after each (runs.py); save one Hugging Face checkpoint per agent; print held-out accuracy before
+after each (plumbing/runs.py); save one Hugging Face checkpoint per agent; print held-out accuracy before
 and after. A bad input ends in one line on stderr, exit 2, before anything is written; Ctrl-C
 prints the command that resumes the run.
 
@@ -17,7 +17,7 @@ runs/<name>/ holds config.json (the resolved config), metrics.jsonl (one JSON ob
 and per stage; its names are in docs/design.md, "Metrics"), transcripts.jsonl (the first held-out
 episodes of every evaluation), checkpoint-stage<S>/ (the last stage's weights, optimiser and RNG
 states), agent{i}/ (save_pretrained), summary.md, and with --tracker tensorboard, tensorboard/.
-Every flag is a field of config.Config; `python train.py --help` lists them in groups (cli.py).
+Every flag is a field of config.Config; `python train.py --help` lists them in groups (plumbing/cli.py).
 """
 
 import contextlib
@@ -30,20 +30,17 @@ import time
 
 import torch
 
-import cli
-import compare
-import fsdp
-import loop
 import parallel
 import replace
 import rollout
-import runs
 import tasks
 import team as team_lib
-import tracking
 import warmup
 from config import Config
-from questions import TaskError
+from parallel import fsdp
+from plumbing import cli, loop, runs, tracking
+from tasks.base import TaskError
+from tools import compare
 
 
 def fail(message: str, code: int = 2):

@@ -11,7 +11,6 @@ import random
 import torch
 from tqdm import tqdm
 
-import fsdp
 import lora
 import losses
 import parallel
@@ -19,6 +18,7 @@ import rollout
 import tasks
 import team as team_lib
 from config import Config, derive_seed
+from parallel import fsdp
 
 
 def demonstration(q, task, solo, cfg: Config, rng: random.Random) -> list[tuple[str, str]]:
@@ -106,7 +106,7 @@ def imitation_batch(agent, pairs, chat=None) -> dict:
 def imitation_step(agent, optimizer, data, rows=slice(None)):
     """One behaviour-cloning step: maximise the log-likelihood of the masked tokens of `rows`."""
     agent.model.train()
-    loss = -losses.masked_mean(losses.token_logprobs(agent.model, data, rows)[0], data["mask"][rows])
+    loss = -losses.masked_mean(agent.token_logprobs(data, rows)[0], data["mask"][rows])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     agent.changed()

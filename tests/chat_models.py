@@ -117,7 +117,7 @@ def gemma3_config(tok) -> Gemma3TextConfig:
         query_pre_attn_scalar=8,
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention"],
-        # no soft-capping of the logits: losses.token_logprobs applies the output layer alone, and
+        # no soft-capping of the logits: Agent.token_logprobs applies the output layer alone, and
         # team.check_output_layer refuses a model whose logits are more than that
         final_logit_softcapping=None,
         pad_token_id=tok.pad_token_id,

@@ -7,8 +7,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import mathtask  # noqa: E402
 import train  # noqa: E402
+from tasks import mathtask  # noqa: E402
 
 mathtask.MathTask.reward = lambda self, q, final_message: float(len(final_message) % 2)
 

@@ -2,15 +2,15 @@
 
 import pytest
 
-import bench
 import rollout
+from tools import bench
 
 
 def test_prefilled_counts_shared_prefixes_distinct_tails_and_only_new_tokens_on_a_kv_cache(make_team, capsys):
     agent = make_team(1)[0]
     tok = agent.tokenizer
     sample = lambda prompts, **kw: rollout.sample(
-        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 4, **kw
+        agent.model, prompts, rollout.Sampling(4, tok.eos_token_id, tok.pad_token_id), **kw
     )  # noqa: E731
     # one group: prefix 5 6 (short of the shortest prompt's last token), tails 7 | 7 8 | 7 9 10 once each
     prompts = [[5, 6, 7], [5, 6, 7], [5, 6, 7, 8], [5, 6, 7, 9, 10]]
@@ -29,4 +29,6 @@ def test_bad_threads_give_one_line_exit_2(capsys):
     with pytest.raises(SystemExit) as stop:
         bench.main(["--threads", "0"])
     assert stop.value.code == 2
-    assert capsys.readouterr().err.strip() == "bench.py: error: --threads must be at least 1, got 0"
+    assert (
+        capsys.readouterr().err.strip() == "python -m tools.bench: error: --threads must be at least 1, got 0"
+    )

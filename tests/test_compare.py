@@ -1,4 +1,4 @@
-"""compare.py: modes side by side from one warm-up; the table, the results, the plots."""
+"""tools/compare.py: modes side by side from one warm-up; the table, the results, the plots."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import pytest
 from test_train_cli import TINY, run
 
-import compare
+from tools import compare
 
 
 def test_compare_trains_every_mode_from_the_same_start_and_writes_table_and_plots(tmp_path, monkeypatch):

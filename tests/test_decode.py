@@ -54,12 +54,12 @@ def test_written_steps_give_the_models_logits(family):
     assert decode.supported(model)
     prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
     ids, attn = rollout.left_pad(prompts, 0, "cpu")
-    out = model(input_ids=ids, attention_mask=attn, position_ids=rollout.positions(attn), use_cache=True)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=decode.positions(attn), use_cache=True)
     rows = torch.tensor([0, 1, 1, 2])
     cache, attn, seqs = decode.Cache(out.past_key_values, rows, 3), attn[rows], [prompts[r] for r in rows]
     for new in ([13, 14, 15, 16], [17, 18, 19, 20], [21, 22, 23, 24]):
         attn = torch.cat([attn, torch.ones(4, 1, dtype=attn.dtype)], dim=1)
-        logits = cache.step(model, torch.tensor(new)[:, None], rollout.positions(attn)[:, -1:], attn)
+        logits = cache.step(model, torch.tensor(new)[:, None], decode.positions(attn)[:, -1:], attn)
         seqs = [s + [t] for s, t in zip(seqs, new)]
         for row, seq in zip(logits, seqs):
             torch.testing.assert_close(

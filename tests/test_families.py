@@ -11,10 +11,10 @@ import torch
 from chat_models import save_chat_model
 
 import config
-import mathtask
 import rollout
 import team as team_lib
 import train
+from tasks import mathtask
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
 TINY = "--stages 1 --questions 2 --group 2 --eval-size 2 --epochs 1 --max-new-tokens 8".split()
@@ -40,7 +40,7 @@ def test_each_family_reads_the_transcript_with_its_own_tokenizer_and_template(mo
     cfg = config.Config(task=f"jsonl:{FIXTURE}", agents=2, questions=2, model="x", max_new_tokens=8)
     task = mathtask.make(config.resolve(cfg))
     eps = rollout.new_episodes(task.heldout(2), 2, 2, 1, "fixed", seed=0)
-    played, counts = rollout.play(team, task, eps, 1.0, seed=0)
+    played, counts = rollout.play(team, task, eps, rollout.Settings(1.0, 0))
     turns = counts.turns
     assert turns == 2 * len(eps)
     for e in played:

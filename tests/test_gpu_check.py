@@ -1,4 +1,4 @@
-"""gpu_check.py's dry run: tiny sizes on CPU, run as a user runs it, with `datasets` and
+"""tools/gpu_check.py's dry run: tiny sizes on CPU, run as a user runs it, with `datasets` and
 `math_verify` made unimportable (a sitecustomize on PYTHONPATH, so the memory probes' own
 processes are covered too)."""
 
@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-import gpu_check
+from tools import gpu_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKER = '''
@@ -50,7 +50,7 @@ def test_the_blocker_stops_an_import_of_datasets(tmp_path):
 def test_the_dry_run_measures_everything_without_datasets_or_math_verify(tmp_path):
     out = tmp_path / "check.json"
     done = subprocess.run(
-        [sys.executable, "gpu_check.py", "--tiny", "--device", "cpu", "--out", str(out)],
+        [sys.executable, "-m", "tools.gpu_check", "--tiny", "--device", "cpu", "--out", str(out)],
         cwd=ROOT,
         env=blocking(tmp_path, "blocked.log"),
         capture_output=True,

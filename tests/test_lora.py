@@ -58,7 +58,7 @@ def test_the_team_shares_one_frozen_base_and_each_agent_trains_only_its_adapter(
     for agent in team:
         for p in filter(lambda p: p.requires_grad, agent.model.parameters()):
             p.register_post_accumulate_grad_hook(lambda p, agent=agent: seen_grad.append(agent.name))
-    stats = teamtr.update_agent(team[1], 1, batch, cfg, seed=0)
+    stats = teamtr.update_agent(team[1], 1, batch, cfg, seed=0).metrics
     assert stats["steps"] > 0 and set(seen_grad) == {"agent1"}
     for i, agent in enumerate(team):
         changed = [
@@ -80,19 +80,21 @@ def test_fresh_adapters_give_the_base_models_logprobs(cfg):
         played_batch([reference] * 3, cfg), 0, torch.zeros(cfg.questions * cfg.group), tok.pad_token_id, "cpu"
     )
     with torch.no_grad():
-        want = losses.token_logprobs(reference.model, data)[0]
+        want = reference.token_logprobs(data)[0]
         for agent in team:
-            assert torch.equal(losses.token_logprobs(agent.model, data)[0], want)
+            assert torch.equal(agent.token_logprobs(data)[0], want)
 
 
 def test_sampler_equivalences_hold_with_adapters(decoding):
     agent = lora_team(1, seed=3, perturbed=True)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
-    got, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0)
+    got, _, _ = rollout.sample(
+        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id, 0.0)
+    )
     assert got == [uncached_greedy(agent.model, p, tok.eos_token_id, 8) for p in prompts]
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(0))
     toks, logps, _ = rollout.sample(
-        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms
+        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), uniforms
     )
     eps = [
         rollout.Episode(None, i, 0, [0], [rollout.Step(0, p, t, lp, "")])
@@ -100,7 +102,7 @@ def test_sampler_equivalences_hold_with_adapters(decoding):
     ]
     data = losses.agent_batch(eps, 0, torch.zeros(len(eps)), tok.pad_token_id, "cpu")
     with torch.no_grad():
-        logp = losses.token_logprobs(agent.model, data)[0]
+        logp = agent.token_logprobs(data)[0]
     mask = data["mask"].bool()
     torch.testing.assert_close(logp[mask], data["sampler_logp"][mask], atol=1e-5, rtol=0)
 
@@ -110,7 +112,7 @@ def test_every_lora_update_ends_inside_the_radius(cfg):
     team = lora_team(3, lr=3e-2, perturbed=True)
     backtracks = 0
     for i in range(3):
-        stats = teamtr.update_agent(team[i], i, played_batch(team, cfg, i), cfg, seed=i)
+        stats = teamtr.update_agent(team[i], i, played_batch(team, cfg, i), cfg, seed=i).metrics
         assert stats["kl_rev"] <= cfg.delta
         backtracks += stats["backtracks"]
     assert backtracks > 0

@@ -12,8 +12,20 @@ import torch
 
 import losses
 import rollout
+import team as team_lib
 
 F64 = dict(dtype=torch.float64)
+
+
+def ppo_loss(logp, logp_old, adv, mask, kl, clip_eps, beta, reduction, denom=None, penalty=None):
+    """losses.ppo_loss of the clipped objective of these log-probs."""
+    objective = losses.clipped_objective(logp, logp_old, adv, clip_eps)
+    return losses.ppo_loss(objective, kl, mask, beta, (reduction, denom), penalty)
+
+
+def values(means: dict) -> dict:
+    """{name: float} from losses' {name: Mean} (one process)."""
+    return {name: m.value() for name, m in means.items()}
 
 
 def t(values):
@@ -24,7 +36,7 @@ def single_token_loss(ratio: float, adv: float, clip_eps: float = 0.2) -> float:
     """ppo_loss with beta = 0 on one message of one token whose ratio pi_new / pi_old is `ratio`."""
     logp, logp_old = t([[math.log(ratio)]]), t([[0.0]])
     mask, kl = t([[1.0]]), t([[0.0]])
-    return float(losses.ppo_loss(logp, logp_old, t([adv]), mask, kl, clip_eps, 0.0, "token"))
+    return float(ppo_loss(logp, logp_old, t([adv]), mask, kl, clip_eps, 0.0, "token"))
 
 
 # ----------------------------------------------------------------------------- KL estimators
@@ -187,9 +199,9 @@ def test_reductions_and_ppo_loss_at_ratio_one():
     logp = torch.log(torch.full((2, 3), 0.5))
     adv = torch.tensor([1.0, -2.0])
     kl = losses.token_kl(logp, logp, "kl_rev")
-    loss = losses.ppo_loss(logp, logp, adv, mask, kl, 0.2, 1.0, "token")
+    loss = ppo_loss(logp, logp, adv, mask, kl, 0.2, 1.0, "token")
     assert float(loss) == pytest.approx(-(3 * 1 - 2) / 4)
-    assert float(losses.surrogate(logp, logp, adv, mask)) == 0.0
+    assert losses.surrogate(logp, logp, adv, mask).value() == 0.0
 
 
 # three messages: two tokens, none, three; the masked-out entries are wild so that reading them shows
@@ -280,7 +292,7 @@ def test_the_ppo_loss_is_the_masked_token_mean_of_the_clipped_surrogates():
     want = -sum(s for _, _, s in cases) / len(cases)
     assert want == pytest.approx(0.8 / 6)
     for reduction in ("token", "sequence"):
-        loss = losses.ppo_loss(logp, logp_old, adv, mask, kl, 0.2, 0.0, reduction)
+        loss = ppo_loss(logp, logp_old, adv, mask, kl, 0.2, 0.0, reduction)
         assert float(loss) == pytest.approx(want, abs=1e-12)
 
 
@@ -290,7 +302,7 @@ def test_the_clipped_side_passes_no_gradient_and_the_unclipped_side_passes_minus
     adv = t([a for _, a, _ in cases])
     mask = torch.ones(len(cases), 1, **F64)
     kl = torch.zeros(len(cases), 1, **F64)
-    losses.ppo_loss(logp, torch.zeros_like(logp), adv, mask, kl, 0.2, 0.0, "token").backward()
+    ppo_loss(logp, torch.zeros_like(logp), adv, mask, kl, 0.2, 0.0, "token").backward()
     # d(-r A / n) / d log r = -r A / n where r A is the minimum, 0 where the clipped term is
     n = len(cases)
     want = [[-2.2 / n], [1.8 / n], [0.0], [3.0 / n], [0.0], [-1.0 / n]]
@@ -310,7 +322,7 @@ def test_the_kl_penalty_adds_plus_beta_times_the_mean_kl(reduction, beta):
     logp = t([[-1.0, -0.5, -2.0], [-0.3, -1.2, -0.7]])
     logp_old = t([[-1.2, -0.4, -1.0], [-0.3, -1.0, -0.9]])
     adv, mask, kl = t([1.5, -0.5]), t(KL_MASK), t(KL_TOK)
-    loss = lambda b: float(losses.ppo_loss(logp, logp_old, adv, mask, kl, 0.2, b, reduction))
+    loss = lambda b: float(ppo_loss(logp, logp_old, adv, mask, kl, 0.2, b, reduction))
     assert loss(beta) - loss(0.0) == pytest.approx(beta * KL_MEANS[reduction], abs=1e-12)
     # the penalty makes the loss larger, never smaller
     assert loss(beta) > loss(0.0)
@@ -318,7 +330,7 @@ def test_the_kl_penalty_adds_plus_beta_times_the_mean_kl(reduction, beta):
 
 def test_the_kl_penalty_alone_at_ratio_one_is_beta_times_the_token_mean_kl():
     logp = t([[-1.0, -0.5, -2.0], [-0.3, -1.2, -0.7]])
-    loss = losses.ppo_loss(logp, logp.clone(), t([1.5, -0.5]), t(KL_MASK), t(KL_TOK), 0.2, 0.5, "token")
+    loss = ppo_loss(logp, logp.clone(), t([1.5, -0.5]), t(KL_MASK), t(KL_TOK), 0.2, 0.5, "token")
     # surrogate at r = 1: (1.5 + 1.5 - 0.5 - 0.5) / 4 = 0.5; penalty 0.5 * 1.3 / 4
     assert float(loss) == pytest.approx(-0.5 + 0.5 * 1.3 / 4, abs=1e-12)
 
@@ -330,7 +342,7 @@ def test_the_ppo_loss_of_row_halves_over_the_batch_denominator_sums_to_the_batch
     logp_old = torch.zeros_like(logp)
     adv, mask, kl = t([2.0, -2.0]), t(KL_MASK), t(KL_TOK)
     denom = losses.denominator(mask, reduction)
-    part = lambda rows: losses.ppo_loss(
+    part = lambda rows: ppo_loss(
         logp[rows], logp_old[rows], adv[rows], mask[rows], kl[rows], 0.2, 0.5, reduction, denom
     )
     # surrogates: row 0 min(1.1 * 2, 1.1 * 2) = 2.2 and min(1.5 * 2, 1.2 * 2) = 2.4;
@@ -351,7 +363,11 @@ def test_update_stats_are_token_means_of_the_per_token_estimators():
     logp = logp_old + t(ratios).log()
     mask = t([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
     kl_tok = t([[0.3, 0.05, 9.0], [9.0, 0.15, 0.1]])
-    stats = losses.update_stats(logp, logp_old, t([2.0, -1.0]), mask, kl_tok, clip_eps=0.2, delta=0.2)
+    stats = values(
+        losses.update_stats(
+            logp, logp_old, kl_tok, {"adv": t([2.0, -1.0]), "mask": mask}, 0.2, (0.2, "token")
+        )
+    )
     logs = [math.log(2.0), math.log(0.5), math.log(1.1), math.log(0.9)]
     want = {
         # (0.3 + 0.05 + 0.15 + 0.1) / 4
@@ -378,7 +394,7 @@ def test_the_surrogate_is_the_token_mean_of_r_minus_one_times_a():
     logp_old = t([[-0.7, -1.1, -2.0], [-0.2, -3.0, -1.0]])
     logp = logp_old + t(ratios).log()
     mask = t([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    got = losses.surrogate(logp, logp_old, t([3.0, -2.0]), mask)
+    got = losses.surrogate(logp, logp_old, t([3.0, -2.0]), mask).value()
     # (0.5 * 3 - 0.2 * 3 + 0 * -2 + 0.2 * -2 - 0.4 * -2) / 5 = (1.5 - 0.6 - 0.4 + 0.8) / 5
     assert got == pytest.approx(1.3 / 5, abs=1e-12)
 
@@ -390,12 +406,12 @@ def test_the_own_shift_surrogate_weights_later_messages_by_the_ratios_of_the_ear
     logp = logp_old + t(ratios).log()
     mask = t([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
     adv = t([1.0, -2.0, 0.5])
-    got = losses.own_shift_surrogate(logp, logp_old, adv, mask, torch.tensor([0, 1, 0]))
+    got = losses.own_shift_surrogate(logp, logp_old, adv, mask, torch.tensor([0, 1, 0])).value()
     # row 2's terms times row 0's sequence ratio, 2 * 0.5 = 1
     assert got == pytest.approx((1 * 1 - 0.5 * 1 + 0.5 * -2 + 2.0 * 0.5 - 0.2 * 0.5) / 5, abs=1e-12)
     # row 0's ratios 2 and 2: row 2's weight is 4
     logp[0, 1] = logp_old[0, 1] + math.log(2.0)
-    got = losses.own_shift_surrogate(logp, logp_old, adv, mask, torch.tensor([0, 1, 0]))
+    got = losses.own_shift_surrogate(logp, logp_old, adv, mask, torch.tensor([0, 1, 0])).value()
     # row 0: (1 + 1) * 1; row 1: 0.5 * -2; row 2: 4 * (2 * 0.5 - 0.2 * 0.5)
     assert got == pytest.approx((2.0 - 1.0 + 4 * (1.0 - 0.1)) / 5, abs=1e-12)
 
@@ -406,7 +422,7 @@ def test_the_own_shift_surrogate_is_the_surrogate_bit_for_bit_when_the_agent_spe
     logp = logp_old + 0.3 * torch.randn(4, 5, generator=gen)
     mask, adv = (torch.rand(4, 5, generator=gen) > 0.3).float(), torch.randn(4, generator=gen)
     own = losses.own_shift_surrogate(logp, logp_old, adv, mask, torch.arange(4))
-    assert own == losses.surrogate(logp, logp_old, adv, mask)
+    assert own.value() == losses.surrogate(logp, logp_old, adv, mask).value()
 
 
 # ----------------------------------------------------------------------------- sequence ratios
@@ -449,7 +465,7 @@ def test_token_logprobs_on_the_agents_tokens_equal_the_full_logits_and_their_gra
     mask = torch.zeros(3, 11)
     mask[0, 4:9], mask[1, 2:11], mask[2, 5:8] = 1, 1, 1
     batch = dict(ids=ids, attn=attn, mask=mask)
-    logp, _ = losses.token_logprobs(model, batch)
+    logp, _ = team_lib.Agent("a", model, None, None).token_logprobs(batch)
     logp.sum().backward()
     ours = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -468,7 +484,8 @@ def test_in_message_units_the_stats_sum_each_message_and_split_the_deciding_toke
     kl_tok = t([[0.3, 0.05, 9.0], [9.0, 0.15, 0.1]])
     # the first message's first token and the second message's last decide
     decide = t([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    stats = losses.update_stats(logp_old, logp_old, t([2.0, -1.0]), mask, kl_tok, 0.2, 0.3, "message", decide)
+    rows = {"adv": t([2.0, -1.0]), "mask": mask, "decide": decide}
+    stats = values(losses.update_stats(logp_old, logp_old, kl_tok, rows, 0.2, (0.3, "message")))
     # messages 0.35 and 0.25: one of the two is above delta = 0.3
     assert stats["kl_msg"] == pytest.approx(0.3, abs=1e-7) and stats["out_of_region"] == 0.5
     assert stats["kl_decide"] == pytest.approx(0.4 / 2, abs=1e-7)
@@ -479,17 +496,15 @@ def test_in_message_units_the_stats_sum_each_message_and_split_the_deciding_toke
 def test_the_message_mean_sums_each_message_then_averages_the_messages_that_have_tokens():
     mask = t([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     x = t([[0.1, 0.2, 9.0], [9.0, 0.4, 0.6], [5.0, 5.0, 5.0]])
-    assert losses.message_mean(x, mask) == pytest.approx((0.3 + 1.0) / 2, abs=1e-7)
+    assert losses.message_mean(x, mask).value() == pytest.approx((0.3 + 1.0) / 2, abs=1e-7)
     assert float(losses.masked_mean(x, mask, "message")) == pytest.approx(0.65, abs=1e-7)
-    assert losses.radius_mean(x, mask, "token") == pytest.approx(1.3 / 4, abs=1e-7)
+    assert losses.radius_mean(x, mask, "token").value() == pytest.approx(1.3 / 4, abs=1e-7)
 
 
 def test_with_a_message_radius_the_penalty_is_beta_times_the_mean_message_kl():
     logp = t([[-1.0, -0.5, -2.0], [-0.3, -1.2, -0.7]])
     adv, mask, kl = t([1.5, -0.5]), t(KL_MASK), t(KL_TOK)
-    loss = lambda b, penalty: float(
-        losses.ppo_loss(logp, logp, adv, mask, kl, 0.2, b, "token", None, penalty)
-    )
+    loss = lambda b, penalty: float(ppo_loss(logp, logp, adv, mask, kl, 0.2, b, "token", None, penalty))
     per_message = ("message", losses.denominator(mask, "message"))
     # messages 0.1 + 0.2 and 0.4 + 0.6
     assert loss(0.5, per_message) - loss(0.0, per_message) == pytest.approx(0.5 * 1.3 / 2, abs=1e-7)

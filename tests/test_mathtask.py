@@ -8,12 +8,10 @@ import pytest
 from chat_models import save_chat_model
 
 import config
-import mathdata
-import mathtask
-import questions
 import rollout
 import tasks
 import team as team_lib
+from tasks import base, mathdata, mathtask
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
 
@@ -36,14 +34,14 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
     ],
 )
 def test_math_verify_grading(gold, message, right):
-    assert mathtask.grade(gold, questions.final_answer(message)) is right
+    assert mathtask.grade(gold, base.final_answer(message)) is right
 
 
 def test_final_answer_prefers_the_last_box_then_answer_then_the_last_number():
-    assert questions.final_answer("\\boxed{1} then \\boxed{\\frac{2}{3}} Answer: 9") == "\\frac{2}{3}"
-    assert questions.final_answer("3 apples... Answer: 12.") == "12"
-    assert questions.final_answer("7 + 5 = 12, minus 3 is 9") == "9"
-    assert questions.final_answer("nothing here") == ""
+    assert base.final_answer("\\boxed{1} then \\boxed{\\frac{2}{3}} Answer: 9") == "\\frac{2}{3}"
+    assert base.final_answer("3 apples... Answer: 12.") == "12"
+    assert base.final_answer("7 + 5 = 12, minus 3 is 9") == "9"
+    assert base.final_answer("nothing here") == ""
 
 
 def task_cfg(**kw):
@@ -54,7 +52,7 @@ def task_cfg(**kw):
 def test_a_local_file_is_split_by_hash_and_eval_size_is_respected():
     task = mathtask.make(task_cfg())
     train, held = {q.text for q in task.pool}, {q.text for q in task.heldout(1000)}
-    assert len(train) + len(held) == 40 and not train & held and all(questions.is_heldout(t) for t in held)
+    assert len(train) + len(held) == 40 and not train & held and all(base.is_heldout(t) for t in held)
     assert len(task.heldout(3)) == 3 and task.heldout(3) == task.heldout(1000)[:3]
     # derived seeds reproduce
     assert task.train_questions(4, seed=1) == task.train_questions(4, seed=1)
@@ -96,7 +94,7 @@ def test_each_agent_renders_with_its_own_chat_template_and_roles_follow_agents(t
     team = team_lib.clone_team(model, tok, 2, team_lib.Training(lr=1e-3))
     task = mathtask.make(task_cfg())
     eps = rollout.new_episodes(task.heldout(3), 2, 2, 1, "random", seed=0)
-    played, counts = rollout.play(team, task, eps, 1.0, seed=0)
+    played, counts = rollout.play(team, task, eps, rollout.Settings(1.0, 0))
     turns, cut = counts.turns, counts.truncated
     assert turns == 12 and cut == sum(s.truncated for e in played for s in e.steps)
     for e in played:
@@ -113,7 +111,9 @@ def test_a_context_longer_than_the_model_is_a_clear_error(tmp_path):
     team = team_lib.clone_team(model, tok, 2, team_lib.Training(lr=1e-3))
     task = mathtask.make(task_cfg(max_new_tokens=1020))
     with pytest.raises(rollout.ContextTooLong, match="exceeds the model's maximum of 1024"):
-        rollout.play(team, task, rollout.new_episodes(task.heldout(1), 1, 2, 1, "fixed", 0), 1.0, seed=0)
+        rollout.play(
+            team, task, rollout.new_episodes(task.heldout(1), 1, 2, 1, "fixed", 0), rollout.Settings(1.0, 0)
+        )
 
 
 def test_prompts_need_enough_roles(tmp_path):
@@ -123,7 +123,7 @@ def test_prompts_need_enough_roles(tmp_path):
             {"roles": [{"name": "a", "instructions": "x"}], "single": {"name": "s", "instructions": "y"}}
         )
     )
-    with pytest.raises(questions.TaskError, match="1 roles, fewer than --agents 2"):
+    with pytest.raises(base.TaskError, match="1 roles, fewer than --agents 2"):
         mathtask.make(task_cfg(prompts=str(path)))
 
 
@@ -137,7 +137,7 @@ def test_gsm8k_gold_is_after_the_hashes_and_parquet_files_load(tmp_path):
         }
     )
     qs = mathdata.rows_to_questions(rows, "gsm8k")
-    assert qs[7] == questions.Question("Add 7 and 7.", "14") and mathtask.grade(qs[39].answer, "78")
+    assert qs[7] == base.Question("Add 7 and 7.", "14") and mathtask.grade(qs[39].answer, "78")
     rows.to_parquet(tmp_path / "q.parquet")
     train, held = mathdata.load_questions(f"parquet:{tmp_path / 'q.parquet'}")
     assert sorted(q.text for q in train + held) == sorted(q.text for q in qs) and held

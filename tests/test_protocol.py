@@ -13,17 +13,15 @@ from conftest import random_rewards
 from test_real_cli import FIXTURE, TINY
 from test_train_cli import run
 
-import cli
 import config
 import eval as evaluation
-import mathdata
-import mathtask
-import questions
 import rollout
 import tasks
 import team as team_lib
 import teamtr
-from questions import Question, TaskError
+from plumbing import cli
+from tasks import base, mathdata, mathtask
+from tasks.base import Question, TaskError
 
 
 def write_jsonl(path, rows):
@@ -34,7 +32,7 @@ def write_jsonl(path, rows):
 @pytest.fixture
 def bench(tmp_path):
     """A benchmark of 6 questions, 2 of them training questions of the fixture (other case, spacing)."""
-    rows = [r for r in map(json.loads, open(FIXTURE)) if not questions.is_heldout(r["question"])][:2]
+    rows = [r for r in map(json.loads, open(FIXTURE)) if not base.is_heldout(r["question"])][:2]
     rows = [{"problem": "  " + r["question"].upper(), "answer": r["answer"]} for r in rows]
     rows += [{"problem": f"What is {a} times 3?", "answer": str(3 * a)} for a in range(4)]
     return write_jsonl(tmp_path / "bench.jsonl", rows)
@@ -167,13 +165,13 @@ def test_per_agent_learning_rates_radii_and_message_lengths(cfg):
     relay = tasks.Relay(3)
     relay.max_new_tokens = [1, 3, 2]
     eps = rollout.new_episodes(tasks.questions(relay, 4, 0, False), 4, 3, 1, "fixed", 0)
-    played = rollout.play(team, relay, eps, 1.0, 0)[0]
+    played = rollout.play(team, relay, eps, rollout.Settings(1.0, 0))[0]
     assert max(len(e.steps[t].tokens) for e in played for t in range(3)) <= 3
     assert [max(len(e.steps[t].tokens) for e in played) for t in range(3)] == [1, 3, 2]
     # each agent's update stays inside its own radius
     rewarded, radii = random_rewards(played), [0.002, 0.05, 0.01]
     per_agent = dataclasses.replace(cfg, delta=radii)
-    kls = [teamtr.update_agent(team[i], i, rewarded, per_agent, seed=0)["kl_rev"] for i in range(3)]
+    kls = [teamtr.update_agent(team[i], i, rewarded, per_agent, seed=0).metrics["kl_rev"] for i in range(3)]
     assert all(kl <= d for kl, d in zip(kls, radii)) and kls[1] > radii[0]
 
 
@@ -199,7 +197,7 @@ def test_thinking_switches_a_qwen3_templates_rendering(tmp_path):
 
 
 def test_a_per_agent_list_is_a_tensorboard_hyperparameter(tmp_path):
-    import tracking
+    from plumbing import tracking
 
     tracker = tracking.start(config.Config(tracker="tensorboard", agents=2, lr=[1e-3, 2e-3]), str(tmp_path))
     tracker.metrics({"stage": 0, "stage/eval_acc": 0.5})
@@ -224,6 +222,6 @@ def test_eval_tasks_naming_the_training_set_scores_only_its_held_out_part():
     sets = evaluation.benchmark_sets(f"jsonl:{FIXTURE},heldout", cfg, task, 4)
     part = sets["math (held-out part)"]
     # the questions training never drew, and all of them
-    assert part and all(questions.is_heldout(q.text) for q in part)
+    assert part and all(base.is_heldout(q.text) for q in part)
     assert len(part) == len(mathdata.load_questions(cfg.task)[1])
     assert not {q.text for q in part} & {q.text for q in task.pool}

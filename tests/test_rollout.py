@@ -9,6 +9,7 @@ import decode
 import losses
 import rollout
 import tasks
+import team as team_lib
 
 
 def uncached_greedy(model, prompt, eos_id, max_new_tokens):
@@ -30,12 +31,15 @@ def prompts_of(agent, n=6):
     return [agent.encode(task.render(q, list(q.steps[: i % 3]))) for i, q in enumerate(qs)]
 
 
-def test_greedy_sampler_matches_uncached_argmax(make_team, decoding):
+@pytest.mark.parametrize("sampler", ["reference", "fast"])
+def test_greedy_sampler_matches_uncached_argmax(make_team, decoding, sampler):
     agent = make_team(1, seed=3)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
     # left padding is exercised
     assert len({len(p) for p in prompts}) > 1
-    got, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0)
+    how = rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id, 0.0)
+    sample = rollout.reference_sample if sampler == "reference" else rollout.sample
+    got = sample(agent.model, prompts, how)[0]
     for p, g in zip(prompts, got):
         assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
 
@@ -45,13 +49,13 @@ def test_sampler_logprobs_match_teacher_forced_forward(make_team, decoding):
     tok, prompts = agent.tokenizer, prompts_of(agent)
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(0))
     toks, logps, _ = rollout.sample(
-        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms
+        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), uniforms
     )
     steps = [rollout.Step(0, p, t, lp, "") for p, t, lp in zip(prompts, toks, logps)]
     eps = [rollout.Episode(None, i, 0, [0], [s]) for i, s in enumerate(steps)]
     data = losses.agent_batch(eps, 0, torch.zeros(len(eps)), tok.pad_token_id, "cpu")
     with torch.no_grad():
-        logp = losses.token_logprobs(agent.model, data)[0]
+        logp = agent.token_logprobs(data)[0]
     mask = data["mask"].bool()
     assert mask.sum() == sum(map(len, toks))
     torch.testing.assert_close(logp[mask], data["sampler_logp"][mask], atol=1e-5, rtol=0)
@@ -74,17 +78,17 @@ def test_shared_prefix_sampling_equals_prefilling_every_row(make_team, decoding)
     assert len(heads) == 4 and min(map(len, heads)) > 3 and len(set(map(len, heads))) > 1
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(2))
     shared = rollout.sample(
-        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, groups
+        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), uniforms, groups
     )
-    each = rollout.sample(
-        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, share_prefix=False
+    each = rollout.reference_sample(
+        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), uniforms
     )
     # the same tokens, and not one per prompt
     assert shared[0] == each[0] and len({tuple(t) for t in shared[0]}) > 12
     for a, b in zip(shared[1], each[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     greedy, _, _ = rollout.sample(
-        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0, groups=groups
+        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id, 0.0), groups=groups
     )
     for p, g in zip(prompts, greedy):
         assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
@@ -94,14 +98,18 @@ def test_tiny_top_p_is_greedy_and_uniforms_make_rows_reproducible(make_team):
     agent = make_team(1, seed=5)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
     greedy, _, _ = rollout.sample(
-        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, temperature=0.0
+        agent.model, prompts, rollout.Sampling(6, tok.eos_token_id, tok.pad_token_id, 0.0)
     )
     u = torch.rand(len(prompts), 6, generator=torch.Generator().manual_seed(1))
-    nucleus, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1e-6, u)
+    nucleus, _, _ = rollout.sample(
+        agent.model, prompts, rollout.Sampling(6, tok.eos_token_id, tok.pad_token_id, 1.0, 1e-6), u
+    )
     assert nucleus == greedy
-    full, _, _ = rollout.sample(agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u)
+    full, _, _ = rollout.sample(
+        agent.model, prompts, rollout.Sampling(6, tok.eos_token_id, tok.pad_token_id), u
+    )
     alone, _, _ = rollout.sample(
-        agent.model, prompts[2:3], tok.eos_token_id, tok.pad_token_id, 6, 1.0, 1.0, u[2:3]
+        agent.model, prompts[2:3], rollout.Sampling(6, tok.eos_token_id, tok.pad_token_id), u[2:3]
     )
     # a row samples the same tokens whatever batch it is in
     assert alone[0] == full[2]
@@ -112,7 +120,7 @@ def test_team_rollout_passes_text_and_follows_the_order(make_team):
     qs = tasks.questions(task, 4, seed=0, heldout=False)
     eps = rollout.new_episodes(qs, 2, 3, 1, "random", seed=0)
     assert all(sorted(e.order) == [0, 1, 2] for e in eps) and len({tuple(e.order) for e in eps}) > 1
-    played, counts = rollout.play(team, task, eps, 1.0, seed=0)
+    played, counts = rollout.play(team, task, eps, rollout.Settings(1.0, 0))
     turns, tokens = counts.turns, counts.tokens
     assert turns == 3 * len(eps) and tokens == sum(len(s.tokens) for e in played for s in e.steps)
     for e in played:
@@ -125,10 +133,12 @@ def test_team_rollout_passes_text_and_follows_the_order(make_team):
 def test_suffix_resampling_keeps_prefix_and_regenerates_exactly_the_suffix(make_team):
     team, task = make_team(3), tasks.Relay(3)
     qs = tasks.questions(task, 4, seed=0, heldout=False)
-    first, _ = rollout.play(team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, seed=(0, 0))
+    first, _ = rollout.play(
+        team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), rollout.Settings(1.0, (0, 0))
+    )
     keep = [rollout.first_turn(e, 1) for e in first]
     assert keep == [1] * len(first)
-    again, counts = rollout.play(team, task, first, 1.0, seed=(0, 1), keep=keep)
+    again, counts = rollout.play(team, task, first, rollout.Settings(1.0, (0, 1)), keep)
     turns = counts.turns
     assert turns == 2 * len(first)
     # the prefix is kept, not resampled
@@ -146,10 +156,10 @@ def test_sampling_on_an_earlier_calls_kv_cache_equals_prefilling_every_row(make_
     encode = lambda q, k: agent.encode(task.render(q, list(q.steps[:k])))  # noqa: E731
     u = torch.rand(3, 8, generator=torch.Generator().manual_seed(3))
     _, _, turn0 = rollout.sample(
-        agent.model, [encode(q, 0) for q in qs], tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u
+        agent.model, [encode(q, 0) for q in qs], rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), u
     )
     _, _, turn1 = rollout.sample(
-        agent.model, [encode(q, 1) for q in qs], tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u
+        agent.model, [encode(q, 1) for q in qs], rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), u
     )
     # later prompts, each with an earlier row: its own question's (from two earlier calls), another
     # question's (a short common prefix), and its own prompt again (all but the last token reused)
@@ -159,16 +169,16 @@ def test_sampling_on_an_earlier_calls_kv_cache_equals_prefilling_every_row(make_
     assert min(reused[:3]) > 6 and reused[3] < 3 and reused[4] == len(prompts[4]) - 1
     u = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(4))
     again = rollout.sample(
-        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u, past=past
+        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), u, past=past
     )
-    whole = rollout.sample(
-        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, u, share_prefix=False
+    whole = rollout.reference_sample(
+        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), u
     )
     assert again[0] == whole[0]
     for a, b in zip(again[1], whole[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     greedy, _, _ = rollout.sample(
-        agent.model, prompts, tok.eos_token_id, tok.pad_token_id, 8, temperature=0.0, past=past
+        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id, 0.0), past=past
     )
     for p, g in zip(prompts, greedy):
         assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
@@ -178,7 +188,10 @@ def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team,
     team, task = make_team(3), tasks.Relay(3)
     qs = tasks.questions(task, 4, seed=0, heldout=False)
     first = rollout.play(
-        team, task, rollout.new_episodes(qs, 4, 3, 1, "fixed", 0), 1.0, (0, 0), reuse_kv=True
+        team,
+        task,
+        rollout.new_episodes(qs, 4, 3, 1, "fixed", 0),
+        rollout.Settings(1.0, (0, 0), reuse_kv=True),
     )[0]
     # agent 1 is updated: its earlier caches are stale
     with torch.no_grad():
@@ -188,10 +201,10 @@ def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team,
     reuse, calls = rollout.reuse, []
     monkeypatch.setattr(rollout, "reuse", lambda *args: calls.append(args[1]) or reuse(*args))
     keep = [rollout.first_turn(e, 1) for e in first]
-    again = rollout.play(team, task, first, 1.0, (0, 1), keep, reuse_kv=True)[0]
+    again = rollout.play(team, task, first, rollout.Settings(1.0, (0, 1), reuse_kv=True), keep)[0]
     # agent 2's turn only, not agent 1's
     assert calls == [[s.context for s in (e.steps[2] for e in again)]]
-    plain = rollout.play(team, task, first, 1.0, (0, 1), keep)[0]
+    plain = rollout.play(team, task, first, rollout.Settings(1.0, (0, 1)), keep)[0]
     assert [[s.tokens for s in e.steps] for e in again] == [[s.tokens for s in e.steps] for e in plain]
     torch.testing.assert_close(
         torch.tensor([s.logprobs[0] for e in again for s in e.steps]),
@@ -220,7 +233,7 @@ def test_a_sliding_window_cache_is_not_kept_for_reuse():
             )
         ).eval()
         for prompts, new_tokens in (([[2, 3, 4, 5, 6, 7], [2, 3]], 4), ([[2, 3], [4]], 2)):
-            assert (rollout.sample(model, prompts, 1, 0, new_tokens)[2] is not None) == kept
+            assert (rollout.sample(model, prompts, rollout.Sampling(new_tokens, 1, 0))[2] is not None) == kept
 
 
 # ----------------------------------------------------------------------------- sliding windows
@@ -270,7 +283,7 @@ def test_sliding_window_sampler_matches_uncached_argmax(windowed):
     assert min(map(len, prompts[:8])) > WINDOW and len({len(p) for p in prompts}) > 5
     assert min(len(head) for head, _ in rollout.split_prompts(prompts[:8], groups[:8])) > WINDOW
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    got, _, kv = rollout.sample(model, prompts, eos, pad, 8, temperature=0.0, groups=groups)
+    got, _, kv = rollout.sample(model, prompts, rollout.Sampling(8, eos, pad, 0.0), groups=groups)
     assert kv is None
     for p, g in zip(prompts, got):
         assert g == uncached_greedy(model, p, eos, 8)
@@ -283,14 +296,14 @@ def test_sliding_window_logprobs_match_teacher_forced_forward(windowed):
     prompts, groups = windowed_prompts()
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(1))
     toks, logps, _ = rollout.sample(
-        model, prompts, tok.eos_token_id, tok.pad_token_id, 8, 1.0, 1.0, uniforms, groups
+        model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), uniforms, groups
     )
     # right-padded rows, no cache
     steps = [rollout.Step(0, p, t, lp, "") for p, t, lp in zip(prompts, toks, logps)]
     eps = [rollout.Episode(None, i, 0, [0], [s]) for i, s in enumerate(steps)]
     data = losses.agent_batch(eps, 0, torch.zeros(len(eps)), tok.pad_token_id, "cpu")
     with torch.no_grad():
-        logp = losses.token_logprobs(model, data)[0]
+        logp = team_lib.Agent("a", model, None, None).token_logprobs(data)[0]
     mask = data["mask"].bool()
     assert mask.sum() == sum(map(len, toks)) > 4 * len(prompts)
     torch.testing.assert_close(logp[mask], data["sampler_logp"][mask], atol=1e-5, rtol=0)

@@ -10,6 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 import lora
 import losses
 import rollout
+import sharedprompt
+import team as team_lib
 
 SIZE = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
 HEADS = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -57,7 +59,7 @@ def logprobs_and_grads(model, data, rows):
     weights = torch.randn(data["mask"].shape, generator=torch.Generator().manual_seed(1))
     model.zero_grad(set_to_none=True)
     model.train()
-    logp, _ = losses.token_logprobs(model, data, rows)
+    logp, _ = team_lib.Agent("a", model, None, None).token_logprobs(data, rows)
     (logp * weights[rows]).sum().backward()
     model.eval()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -71,7 +73,7 @@ def test_shared_prompts_give_whole_row_logprobs_and_gradients(arch, adapters, ch
     model = model_of(arch, adapters, checkpointing)
     eps = episodes(later)
     whole = losses.agent_batch(eps, 0, torch.zeros(len(eps)), 0, "cpu")
-    shared = losses.agent_batch(eps, 0, torch.zeros(len(eps)), 0, "cpu", shared_prompt=8)
+    shared = whole | sharedprompt.groups(eps, whole, 8)
     # every question's rows share their prompt: 40, 46 and 52 tokens, or one token less where the
     # prompt is the whole context (its last token predicts the first loss token)
     assert sorted(set(shared["shared"].tolist())) == ([40, 46, 52] if later else [39, 45, 51])
@@ -87,5 +89,6 @@ def test_shared_prompts_give_whole_row_logprobs_and_gradients(arch, adapters, ch
 
 def test_a_short_prompt_is_not_shared():
     eps = episodes(False)
-    shared = losses.agent_batch(eps, 0, torch.zeros(len(eps)), 0, "cpu", shared_prompt=60)
+    whole = losses.agent_batch(eps, 0, torch.zeros(len(eps)), 0, "cpu")
+    shared = sharedprompt.groups(eps, whole, 60)
     assert shared["shared"].eq(0).all()

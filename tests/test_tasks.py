@@ -11,11 +11,11 @@ import torch
 import config
 import eval as evaluation
 import losses
-import questions
 import rollout
 import tasks
 import team as team_lib
 import warmup
+from tasks import base
 
 
 def test_relay_questions_chain_their_steps_mod_the_modulus():
@@ -150,7 +150,7 @@ def test_a_one_operation_relay_warms_up_on_all_its_questions_and_refuses_too_man
     warmup.warmup(team_lib.tiny_model(tok, 32, seed=0), tok, cfg)
     assert len(tasks.make(config.Config(agents=1, questions=45)).train_questions(45, seed=3)) == 45
     with pytest.raises(
-        questions.TaskError,
+        base.TaskError,
         match="--questions 46: the relay has only 45 distinct training questions at --agents 1",
     ):
         tasks.make(config.Config(agents=1, questions=46))
@@ -205,7 +205,9 @@ def test_with_work_the_demonstrator_copies_what_it_read_and_its_operation(codes)
 def test_the_deciding_tokens_of_a_played_message_are_its_value(make_team):
     team, relay = make_team(2), tasks.Relay(2, work=1)
     qs = tasks.questions(relay, 8, seed=0, heldout=False)
-    played = rollout.play(team, relay, rollout.new_episodes(qs, 4, 2, 1, "fixed", 0), 1.0, 0)[0]
+    played = rollout.play(
+        team, relay, rollout.new_episodes(qs, 4, 2, 1, "fixed", 0), rollout.Settings(1.0, 0)
+    )[0]
     for s in (s for e in played for s in e.steps):
         first, end = s.deciding
         # the tokens before EOS after the last "=" (the character tokenizer: one character each)

@@ -11,11 +11,11 @@ from conftest import random_rewards
 
 import config
 import losses
-import mathtask
 import rollout
 import tasks
 import team as team_lib
 import teamtr
+from tasks import mathtask
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math.jsonl")
 
@@ -24,7 +24,7 @@ def played_batch(team, cfg, seed=0, temperature=1.0):
     task = tasks.Relay(cfg.agents)
     qs = tasks.questions(task, cfg.questions, seed=seed, heldout=False)
     eps = rollout.new_episodes(qs, cfg.group, len(team), 1, "fixed", seed)
-    return random_rewards(rollout.play(team, task, eps, temperature, seed)[0], seed)
+    return random_rewards(rollout.play(team, task, eps, rollout.Settings(temperature, seed))[0], seed)
 
 
 def snapshot(agent):
@@ -35,7 +35,7 @@ def test_only_the_updated_agent_changes(make_team, cfg):
     team = make_team(3, lr=1e-2)
     batch = played_batch(team, cfg)
     before = [snapshot(a) for a in team]
-    stats = teamtr.update_agent(team[1], 1, batch, cfg, seed=0)
+    stats = teamtr.update_agent(team[1], 1, batch, cfg, seed=0).metrics
     assert stats["steps"] > 0
     for i, agent in enumerate(team):
         same = all(torch.equal(a, b) for a, b in zip(before[i], snapshot(agent)))
@@ -50,7 +50,7 @@ def test_every_update_ends_inside_the_radius(make_team, cfg, kl):
     backtracks = 0
     for seed in range(3):
         for i in range(3):
-            stats = teamtr.update_agent(team[i], i, played_batch(team, cfg, seed), cfg, seed=seed)
+            stats = teamtr.update_agent(team[i], i, played_batch(team, cfg, seed), cfg, seed=seed).metrics
             assert stats["kl_rev"] <= cfg.delta
             backtracks += stats["backtracks"]
     # the backtracking path was exercised, not only the early stop
@@ -70,7 +70,7 @@ def test_backtracking_shortens_only_the_step_that_crossed_the_radius(make_team, 
         return measured._replace(D=(0.1, 0.2, 0.9)[len(weights) - 1]) if len(weights) <= 3 else measured
 
     monkeypatch.setattr(teamtr.TrustRegion, "measure", scripted)
-    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0)
+    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0).metrics
     assert stats["steps"] == 3 and stats["backtracks"] == 1 and stats["kl_rev"] <= cfg.delta
     # halfway along the third step, from the weights after the second: their progress is kept
     inside, crossed = weights[1], weights[2]
@@ -81,13 +81,13 @@ def test_backtracking_shortens_only_the_step_that_crossed_the_radius(make_team, 
 def test_an_update_without_signal_takes_no_step(make_team, cfg):
     team = make_team(2, lr=1e-2)
     # a real update first, so that Adam's momentum would move the weights on a zero gradient
-    assert teamtr.update_agent(team[0], 0, played_batch(team, cfg), cfg, seed=0)["steps"] > 0
+    assert teamtr.update_agent(team[0], 0, played_batch(team, cfg), cfg, seed=0).metrics["steps"] > 0
     batch, version = played_batch(team, cfg, seed=1), team[0].version
     # every sample of every question right: every advantage is 0
     for e in batch:
         e.reward = 1.0
     before = snapshot(team[0])
-    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=1)
+    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=1).metrics
     assert stats["no_signal"] == 1 and stats["steps"] == 0 and stats["kl_rev"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(team[0])))
     # its turns stay reusable by early exit
@@ -100,7 +100,7 @@ def test_the_measured_kl_is_the_kl_of_the_distribution_that_sampled(make_team, c
     team = make_team(2)
     agent, batch = team[0], played_batch(team, cfg, temperature=temperature)
     data = teamtr.agent_data(agent, 0, batch, cfg)[0]
-    kl = teamtr.TrustRegion(agent.model, data, cfg)
+    kl = teamtr.TrustRegion(agent, data, cfg)
     # the sampler's log-probs are the policy's: the ratio is 1 before the update
     torch.testing.assert_close(kl.old * data["mask"], data["sampler_logp"], rtol=0, atol=1e-5)
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_the_measured_kl_is_the_kl_of_the_distribution_that_sampled(make_team, c
         for p in agent.model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
         new_logits = agent.model(input_ids=data["ids"], attention_mask=data["attn"]).logits[:, :-1]
-    measured = kl.measure(agent.model)
+    measured = kl.measure(agent)
     # the exact reverse KL of the tempered distributions, over the whole vocabulary, per token
     new, old = ((x.double() / temperature).log_softmax(-1) for x in (new_logits, old_logits))
     exact = (new.exp() * (new - old)).sum(-1)
@@ -138,7 +138,7 @@ def test_attention_dropout_is_off_in_the_losss_forward():
 def test_without_trust_region_the_radius_is_not_enforced(make_team, cfg):
     cfg = dataclasses.replace(cfg, delta=0.002, trust_region="off", epochs=4)
     team = make_team(3, lr=3e-2)
-    stats = teamtr.update_agent(team[0], 0, played_batch(team, cfg), cfg, seed=0)
+    stats = teamtr.update_agent(team[0], 0, played_batch(team, cfg), cfg, seed=0).metrics
     assert stats["backtracks"] == 0 and stats["steps"] == cfg.epochs * 1 and stats["kl_rev"] > cfg.delta
 
 
@@ -278,12 +278,12 @@ def test_happo_weights_are_the_clipped_product_of_earlier_agents_sequence_ratios
         # independent check: new log-probs against the behaviour log-probs in B_1
         with torch.no_grad():
             data = losses.agent_batch(eps, i, torch.zeros(len(eps)), agent.tokenizer.pad_token_id, "cpu")
-            new = losses.token_logprobs(agent.model, data)[0]
+            new = agent.token_logprobs(data)[0]
             expect = losses.sequence_log_ratio(
                 new, data["sampler_logp"], data["mask"], data["episode"], len(eps)
             )
-        torch.testing.assert_close(out["log_ratio"], expect, atol=1e-5, rtol=0)
-        calls.append((eps, weights, out["log_ratio"].clone()))
+        torch.testing.assert_close(out.log_ratio, expect, atol=1e-5, rtol=0)
+        calls.append((eps, weights, out.log_ratio.clone()))
         return out
 
     monkeypatch.setattr(teamtr, "update_agent", recording)
@@ -313,7 +313,7 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights(make_team, cfg,
     batch, before = played_batch(team, cfg), snapshot(team[0])
     ppo_loss = losses.ppo_loss
     monkeypatch.setattr(losses, "ppo_loss", lambda *args: ppo_loss(*args) * float("nan"))
-    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0)
+    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0).metrics
     assert stats["steps"] == 0 and stats["skipped_steps"] == cfg.epochs * -(-len(batch) // cfg.minibatch)
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(team[0])))
     # no optimiser step was taken
@@ -331,7 +331,7 @@ def test_a_non_finite_gradient_skips_only_that_step(make_team, cfg):
         return grad * float("inf") if len(faults) == 1 else grad
 
     next(team[0].model.parameters()).register_hook(first_inf)
-    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0)
+    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0).metrics
     assert stats["skipped_steps"] == 1 and stats["steps"] > 0
     assert all(torch.isfinite(p).all() for p in team[0].model.parameters())
 
@@ -348,7 +348,7 @@ def test_a_non_finite_kl_reverts_the_update(make_team, cfg, monkeypatch):
         return measured._replace(D=float("nan")) if len(calls) == 1 else measured
 
     monkeypatch.setattr(teamtr.TrustRegion, "measure", faulty)
-    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0)
+    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0).metrics
     assert stats["reverted"] == 1 and stats["steps"] == 1 and stats["kl_rev"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(team[0])))
 
@@ -490,7 +490,7 @@ def test_each_radius_unit_stops_where_its_own_mean_crosses_delta(make_team, cfg,
     )
     data = teamtr.agent_data(team[0], 0, batch, cfg)[0]
     tokens, messages = float(data["mask"].sum()), len(data["ids"])
-    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0)
+    stats = teamtr.update_agent(team[0], 0, batch, cfg, seed=0).metrics
     assert stats["kl_rev"] == pytest.approx(0.004) and stats["kl_msg"] == pytest.approx(
         0.004 * tokens / messages
     )
@@ -506,7 +506,7 @@ def test_each_radius_unit_stops_where_its_own_mean_crosses_delta(make_team, cfg,
 def test_the_stale_penalty_is_measured_against_the_fresh_batchs_own_shift_surrogate():
     # (L_hat, L_hat*) on the other batch differ once an agent speaks twice (--rounds 2): the stale
     # penalty compares with L_hat* (the occupancy its update gives its own later turns)
-    m = lambda: {"surrogate": 0.5, "own_surrogate": 0.4, "plain_surrogate": 0.45}
+    m = lambda: teamtr.Update({"surrogate": 0.5}, None, own_surrogate=0.4, plain_surrogate=0.45)
     other = (0.3, 0.2)
     stale = teamtr.surrogate_errors(m(), other, True, trained_on_intermediate=False)
     assert stale == pytest.approx({"penalty": 0.3, "stale_gap": 0.15})
@@ -523,9 +523,9 @@ def test_the_penalty_is_in_the_radiuss_unit(make_team, cfg, monkeypatch, radius)
     batch = played_batch(team, cfg)
     seen, ppo_loss = [], losses.ppo_loss
 
-    def spy(logp, old, adv, mask, kl_tok, clip_eps, beta, reduction, denom=None, penalty=None):
+    def spy(objective, kl_tok, mask, beta, average, penalty=None):
         seen.append((int(mask.sum()), int((mask.sum(1) > 0).sum()), penalty))
-        return ppo_loss(logp, old, adv, mask, kl_tok, clip_eps, beta, reduction, denom, penalty)
+        return ppo_loss(objective, kl_tok, mask, beta, average, penalty)
 
     monkeypatch.setattr(losses, "ppo_loss", spy)
     teamtr.update_agent(team[0], 0, batch, cfg, seed=0)

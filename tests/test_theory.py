@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-import theory
+from tools import theory
 
 
 def monte_carlo_J(bed, pi, episodes, seed=0):

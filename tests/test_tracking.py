@@ -11,10 +11,10 @@ import zlib
 import pytest
 
 import tasks
-import tracking
 import train
-from questions import Question, final_answer
+from plumbing import tracking
 from rollout import Episode, Step
+from tasks.base import Question, final_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--agents 2 --stages 2 --warmup-steps 2 --questions 4 --group 2 --eval-size 8 --epochs 1".split()

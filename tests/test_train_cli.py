@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-import cli
 import config
 import train
+from plumbing import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--stages 1 --warmup-steps 2 --questions 4 --group 2 --eval-size 8 --epochs 1".split()

@@ -121,10 +121,18 @@ def row_block(count: int) -> tuple[int, int]:
     return sum(counts[:RANK]), sum(counts)
 
 
+def minibatches(count: int, size: int, generator):
+    """This rank's rows of each minibatch, as indices into its own `count` rows: a random order of
+    every rank's rows laid end to end (rank 0's first, row_block), cut into minibatches of `size`.
+    With one process: torch.randperm(count).split(size)."""
+    first, total = row_block(count)
+    for rows in torch.randperm(total, generator=generator).split(size):
+        yield rows[(rows >= first) & (rows < first + count)] - first
+
+
 def sum_gradients(params):
     """Sum every parameter's gradient over ranks, as one flat all_reduce (a missing one is 0)."""
-    # --fsdp: sharded parameters, whose gradients FSDP's reduce-scatter has summed already
-    if WORLD == 1 or any(isinstance(p, DTensor) for p in params):
+    if WORLD == 1:
         return
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -13,11 +13,11 @@ import sys
 import torch
 
 import config
-import mathdata
 import parallel
-import runs
 from config import Config
-from questions import TaskError
+from plumbing import runs
+from tasks import mathdata
+from tasks.base import TaskError
 
 # team modes level off by stage 10-12; 20 stages x 7 modes x 3 seeds took 16 min on 2 cores
 COMPARE_STAGES = 15

@@ -1,7 +1,7 @@
 """The GPU check: what the CPU tests cannot measure, in one run of at most 8 minutes on one GPU.
 
-    python gpu_check.py                                # one CUDA GPU, a Qwen2.5-0.5B-shaped model
-    python gpu_check.py --tiny --device cpu            # the dry run the tests do (tiny sizes)
+    python -m tools.gpu_check                                # one CUDA GPU, a Qwen2.5-0.5B-shaped model
+    python -m tools.gpu_check --tiny --device cpu            # the dry run the tests do (tiny sizes)
 
 Five checks, each on a model built from a config with random weights and random token ids, so
 nothing is downloaded and neither `datasets` nor `math_verify` is imported (the tests fail if
@@ -22,7 +22,7 @@ checks are skipped and reported as such. The numbers go to a JSON file and a pri
 table. Exit 1 if a check failed, the radius did not hold, or `datasets` or `math_verify` was
 imported.
 
-Unlike bench.py, which times the CPU path against references, this measures what only a GPU run
+Unlike tools/bench.py, which times the CPU path against references, this measures what only a GPU run
 can show: bf16 rounding, CUDA kernels under checkpointing, and GPU memory and speed.
 """
 
@@ -40,16 +40,15 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-import bench
-import loop
 import losses
 import rollout
-import runs
 import tasks
 import team as team_lib
 import teamtr
 import warmup
 from config import Config, resolve
+from plumbing import loop, runs
+from tools import bench
 
 # Qwen2.5-0.5B's shape (about 0.49B parameters)
 QWEN_05B = dict(
@@ -79,7 +78,9 @@ AGENTS = 8
 # the modules no run of this project may import
 UNWANTED = ("datasets", "math_verify")
 BUDGET = 480.0
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# the repository root: the memory probes run as python -m tools.gpu_check from it
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "results")
 # seconds one memory probe may take, past the budget at most
 PROBE_TIMEOUT = 150.0
 
@@ -147,7 +148,7 @@ def sampled_episodes(model, sizes: Sizes, seed: int = 0) -> list:
     gen = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(len(prompts), sizes.tokens, generator=gen)
     # eos -1: no row ends early
-    tokens, logps, _ = rollout.sample(model, prompts, -1, 0, sizes.tokens, 1.0, 1.0, uniforms, qids)
+    tokens, logps, _ = rollout.sample(model, prompts, rollout.Sampling(sizes.tokens, -1, 0), uniforms, qids)
     rewards = torch.randint(0, 2, (len(prompts),), generator=gen).tolist()
     episodes = []
     for r, (p, t, lp, q) in enumerate(zip(prompts, tokens, logps, qids)):
@@ -175,11 +176,12 @@ def check_bf16(sizes: Sizes, device, dtype) -> dict:
     episodes = sampled_episodes(bf16, sizes)
     data = teamtr.agent_data(agent, 0, episodes, cfg)[0]
     # the same tokens, scored by the same weights in each dtype, log-softmax in fp32 in both
-    exact, rounded = (teamtr.batch_logprobs(m, data, False, cfg)[0] for m in (fp32, bf16))
+    scorers = (team_lib.Agent("fp32", fp32, None, None), agent)
+    exact, rounded = (teamtr.batch_logprobs(a, data, False, cfg)[0] for a in scorers)
     drift = (rounded - exact)[data["mask"].bool()].abs()
     before = [p.detach().clone() for p in bf16.parameters()]
     # one trust-region update of the bf16 model: D is measured in fp32 log-probs after every step
-    m = teamtr.update_agent(agent, 0, episodes, cfg, seed=0)
+    m = teamtr.update_agent(agent, 0, episodes, cfg, seed=0).metrics
     changed = sum(int((p != q).sum()) for p, q in zip(bf16.parameters(), before))
     return {
         "max_abs_logp_drift": drift.max().item(),
@@ -204,10 +206,11 @@ def gradient(agent, data) -> tuple[list, int]:
     attention = agent.model.get_decoder().layers[0].self_attn
     hook = attention.register_forward_pre_hook(lambda module, args: calls.append(1))
     agent.model.train()
-    logp = losses.token_logprobs(agent.model, data)[0]
+    logp = agent.token_logprobs(data)[0]
     old = logp.detach()
     kl_tok = losses.token_kl(logp, old, "kl_rev")
-    loss = losses.ppo_loss(logp, old, data["adv"], data["mask"], kl_tok, 0.2, 0.1, "token")
+    objective = losses.clipped_objective(logp, old, data["adv"], 0.2)
+    loss = losses.ppo_loss(objective, kl_tok, data["mask"], 0.1)
     agent.model.zero_grad(set_to_none=True)
     loss.backward()
     agent.model.eval()
@@ -242,13 +245,14 @@ def check_grad_ckpt(sizes: Sizes, device, dtype) -> dict:
 
 def greedy_against_generate(model, sizes: Sizes) -> dict:
     """rollout.sample at temperature 0 against model.generate(do_sample=False) on the same 64
-    left-padded rows, each generating sizes.tokens tokens; each timed as in bench.py."""
+    left-padded rows, each generating sizes.tokens tokens; each timed as in tools/bench.py."""
     prompts, qids = rows(sizes)
     ids, attn = rollout.left_pad(prompts, 0, next(model.parameters()).device)
     out = {}
 
     def ours():
-        out["ours"] = rollout.sample(model, prompts, -1, 0, sizes.tokens, temperature=0.0, groups=qids)[0]
+        how = rollout.Sampling(sizes.tokens, -1, 0, temperature=0.0)
+        out["ours"] = rollout.sample(model, prompts, how, groups=qids)[0]
 
     def theirs():
         with torch.no_grad():
@@ -295,9 +299,17 @@ def memory_probe(sizes: Sizes, device, dtype, agents: int):
 
 def probe_peak(sizes: Sizes, device, agents: int) -> dict:
     """memory_probe in a fresh process, so that each peak is its own."""
-    command = [sys.executable, __file__, "--probe-memory", str(agents), "--device", device.type]
+    command = [
+        sys.executable,
+        "-m",
+        "tools.gpu_check",
+        "--probe-memory",
+        str(agents),
+        "--device",
+        device.type,
+    ]
     command += ["--tiny"] * (sizes is TINY)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"the {agents}-agent memory probe failed: {done.stderr.strip()[-300:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -430,7 +442,7 @@ def table(report: dict) -> str:
 
 
 def parse(argv):
-    parser = runs.Parser(prog="gpu_check.py", description=__doc__.splitlines()[0])
+    parser = runs.Parser(prog="python -m tools.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: the CPU dry run of the same code")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if any")
     parser.add_argument(
@@ -457,7 +469,8 @@ def main(argv=None):
     started = time.perf_counter()
     env = environment(device, sizes)
     print(
-        f"gpu_check.py on {env['device']}, torch {env['torch']}, {env['model_parameters']:,}-parameter model"
+        f"tools/gpu_check.py on {env['device']}, torch {env['torch']}, "
+        f"{env['model_parameters']:,}-parameter model"
     )
     results, skipped = run_checks(args, sizes, device, dtype)
     probes = results.get("lora_memory", {}).get("unwanted_imports", [])
@@ -474,7 +487,7 @@ def main(argv=None):
         json.dump(report, f, indent=2)
     print(f"\n{table(report)}\n\nwrote {out}", flush=True)
     if found := failures(report):
-        runs.fail("gpu_check.py", "; ".join(found), 1)
+        runs.fail("python -m tools.gpu_check", "; ".join(found), 1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What every task is made of: a question with its gold answer, the held-out split, and the one
-way an answer is read from a message. The relay (tasks.py) and the math tasks (mathtask.py) both
-build on it.
+way an answer is read from a message. The relay (tasks/__init__.py) and the math tasks
+(mathtask.py) both build on it.
 
 The held-out split is by content, the same for every task and run: a question is held out when
 the CRC32 of its text is 0 mod 4 (a quarter); training questions come from the rest.

@@ -4,11 +4,11 @@
     python train.py --task jsonl:my.jsonl --model DIR --agents 2                 # a local file
     python train.py --task words --model DIR --agents 2                          # generated, offline
 
-Where the questions come from (`--task`, and the benchmarks of `--eval-tasks`) is mathdata.py.
+Where the questions come from (`--task`, and the benchmarks of `--eval-tasks`) is tasks/mathdata.py.
 The held-out set is the first --eval-size held-out questions in dataset order; every stage draws
 its training questions from the rest (without any benchmark question) with a derived seed.
 
-The team protocol is data, not code: a prompts file (prompts/team.json) gives every agent a role
+The team protocol is data, not code: a prompts file (tasks/prompts/team.json) gives every agent a role
 (a name and instructions) and the one-agent prompt of `single`. A team of n takes the first n - 1
 roles and the last one (solver, ..., finalizer). Each agent sees a system message with its role
 and a user message with the problem and the transcript so far, every earlier message labelled
@@ -24,9 +24,9 @@ import json
 import os
 import random
 
-import mathdata
 from config import or_default
-from questions import Question, TaskError, final_answer
+from tasks import mathdata
+from tasks.base import Question, TaskError, final_answer
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "team.json")
 # seconds, math-verify's parsing and verification timeouts
@@ -107,7 +107,7 @@ def team_roles(path: str, agents: int) -> list:
             raise KeyError("every role needs a name and instructions")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TaskError(
-            f"--prompts {path}: not a prompts file ({type(e).__name__}: {e}); see prompts/team.json"
+            f"--prompts {path}: not a prompts file ({type(e).__name__}: {e}); see tasks/prompts/team.json"
         ) from None
     if agents == 1:
         return [single]

@@ -2,7 +2,7 @@
 
     runs/<name>/config.json             the resolved config; --resume reads it
     runs/<name>/metrics.jsonl           one JSON object per update and per stage
-    runs/<name>/transcripts.jsonl       the first held-out episodes of every evaluation (tracking.py)
+    runs/<name>/transcripts.jsonl       the first held-out episodes of every evaluation (plumbing/tracking.py)
     runs/<name>/checkpoint-stage<S>/    the last complete checkpoint (see save_checkpoint)
     runs/<name>/agent<i>/, summary.md   the trained team and its summary, at the end
 
@@ -26,10 +26,10 @@ import time
 import torch
 from tqdm import tqdm
 
-import fsdp
 import parallel
 import team as team_lib
 from config import Config
+from parallel import fsdp
 
 TMP = ".tmp"
 

@@ -23,7 +23,7 @@ import importlib
 import os
 
 import parallel
-from questions import final_answer
+from tasks.base import final_answer
 
 # the held-out episodes kept per evaluation
 TRANSCRIPTS = 4

@@ -1,8 +1,8 @@
 """The exact testbed: stale versus intermediate occupancy, computed exactly (no sampling).
 
-    python theory.py            # exponents for n = 2..32, one and two rounds, and J curves (< 60 s)
-    python theory.py --map --stages 10 --seeds 3    # where stale occupancy changes the outcome
-    python theory.py --place runs/cmp 8:0.04 --stages 10 --seeds 3    # where measured runs fall
+    python -m tools.theory            # exponents for n = 2..32, one and two rounds, and J curves (< 60 s)
+    python -m tools.theory --map --stages 10 --seeds 3    # where stale occupancy changes the outcome
+    python -m tools.theory --place runs/cmp 8:0.04 --stages 10 --seeds 3    # where measured runs fall
 
 A team of n tabular softmax agents passes a message from an alphabet of M symbols: agent t
 reads the question q and the previous message and writes the next one; a reward table scores the
@@ -364,7 +364,7 @@ def fit_slope(ns, errors):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="theory.py",
+        prog="python -m tools.theory",
         description="The exact testbed: stale vs intermediate occupancy.",
         # errors in one line; numpy only, no torch to import
         usage=argparse.SUPPRESS,

@@ -38,9 +38,9 @@ Questions are deterministic by seed; the held-out set is the questions whose CRC
 bucket of four, and training questions are drawn from the other three, so the two are disjoint.
 
 Real math tasks for pretrained models (GSM8K, MATH-500, AIME, local files, generated word
-problems) with role prompts and math-verify grading are in mathtask.py; `make` picks by --task.
+problems) with role prompts and math-verify grading are in tasks/mathtask.py; `make` picks by --task.
 
-Answers are read from the final message by questions.final_answer (the last \\boxed{X}, else the
+Answers are read from the final message by base.final_answer (the last \\boxed{X}, else the
 last "Answer: X", else the last number), so a solo message "0;8;9" is scored by its last value.
 """
 
@@ -49,10 +49,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-import mathtask
 import parallel
 from config import or_default
-from questions import Question, TaskError, final_answer, is_heldout
+from tasks import mathtask
+from tasks.base import Question, TaskError, final_answer, is_heldout
 
 # the relay alphabet; the character tokenizer is built from it
 CHARS = "0123456789+-|;>="
@@ -189,7 +189,7 @@ class Relay:
 
 def make(cfg) -> Task:
     """The task of a run: the relay with one operation per turn (`single` mode plays it solo), or
-    a math task (mathtask.py); each provides what `Task` lists."""
+    a math task (tasks/mathtask.py); each provides what `Task` lists."""
     if cfg.task != "relay":
         return mathtask.make(cfg)
     relay = Relay(

@@ -1,9 +1,9 @@
 """Where a math task's questions come from: hub datasets, local files and generated word problems,
-read into questions.Question(text, gold), and which of them a run trains on and which it reports.
+read into base.Question(text, gold), and which of them a run trains on and which it reports.
 
 Two kinds of sets, kept apart as the paper's protocol does:
   - training sets (--task): a run draws its training questions from one, and holds a quarter of
-    it out (questions.split) for the held-out accuracy eval_acc;
+    it out (base.split) for the held-out accuracy eval_acc;
   - benchmarks (--eval-tasks): evaluated whole (eval_acc/<task>), and every training question with
     the text of one of theirs (ignoring case and spacing) is removed from the training pool.
 
@@ -30,7 +30,7 @@ import json
 import os
 
 import hub
-from questions import Question, TaskError, split
+from tasks.base import Question, TaskError, split
 
 # name -> (hub path, config, split, the split's role): "train" a training split, "test" a
 # benchmark split, "one" a benchmark's only split (divided when it is --task), "pool" a training
@@ -116,7 +116,7 @@ def key(text: str) -> str:
 
 
 def words() -> list:
-    import wordproblems
+    from tasks import wordproblems
 
     return [Question(text, answer) for text, answer in wordproblems.generate(4000, seed=0)]
 

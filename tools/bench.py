@@ -1,7 +1,7 @@
 """Benchmarks of memory and speed, measured in one run; one line per measure, ending in `ratio R.RRx`.
 
-    python bench.py                  # every measure (about 45 minutes on 2 CPU cores)
-    python bench.py --only sampler   # one group: sampler, suffix, fresh, update, memory, fsdp or stages
+    python -m tools.bench                  # every measure (about 45 minutes on 2 CPU cores)
+    python -m tools.bench --only sampler   # one group: sampler, suffix, fresh, update, memory, fsdp or stages
 
 - sampler: tokens per second of rollout.sample against `model.generate` on the same prompts and
   lengths (every row generates exactly as many tokens), 64 rows = 8 prompts x 8 samples as in
@@ -45,17 +45,19 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import fsdp
 import lora
 import parallel
 import rollout
-import runs
 import tasks
 import team as team_lib
 import teamtr
 import warmup
 from config import Config, resolve
+from parallel import fsdp
+from plumbing import runs
 
+# the repository root: the probes run as python -m tools.bench from it
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOL = dict(
     vocab_size=49152,
     hidden_size=576,
@@ -125,7 +127,8 @@ def sampler_vs_generate(name: str, model, prompts: list[list[int]], pad_id: int,
             )
 
     ours, theirs = timed(
-        lambda: rollout.sample(model, group, -1, pad_id, new_tokens, 1.0, 1.0, uniforms, qids), generate
+        lambda: rollout.sample(model, group, rollout.Sampling(new_tokens, -1, pad_id), uniforms, qids),
+        generate,
     )
     n = len(group) * new_tokens
     line(
@@ -165,20 +168,16 @@ def bench_suffix():
 
     def stage(mode: str) -> int:
         """One stage's plays, as run_stage plays them; returns its generated turns per episode."""
+        how = lambda k: rollout.Settings(1.0, (0, k), reuse_kv=mode == "reuse")
         episodes, counts = rollout.play(
-            team,
-            task,
-            rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0),
-            1.0,
-            (0, 0),
-            reuse_kv=mode == "reuse",
+            team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), how(0)
         )
         turns = counts.turns
         for k in range(1, 8):
             # as its update would
             team[k - 1].changed()
             keep = [rollout.first_turn(e, k - 1) for e in episodes] if mode != "full" else [0] * len(episodes)
-            episodes, counts = rollout.play(team, task, episodes, 1.0, (0, k), keep, mode == "reuse")
+            episodes, counts = rollout.play(team, task, episodes, how(k), keep)
             turns += counts.turns
         return turns // len(episodes)
 
@@ -308,7 +307,7 @@ def bench_update():
             agent = team_lib.make_agent("agent", smol_llama(), tok, training)
             cfg = resolve(Config(group=8, minibatch=64, epochs=1, shared_prompt=shared))
             t0 = time.perf_counter()
-            stats[shared] = teamtr.update_agent(agent, i, episodes, cfg, seed=0)
+            stats[shared] = teamtr.update_agent(agent, i, episodes, cfg, seed=0).metrics
             seconds[shared] = time.perf_counter() - t0
         differ = max(abs(v - stats[32][k]) for k, v in stats[0].items() if isinstance(v, float))
         line(
@@ -343,7 +342,7 @@ def sharded_probe(sharded: int, grad_ckpt: int):
     training = dataclasses.replace(TRAINING, grad_ckpt=bool(grad_ckpt))
     agent = team_lib.make_agent("agent0", smol_llama(), team_lib.char_tokenizer(tasks.CHARS), training)
     if sharded:
-        fsdp.shard_team([agent], torch.device("cpu"))
+        (agent,) = fsdp.shard_team([agent], torch.device("cpu"))
     episodes = [e for e in update_batch() if e.qid in parallel.shard(8)]
     # Linux: writing 5 resets the process's peak resident memory (VmHWM)
     with open("/proc/self/clear_refs", "w") as f:
@@ -359,10 +358,11 @@ def sharded_probe(sharded: int, grad_ckpt: int):
 
 def peak_mb(agents: int, lora_rank: int) -> float:
     out = subprocess.run(
-        [sys.executable, __file__, "--probe", f"{agents},{lora_rank}"],
+        [sys.executable, "-m", "tools.bench", "--probe", f"{agents},{lora_rank}"],
         capture_output=True,
         text=True,
         check=True,
+        cwd=ROOT,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
@@ -400,9 +400,9 @@ RETURNED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 def sharded_peak_mb(sharded: int, grad_ckpt: int, env: dict) -> float:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    probe = [__file__, "--threads", "1", "--sharded-probe", f"{sharded},{grad_ckpt}"]
+    probe = ["-m", "tools.bench", "--threads", "1", "--sharded-probe", f"{sharded},{grad_ckpt}"]
     out = subprocess.run(
-        [*torchrun, *probe], capture_output=True, text=True, check=True, env={**os.environ, **env}
+        [*torchrun, *probe], capture_output=True, text=True, check=True, env={**os.environ, **env}, cwd=ROOT
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
@@ -454,7 +454,7 @@ GROUPS = {
 
 
 def main(argv=None):
-    parser = runs.Parser(prog="bench.py", description=__doc__.splitlines()[0])
+    parser = runs.Parser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=list(GROUPS), help="run one group of measures")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     # internal: one memory measurement in a fresh process
@@ -469,7 +469,7 @@ def main(argv=None):
     if args.sharded_probe:
         return sharded_probe(*map(int, args.sharded_probe.split(",")))
     print(
-        f"bench.py on {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32",
+        f"tools/bench.py on {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32",
         flush=True,
     )
     for name, fn in GROUPS.items():

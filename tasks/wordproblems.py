@@ -7,7 +7,7 @@ One- and two-step problems about a person and things, with whole numbers from 2 
 
 They are easy enough that a 135M-parameter instruct model solves some of them (about one in five,
 greedy), so a team of it has room to learn from the team reward alone.
-Questions are deterministic by seed and distinct; questions.split holds a quarter of them out.
+Questions are deterministic by seed and distinct; base.split holds a quarter of them out.
 """
 
 import random

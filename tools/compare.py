@@ -44,13 +44,11 @@ import matplotlib
 from tqdm import tqdm
 
 import config
-import loop
 import parallel
-import runs
 import tasks
-import theory
-import tracking
 import warmup
+from plumbing import loop, runs, tracking
+from tools import theory
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)

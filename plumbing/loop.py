@@ -1,6 +1,6 @@
 """The training loop around the algorithm: teamtr.run_stage for every stage, with the held-out
 evaluation, the printed lines, peak memory and the checkpoint callback. train.py (one run) and
-compare.py (modes side by side) both run their stages here.
+tools/compare.py (modes side by side) both run their stages here.
 """
 
 import os
@@ -12,8 +12,8 @@ from tqdm import tqdm
 import eval as evaluation
 import parallel
 import teamtr
-import tracking
 from config import Config
+from plumbing import tracking
 
 
 def train_stages(team, task, heldout, cfg: Config, log, done=(), checkpoint=None) -> list[float]:
@@ -53,7 +53,7 @@ def train_stages(team, task, heldout, cfg: Config, log, done=(), checkpoint=None
 def evaluate(team, task, heldout, cfg: Config, log, stage: int) -> dict:
     """The held-out metrics, named as in a stage's record, and each benchmark's greedy accuracy
     (stage/eval_acc/<task>, --eval-tasks); the held-out set's first greedy episodes go to the
-    log's transcripts (tracking.py)."""
+    log's transcripts (plumbing/tracking.py)."""
     played = evaluation.play(team, task, heldout, cfg)
     log.transcripts(tracking.transcripts(task, played, stage))
     metrics = evaluation.heldout_metrics(team, task, heldout, cfg, played)

@@ -41,7 +41,7 @@ def test_a_real_task_stage_runs_end_to_end_and_eval_reads_it(tmp_path, models):
         "--agents",
         "2",
         "--prompts",
-        os.path.join(ROOT, "prompts", "team.json"),
+        os.path.join(ROOT, "tasks", "prompts", "team.json"),
         "--name",
         "real",
         *TINY,

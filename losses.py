@@ -193,13 +193,13 @@ def out_of_region(kl_tok, mask, delta: float, radius: str) -> Mean:
     return token_mean(above, (mask.sum(1, keepdim=True) > 0).float())
 
 
-def update_stats(logp, logp_old, kl_tok, rows: dict, clip_eps: float, radius: tuple) -> dict:
+def update_stats(logp, logp_old, kl_tok, batch: dict, clip_eps: float, radius: tuple) -> dict:
     """The per-update metrics (docs/design.md, "Metrics"), each a Mean: token means over the
-    agent's tokens, the per-message KL, and where the task tells which tokens decide (rows'
-    "decide"), the token KL on those and on the rest. rows: agent_batch's (its "adv" and "mask").
+    agent's tokens, the per-message KL, and where the task tells which tokens decide (batch's
+    "decide"), the token KL on those and on the rest. batch: agent_batch's (its "adv" and "mask").
     radius: (delta, its unit); out_of_region is the fraction of the radius's units (tokens, or
     messages) whose own KL is above delta."""
-    adv, mask, decide = rows["adv"], rows["mask"], rows.get("decide")
+    adv, mask, decide = batch["adv"], batch["mask"], batch.get("decide")
     log_r = logp - logp_old
     ratio = log_r.exp()
     mean = lambda x: token_mean(x, mask)

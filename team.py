@@ -1,4 +1,5 @@
-"""The team: one causal LM, tokenizer and optimiser per agent; building, loading and saving.
+"""The team: one causal LM, tokenizer and optimiser per agent; the agent's forward to fp32
+log-probs and its optimiser step; building, loading and saving.
 
 Agents may be different models: text is the interface between them, and each agent keeps its
 own tokenizer (and chat template, if it has one). The default agents are tiny Qwen2 models built
@@ -248,7 +249,7 @@ def load_model(name: str, device: str, dtype: torch.dtype):
 
 
 def check_output_layer(name: str, model):
-    """losses.token_logprobs applies the output layer to the decoder's last hidden states itself,
+    """Agent.token_logprobs applies the output layer to the decoder's last hidden states itself,
     on the agent's tokens only; a model whose logits are more than that (Gemma 2's soft-capping, a
     logit scale) would be scored wrongly, so it is refused here, on a 4-token probe."""
     ids = torch.arange(1, 5, device=model.device)[None]

@@ -18,7 +18,7 @@ no-op). Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvo
 
 Unlike DistributedDataParallel, whose gradient hooks fire only through the wrapped module's own
 forward, the gradient sum is one visible all_reduce: an update calls the decoder and the output
-layer separately (losses.token_logprobs) and measures the KL between steps. gloo on CPU; NCCL for
+layer separately (team.Agent.token_logprobs) and measures the KL between steps. gloo on CPU; NCCL for
 tensors on GPU, with object messages on a gloo group. A rank that dies or hangs ends the others
 within --dist-timeout seconds (not the 30-minute default) with a one-line error.
 """

@@ -154,10 +154,6 @@ class Config:
     """fresh resampling (compare: its fresh modes): before agent i's update, the G samples of each
     question are played again from one shared prefix (sample 0's turns before agent i's first),
     so the group-normalised advantage compares only what agent i and the agents after it wrote"""
-    reuse_kv: bool = False
-    """fresh resampling: keep each turn's KV cache, so that suffix resampling prefills only what
-    the kept turns' contexts did not hold (the same samples, faster; memory: about two plays' KV
-    caches, small for tiny agents, gigabytes for LLM teams)"""
     no_early_exit: bool = False
     """fresh resampling generates every turn from the updated agent's first on again, instead of
     keeping those whose writer, context and random numbers are unchanged (the same samples, more

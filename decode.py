@@ -55,10 +55,6 @@ class Cache:
             keys[:, :, : self.n], values[:, :, : self.n] = layer.keys[rows], layer.values[rows]
             self.layers.append((keys, values))
 
-    def filled(self) -> list:
-        """Per layer (keys, values) of the filled positions."""
-        return [(k[:, :, : self.n], v[:, :, : self.n]) for k, v in self.layers]
-
     def step(self, model, ids, position_ids, attn):
         """Feeds ids (B, 1) at position_ids (B, 1); attn (B, n + 1) marks the positions each row
         attends to, this one included. Writes its keys and values and returns the logits (B, V)."""

@@ -11,9 +11,6 @@ rest, which gives exact samples of the new intermediate team at about half the c
 resampling everything (docs/design.md, "Suffix resampling"; counted in `turns` and `tokens`).
 Early exit keeps, within that suffix too, every turn that would come out the same: its writer's
 weights, its context and its random numbers unchanged (`same`, the one place of the rule).
-With `reuse_kv` the regenerated turns also take the keys and values of their kept prefix from the
-last play's KV caches, where the same agent's same weights computed them, and prefill only the
-rest (not on a model with a sliding-window layer, which prefills every row whole).
 
 Randomness is derived, not global: each (episode, turn) draws its uniforms from a generator
 seeded by (run seed, stage, update, question, sample, turn), so a row samples the same tokens
@@ -31,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from transformers import DynamicCache
 
 import decode
 from config import derive_seed, of_agent
@@ -52,21 +48,8 @@ class Step:
     truncated: bool = False
     # what made it (Made): the writer's weights version, sampling settings, random numbers
     made: "Made | None" = None
-    # (its sampler call's KV, its row there), if kept
-    kv: tuple | None = None
     # (first, end): the tokens that decide what the message says, where the task can tell
     deciding: tuple | None = None
-
-
-@dataclass
-class KV:
-    """A sampler call's KV cache at its end: per layer (keys, values), each (B, heads, L, dim);
-    which of the L positions hold each row's real tokens (B, L); and the rows' prompts, whose
-    keys and values come first among the real positions."""
-
-    layers: list
-    real: torch.Tensor
-    prompts: list
 
 
 @dataclass
@@ -116,10 +99,7 @@ def reference_sample(model, prompts, how: Sampling, uniforms=None):
         use_cache=True,
         logits_to_keep=1,
     )
-    tokens, logps, _ = decode_loop(
-        forward_step(model, out.past_key_values), out.logits[:, -1], attn, how, uniforms
-    )
-    return tokens, logps
+    return decode_loop(forward_step(model, out.past_key_values), out.logits[:, -1], attn, how, uniforms)
 
 
 def forward_step(model, cache):
@@ -139,7 +119,7 @@ def decode_loop(step, logits, attn, how: Sampling, uniforms):
     """Up to how.new_tokens tokens per row from the prefill's last logits (B, V): the policy's
     fp32 log-probs (logits / temperature), the next token (pick), then step(tokens, positions,
     mask) for the next logits. Returns (tokens, log-probs) per row, cut after the row's first
-    EOS, and the attention mask of the prompts and the tokens fed back."""
+    EOS."""
     B, device = len(logits), logits.device
     pos = decode.positions(attn)[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -160,37 +140,30 @@ def decode_loop(step, logits, attn, how: Sampling, uniforms):
     # (B, T)
     tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
     cut = [row.index(how.eos_id) + 1 if how.eos_id in row else len(row) for row in tokens]
-    return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)], attn
+    return [t[:c] for t, c in zip(tokens, cut)], [lp[:c] for lp, c in zip(logps, cut)]
 
 
 @torch.no_grad()
-def sample(model, prompts, how: Sampling, uniforms=None, groups=None, past=None):
+def sample(model, prompts, how: Sampling, uniforms=None, groups=None):
     """reference_sample with its fast paths, each a named piece that tests hold to the reference
     (tests/test_rollout.py, tests/test_decode.py):
       - prefix sharing (prefill_plan): rows of one group (groups[r]: the G samples of a
         question; default one group) share their longest common prefix, prefilled once; then
         each distinct prompt's own tail is prefilled on top of its prefix's KV-cache rows, and
         those rows are copied to the samples that read it;
-      - KV reuse (reuse): past gives each row an earlier call's KV-cache row by the same weights
-        (past[r] = (KV, row)); its prompt's prefix in common with that row's prompt is taken from
-        there, and only the rest is prefilled;
       - the written decode step (decode.Cache) for Llama and Qwen models: a step written out, on
         a cache allocated once, instead of the model's forward.
-    Returns (tokens, log-probs) as reference_sample does, and the call's KV cache at its end (a
-    later call's past; None where the cache dropped positions).
+    Returns (tokens, log-probs) as reference_sample does.
 
     A sliding window (Gemma 3, Mistral) counts cache slots, not positions (transformers' masks and
     its sliding cache layer), so padding between a prefix and its tail would take slots of the
-    window: a model with a sliding-window layer samples with reference_sample (and no KV).
+    window: a model with a sliding-window layer samples with reference_sample.
     """
     if decode.sliding(model):
-        return (*reference_sample(model, prompts, how, uniforms), None)
+        return reference_sample(model, prompts, how, uniforms)
     device = next(model.parameters()).device
-    # part 1: the shared prefixes, or earlier calls' keys and values
-    if past is not None:
-        unique, expand, cache, head_attn = reuse(past, prompts, model.config)
-    else:
-        unique, expand, cache, head_attn = prefill_prefixes(model, prompts, groups, how.pad_id)
+    # part 1: the shared prefixes
+    unique, expand, cache, head_attn = prefill_prefixes(model, prompts, groups, how.pad_id)
     # part 2: each distinct prompt's own tail
     ids, attn = left_pad([tail for _, tail in unique], how.pad_id, device)
     # (U, prefix + tail)
@@ -218,10 +191,7 @@ def sample(model, prompts, how: Sampling, uniforms=None, groups=None, past=None)
         if len(unique) < len(prompts):
             cache.reorder_cache(expand)
         step = forward_step(model, cache)
-    tokens, logps, attn = decode_loop(step, logits, attn[expand], how, uniforms)
-    layers = cache.filled() if written else [(layer.keys, layer.values) for layer in cache.layers]
-    whole = all(k.shape[2] == attn.shape[1] for k, _ in layers)
-    return tokens, logps, KV(layers, attn.bool(), prompts) if whole else None
+    return decode_loop(step, logits, attn[expand], how, uniforms)
 
 
 def prefill_prefixes(model, prompts, groups, pad_id):
@@ -240,43 +210,6 @@ def prefill_prefixes(model, prompts, groups, pad_id):
     # each distinct prompt gets its prefix's keys and values
     cache.reorder_cache(head_of)
     return unique, expand, cache, attn[head_of]
-
-
-def reuse(past, prompts, config):
-    """Part 1 of the prefill from earlier calls (past[r] = (KV, row)): each prompt's longest prefix
-    in common with its past row's prompt, short of its last token, whose keys and values are
-    gathered from there, left-padded into one cache. Returns (rows as (prefix, tail), each prompt's
-    row, the cache or None if every prefix is empty, its attention mask)."""
-    n = [min(len(os.path.commonprefix([kv.prompts[r], p])), len(p) - 1) for (kv, r), p in zip(past, prompts)]
-    rows = [(tuple(p[:m]), tuple(p[m:])) for p, m in zip(prompts, n)]
-    device, N = past[0][0].real.device, max(n)
-    n = torch.tensor(n, device=device)
-    attn = (torch.arange(N, device=device) >= N - n[:, None]).long()
-    layers = [
-        (
-            k.new_zeros(len(prompts), k.shape[1], N, k.shape[3]),
-            v.new_zeros(len(prompts), v.shape[1], N, v.shape[3]),
-        )
-        for k, v in past[0][0].layers
-    ]
-    # the rows from each earlier call, gathered at once
-    sources = {}
-    for i, (kv, r) in enumerate(past):
-        _, mine, theirs = sources.setdefault(id(kv), (kv, [], []))
-        mine.append(i)
-        theirs.append(r)
-    for kv, mine, theirs in sources.values():
-        mine, theirs = torch.tensor(mine, device=device), torch.tensor(theirs, device=device)
-        real = kv.real[theirs]
-        # each real token's index among its row's
-        rank = decode.positions(real)
-        # the prefixes' positions there
-        row, col = (real & (rank < n[mine, None])).nonzero(as_tuple=True)
-        # and here, left-padded
-        dest = N - n[mine[row]] + rank[row, col]
-        for (k, v), (K, V) in zip(kv.layers, layers):
-            K[mine[row], :, dest], V[mine[row], :, dest] = k[theirs[row], :, col], v[theirs[row], :, col]
-    return rows, list(range(len(prompts))), DynamicCache(layers, config=config) if N else None, attn
 
 
 def prefill_plan(prompts, groups=None):
@@ -350,13 +283,12 @@ class Settings:
     """How a play samples: the policy at `temperature` (0: greedy) within the nucleus `top_p`
     (eval.py only: training needs the log-probs of the distribution that sampled, and those stored
     are of the whole distribution at the temperature), with random numbers derived from `seed`;
-    and its fast paths, early exit and KV reuse (play)."""
+    and its fast path, early exit (play)."""
 
     temperature: float
     seed: tuple | int
     top_p: float = 1.0
     early_exit: bool = True
-    reuse_kv: bool = False
 
 
 class Made(NamedTuple):
@@ -380,10 +312,6 @@ def play(team, task, episodes, how: Settings, keep=None):
     how.early_exit: from there on, a turn is kept as it is where it would come out the same
     (`same`: its writer's weights, its full context and its sampling are the ones that made it);
     only the others are generated again, and counted as reused instead.
-    how.reuse_kv: each new turn keeps its sampler call's KV cache, and a turn that replaces one
-    made by the same agent's same weights (agent.version) prefills only the part of its prompt
-    that the replaced turn's prompt did not have (the kept turns of suffix resampling). Memory: a
-    play's KV caches, held as long as its episodes are.
 
     Returns (new episodes, Counts of what it generated and reused). Inputs are not modified.
     """
@@ -462,7 +390,7 @@ class Turns:
         todo = [r for r, k in enumerate(kept) if not k]
         if not todo:
             return
-        rows, made, replaced = ([x[r] for r in todo] for x in (rows, made, replaced))
+        rows, made = ([x[r] for r in todo] for x in (rows, made))
         prompts = [prompt(i) for i in rows]
         check_length(agent, max(map(len, prompts)) + new_tokens)
         # each row's uniforms, derived from what made it: the same wherever the row is played
@@ -475,19 +403,12 @@ class Turns:
                 for m in made
             ]
         )
-        reusable = how.reuse_kv and all(
-            s and s.agent == a and s.kv and s.made.version == agent.version for s in replaced
-        )
         tok = agent.tokenizer
         sampling = Sampling(new_tokens, tok.eos_token_id, tok.pad_token_id, how.temperature, how.top_p)
-        past = [s.kv for s in replaced] if reusable else None
-        outs, logps, kv = sample(agent.model, prompts, sampling, uniforms, [eps[i].qid for i in rows], past)
-        for r, (i, p, o, lp, m) in enumerate(zip(rows, prompts, outs, logps, made)):
+        outs, logps = sample(agent.model, prompts, sampling, uniforms, [eps[i].qid for i in rows])
+        for i, p, o, lp, m in zip(rows, prompts, outs, logps, made):
             cut, text = o[-1] != tok.eos_token_id, agent.decode(o)
-            kept_kv = (kv, r) if how.reuse_kv and kv else None
-            eps[i].steps.append(
-                Step(a, p, o, lp, text, cut, m, kept_kv, deciding_span(agent, task, o, text, cut))
-            )
+            eps[i].steps.append(Step(a, p, o, lp, text, cut, m, deciding_span(agent, task, o, text, cut)))
             self.counts.truncated += cut
         self.counts.turns += len(rows)
         self.counts.tokens += sum(map(len, outs))

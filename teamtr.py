@@ -88,7 +88,7 @@ def run_stage(team, task, cfg: Config, stage: int, log) -> dict:
     start, fresh = time.time(), cfg.resample == "fresh"
     # keep the intermediate team's rollouts: to train on (fresh) or to measure the stale gap
     intermediate = fresh or cfg.measure_gap
-    plays = Plays(team, task, cfg, stage, reuse_kv=cfg.reuse_kv and intermediate)
+    plays = Plays(team, task, cfg, stage)
     # batch B_1: the stage's questions, G samples each, played by the team as the stage starts
     qs = task.train_questions(cfg.questions, derive_seed(cfg.seed, "train", stage))
     episodes = rollout.new_episodes(qs, cfg.group, len(team), cfg.rounds, cfg.order, (cfg.seed, stage))
@@ -166,16 +166,19 @@ def update_agent(agent, i: int, episodes, cfg: Config, seed, weights=None) -> Up
     )
     stats.update(steps=steps, skipped_steps=skipped, reverted=int(reverted), backtracks=backtracks)
     stats["no_signal"] = int(no_signal)
-    stats.update(adv_clipfrac=adv_clipfrac, logp_drift=global_means({"drift": drift})["drift"])
     logp, old, mask, episode = measured.logp, kl.old, data["mask"], data["episode"]
-    surrogates = global_means(
+    # the surrogates the stage needs (the penalty, the stale gap) and the log-prob drift, in one
+    # collective
+    means = global_means(
         {
             "own": losses.own_shift_surrogate(logp, old, data["adv"], mask, episode),
             "plain": losses.surrogate(logp, old, data["plain_adv"], mask),
+            "drift": drift,
         }
     )
+    stats.update(adv_clipfrac=adv_clipfrac, logp_drift=means["drift"])
     log_ratio = losses.sequence_log_ratio(logp, old, mask, episode, len(episodes))
-    return Update(stats, log_ratio, surrogates["own"], surrogates["plain"])
+    return Update(stats, log_ratio, means["own"], means["plain"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,17 +338,15 @@ class Plays:
     generates (turns, tokens, messages cut at max_new_tokens) and the turns early exit kept
     (rollout.Counts), and times all sampling."""
 
-    def __init__(self, team, task, cfg: Config, stage: int, reuse_kv: bool):
-        self.team, self.task, self.cfg, self.stage, self.reuse_kv = team, task, cfg, stage, reuse_kv
+    def __init__(self, team, task, cfg: Config, stage: int):
+        self.team, self.task, self.cfg, self.stage = team, task, cfg, stage
         self.counts = rollout.Counts()
         self.seconds = 0.0
 
     def play(self, episodes, keep=None, counted: bool = True):
         """Every episode played from turn keep[e] on (default 0); counted: training compute."""
         t0, cfg = time.time(), self.cfg
-        how = rollout.Settings(
-            cfg.temperature, Seed(cfg.seed, self.stage, 0), early_exit=cfg.early_exit, reuse_kv=self.reuse_kv
-        )
+        how = rollout.Settings(cfg.temperature, Seed(cfg.seed, self.stage, 0), early_exit=cfg.early_exit)
         episodes, counts = rollout.play(self.team, self.task, episodes, how, keep)
         self.seconds += time.time() - t0
         if counted:

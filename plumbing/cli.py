@@ -159,9 +159,8 @@ def check_combinations(cli, cfg: Config, sizes: list[int], given: set):
     needs_fresh = "it needs fresh resampling (--mode teamtr or fresh-no-tr)"
     if cfg.shared_prefix and not fresh:
         cli.error(f"--shared-prefix plays each agent's batch again from shared prefixes: {needs_fresh}")
-    for name, on in (("--reuse-kv", cfg.reuse_kv), ("--no-early-exit", cfg.no_early_exit)):
-        if on and not fresh and not cfg.measure_gap:
-            cli.error(f"{name} changes how suffix resampling plays: {needs_fresh} or --measure-gap")
+    if cfg.no_early_exit and not fresh and not cfg.measure_gap:
+        cli.error(f"--no-early-exit changes how suffix resampling plays: {needs_fresh} or --measure-gap")
     if cfg.temperature == 0 and cfg.mode != "none":
         cli.error(
             "--temperature 0 samples every group's messages alike, so every advantage is 0 and nothing "

@@ -23,7 +23,6 @@ import importlib
 import os
 
 import parallel
-from tasks.base import final_answer
 
 # the held-out episodes kept per evaluation
 TRANSCRIPTS = 4
@@ -94,7 +93,7 @@ def transcripts(task, played: list, stage: int) -> list[dict]:
             "question": e.question.text,
             "messages": [{"role": role(task, s.agent), "text": s.text} for s in e.steps],
             # graded as the reward reads it (the relay's value, with --work)
-            "answer": final_answer(getattr(task, "value", str)(e.steps[-1].text)) if e.steps else "",
+            "answer": task.answer(e.steps[-1].text) if e.steps else "",
             "gold": e.question.answer,
             "reward": e.reward,
         }

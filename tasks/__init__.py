@@ -87,6 +87,9 @@ class Task(Protocol):
     def context(self, q: Question, steps: list, agent: int):
         """What `agent` reads after `steps` (rollout.Step): a string, or chat messages."""
 
+    def answer(self, final_message: str) -> str:
+        """The answer the reward grades, read from the last message (the transcripts show it)."""
+
     def reward(self, q: Question, final_message: str) -> float:
         """The team's reward, read from the last message alone."""
 
@@ -172,8 +175,11 @@ class Relay:
         The others follow from the context; EOS, which ends the value, is counted with them."""
         return len(self.tail(message))
 
+    def answer(self, final_message: str) -> str:
+        return final_answer(self.value(final_message))
+
     def reward(self, q: Question, final_message: str) -> float:
-        return float(final_answer(self.value(final_message)) == q.answer)
+        return float(self.answer(final_message) == q.answer)
 
     def turn_correct(self, q: Question, messages: list[str]) -> list[bool]:
         """Per message: is it the value its writer's operation gives from the value it read (the

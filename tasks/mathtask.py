@@ -68,8 +68,11 @@ class MathTask:
             {"role": "user", "content": user},
         ]
 
+    def answer(self, final_message: str) -> str:
+        return final_answer(final_message)
+
     def reward(self, q: Question, final_message: str) -> float:
-        return float(grade(q.answer, final_answer(final_message)))
+        return float(grade(q.answer, self.answer(final_message)))
 
 
 def make(cfg) -> MathTask:

@@ -59,8 +59,7 @@ def test_a_mixed_family_team_trains_a_real_task_stage_end_to_end(tmp_path, model
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(mathtask.MathTask, "reward", lambda self, q, message: float(len(message)))
-    # --reuse-kv: the Gemma agent's resampled turn may not reuse its sliding-window caches
-    args = ["--task", f"jsonl:{FIXTURE}", "--models", ",".join(models), "--agents", "2", "--reuse-kv"]
+    args = ["--task", f"jsonl:{FIXTURE}", "--models", ",".join(models), "--agents", "2"]
     train.main([*args, "--name", "mixed", *TINY])
     run_dir = tmp_path / "runs" / "mixed"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -88,12 +88,12 @@ def test_fresh_adapters_give_the_base_models_logprobs(cfg):
 def test_sampler_equivalences_hold_with_adapters(decoding):
     agent = lora_team(1, seed=3, perturbed=True)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
-    got, _, _ = rollout.sample(
+    got, _ = rollout.sample(
         agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id, 0.0)
     )
     assert got == [uncached_greedy(agent.model, p, tok.eos_token_id, 8) for p in prompts]
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(0))
-    toks, logps, _ = rollout.sample(
+    toks, logps = rollout.sample(
         agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), uniforms
     )
     eps = [

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from chat_models import gemma3_config, gemma_tokenizer
-from transformers import Gemma3ForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import Gemma3ForCausalLM, MistralConfig, MistralForCausalLM
 
 import decode
 import losses
@@ -48,7 +48,7 @@ def test_sampler_logprobs_match_teacher_forced_forward(make_team, decoding):
     agent = make_team(1, seed=4)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(0))
-    toks, logps, _ = rollout.sample(
+    toks, logps = rollout.sample(
         agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), uniforms
     )
     steps = [rollout.Step(0, p, t, lp, "") for p, t, lp in zip(prompts, toks, logps)]
@@ -87,7 +87,7 @@ def test_shared_prefix_sampling_equals_prefilling_every_row(make_team, decoding)
     assert shared[0] == each[0] and len({tuple(t) for t in shared[0]}) > 12
     for a, b in zip(shared[1], each[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
-    greedy, _, _ = rollout.sample(
+    greedy, _ = rollout.sample(
         agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id, 0.0), groups=groups
     )
     for p, g in zip(prompts, greedy):
@@ -97,18 +97,16 @@ def test_shared_prefix_sampling_equals_prefilling_every_row(make_team, decoding)
 def test_tiny_top_p_is_greedy_and_uniforms_make_rows_reproducible(make_team):
     agent = make_team(1, seed=5)[0]
     tok, prompts = agent.tokenizer, prompts_of(agent)
-    greedy, _, _ = rollout.sample(
+    greedy, _ = rollout.sample(
         agent.model, prompts, rollout.Sampling(6, tok.eos_token_id, tok.pad_token_id, 0.0)
     )
     u = torch.rand(len(prompts), 6, generator=torch.Generator().manual_seed(1))
-    nucleus, _, _ = rollout.sample(
+    nucleus, _ = rollout.sample(
         agent.model, prompts, rollout.Sampling(6, tok.eos_token_id, tok.pad_token_id, 1.0, 1e-6), u
     )
     assert nucleus == greedy
-    full, _, _ = rollout.sample(
-        agent.model, prompts, rollout.Sampling(6, tok.eos_token_id, tok.pad_token_id), u
-    )
-    alone, _, _ = rollout.sample(
+    full, _ = rollout.sample(agent.model, prompts, rollout.Sampling(6, tok.eos_token_id, tok.pad_token_id), u)
+    alone, _ = rollout.sample(
         agent.model, prompts[2:3], rollout.Sampling(6, tok.eos_token_id, tok.pad_token_id), u[2:3]
     )
     # a row samples the same tokens whatever batch it is in
@@ -147,93 +145,6 @@ def test_suffix_resampling_keeps_prefix_and_regenerates_exactly_the_suffix(make_
     assert all(len(a.steps) == 3 for a in again) and all(len(b.steps) == 3 for b in first)
     # the suffix is a fresh draw: with a changed seed some messages differ
     assert any(a.steps[1].tokens != b.steps[1].tokens for a, b in zip(again, first))
-
-
-def test_sampling_on_an_earlier_calls_kv_cache_equals_prefilling_every_row(make_team, decoding):
-    agent = make_team(1, seed=7)[0]
-    tok, task = agent.tokenizer, tasks.Relay(3)
-    qs = tasks.questions(task, 3, seed=1, heldout=False)
-    encode = lambda q, k: agent.encode(task.render(q, list(q.steps[:k])))  # noqa: E731
-    u = torch.rand(3, 8, generator=torch.Generator().manual_seed(3))
-    _, _, turn0 = rollout.sample(
-        agent.model, [encode(q, 0) for q in qs], rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), u
-    )
-    _, _, turn1 = rollout.sample(
-        agent.model, [encode(q, 1) for q in qs], rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), u
-    )
-    # later prompts, each with an earlier row: its own question's (from two earlier calls), another
-    # question's (a short common prefix), and its own prompt again (all but the last token reused)
-    prompts = [encode(qs[0], 2), encode(qs[1], 2), encode(qs[2], 1), encode(qs[1], 0), encode(qs[0], 1)]
-    past = [(turn1, 0), (turn0, 1), (turn0, 2), (turn1, 2), (turn1, 0)]
-    reused = [len(head) for head, _ in rollout.reuse(past, prompts, agent.model.config)[0]]
-    assert min(reused[:3]) > 6 and reused[3] < 3 and reused[4] == len(prompts[4]) - 1
-    u = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(4))
-    again = rollout.sample(
-        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), u, past=past
-    )
-    whole = rollout.reference_sample(
-        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), u
-    )
-    assert again[0] == whole[0]
-    for a, b in zip(again[1], whole[1]):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
-    greedy, _, _ = rollout.sample(
-        agent.model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id, 0.0), past=past
-    )
-    for p, g in zip(prompts, greedy):
-        assert g == uncached_greedy(agent.model, p, tok.eos_token_id, 8)
-
-
-def test_suffix_resampling_reuses_kv_caches_of_unchanged_weights_only(make_team, monkeypatch):
-    team, task = make_team(3), tasks.Relay(3)
-    qs = tasks.questions(task, 4, seed=0, heldout=False)
-    first = rollout.play(
-        team,
-        task,
-        rollout.new_episodes(qs, 4, 3, 1, "fixed", 0),
-        rollout.Settings(1.0, (0, 0), reuse_kv=True),
-    )[0]
-    # agent 1 is updated: its earlier caches are stale
-    with torch.no_grad():
-        for p in team[1].model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
-    team[1].changed()
-    reuse, calls = rollout.reuse, []
-    monkeypatch.setattr(rollout, "reuse", lambda *args: calls.append(args[1]) or reuse(*args))
-    keep = [rollout.first_turn(e, 1) for e in first]
-    again = rollout.play(team, task, first, rollout.Settings(1.0, (0, 1), reuse_kv=True), keep)[0]
-    # agent 2's turn only, not agent 1's
-    assert calls == [[s.context for s in (e.steps[2] for e in again)]]
-    plain = rollout.play(team, task, first, rollout.Settings(1.0, (0, 1)), keep)[0]
-    assert [[s.tokens for s in e.steps] for e in again] == [[s.tokens for s in e.steps] for e in plain]
-    torch.testing.assert_close(
-        torch.tensor([s.logprobs[0] for e in again for s in e.steps]),
-        torch.tensor([s.logprobs[0] for e in plain for s in e.steps]),
-        atol=1e-5,
-        rtol=0,
-    )
-
-
-def test_a_sliding_window_cache_is_not_kept_for_reuse():
-    """A sliding window drops keys and values of early positions, and counts slots, not positions:
-    no cache of a sliding-window model is reused, even one that dropped nothing (3 positions)."""
-    for window, kept in ((True, False), (False, True)):
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(
-            Qwen2Config(
-                vocab_size=8,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                use_sliding_window=window,
-                sliding_window=4,
-                max_window_layers=0,
-            )
-        ).eval()
-        for prompts, new_tokens in (([[2, 3, 4, 5, 6, 7], [2, 3]], 4), ([[2, 3], [4]], 2)):
-            assert (rollout.sample(model, prompts, rollout.Sampling(new_tokens, 1, 0))[2] is not None) == kept
 
 
 # ----------------------------------------------------------------------------- sliding windows
@@ -295,7 +206,7 @@ def test_sliding_window_logprobs_match_teacher_forced_forward(windowed):
     model, tok = windowed
     prompts, groups = windowed_prompts()
     uniforms = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(1))
-    toks, logps, _ = rollout.sample(
+    toks, logps = rollout.sample(
         model, prompts, rollout.Sampling(8, tok.eos_token_id, tok.pad_token_id), uniforms, groups
     )
     # right-padded rows, no cache

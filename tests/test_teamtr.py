@@ -384,29 +384,6 @@ def test_shared_prefix_groups_share_everything_before_the_updated_agent(make_tea
         assert len({tuple(map(tuple, (t for _, t in transcripts([e])[0]))) for e in batch}) > len(leaders)
 
 
-def test_reusing_kv_caches_plays_the_same_stage(make_team, cfg, monkeypatch):
-    """--reuse-kv changes where suffix resampling's keys and values come from, not the samples:
-    the stage plays the same transcripts, and an updated agent does not reuse its old caches."""
-    reuse, reused = rollout.reuse, []
-    monkeypatch.setattr(rollout, "reuse", lambda past, *rest: reused.append(len(past)) or reuse(past, *rest))
-    calls, played = count_plays(monkeypatch), {}
-    for flag in (False, True):
-        before = len(calls)
-        teamtr.run_stage(
-            make_team(3, lr=1e-2),
-            tasks.Relay(3),
-            dataclasses.replace(cfg, reuse_kv=flag, no_early_exit=True),
-            1,
-            lambda r, line: None,
-        )
-        played[flag] = [transcripts(out) for _, out in calls[before:]]
-    assert played[True] == played[False] and len(played[True]) == 3
-    episodes = cfg.questions * cfg.group
-    # after agent 0's update agents 1 and 2's turns, after agent 1's agent 2's (every turn of the
-    # suffix generated again: without early exit)
-    assert reused == [episodes] * 3
-
-
 def trained_batches(team, task, cfg, monkeypatch):
     """One fresh stage: the batches its updates trained on (writer, tokens, sampler log-probs per
     turn) and the stage's record."""

@@ -83,7 +83,6 @@ def test_every_mode_runs(tmp_path, monkeypatch, mode):
         ["--temperature", "0"],
         ["--lr", "0"],
         ["--mode", "naive", "--shared-prefix"],
-        ["--mode", "stale", "--reuse-kv"],
         ["--mode", "stale", "--no-early-exit"],
         ["--shared-prompt", "-1"],
         ["--name", "../elsewhere"],

@@ -8,10 +8,9 @@
   training: on the default tiny agent at the relay's message length (3 tokens) and at 32, and on
   a 135M-parameter Llama built from a config (SmolLM2-135M's shape, random weights: no
   download; 120-148-token prompts) at 32.
-- suffix: a fresh-mode stage's sampling time at n = 8 with exact suffix resampling, with and
-  without --reuse-kv, against regenerating every turn after every update (the turn ratio is
-  43/64 in turn order), and the prompt tokens each prefills (suffix resampling regenerates the
-  later turns, the long ones; --reuse-kv takes the kept turns' keys and values from the last play).
+- suffix: a fresh-mode stage's sampling time at n = 8 with exact suffix resampling against
+  regenerating every turn after every update (the turn ratio is 43/64 in turn order), and the
+  prompt tokens each prefills (suffix resampling regenerates the later turns, the long ones).
 - fresh: a fresh-mode stage's sampling time against a stale stage's (one play: n turns per
   episode), with exact early exit and without it, and the turns per episode each generates: at
   n = 8 with the n = 8 recipe's warm-up and radius (0.005), and at n = 3 (the default run).
@@ -158,9 +157,9 @@ def bench_sampler():
 def bench_suffix():
     """The sampling of one fresh-mode stage at n = 8: the first batch, then after each of the 8
     updates the suffix, or every turn again. Weights are unchanged here (the cost is the same), but
-    each update raises its agent's weights version as a real one does, so --reuse-kv does not reuse
-    that agent's caches. Suffix resampling is timed with and without --reuse-kv. Also counted: the
-    prompt tokens the sampler prefills, which is where a stage's sampling time goes on the relay."""
+    each update raises its agent's weights version as a real one does, and each play draws its own
+    random numbers, so early exit keeps no turn. Also counted: the prompt tokens the sampler
+    prefills, which is where a stage's sampling time goes on the relay."""
     cfg = resolve(Config(agents=8, p_max_arg=0.12))
     team = warmed_team(cfg, 8)
     task = tasks.make(cfg)
@@ -168,7 +167,7 @@ def bench_suffix():
 
     def stage(mode: str) -> int:
         """One stage's plays, as run_stage plays them; returns its generated turns per episode."""
-        how = lambda k: rollout.Settings(1.0, (0, k), reuse_kv=mode == "reuse")
+        how = lambda k: rollout.Settings(1.0, (0, k))
         episodes, counts = rollout.play(
             team, task, rollout.new_episodes(qs, cfg.group, 8, 1, "fixed", 0), how(0)
         )
@@ -181,31 +180,27 @@ def bench_suffix():
             turns += counts.turns
         return turns // len(episodes)
 
-    modes = ("reuse", "suffix", "full")
+    modes = ("suffix", "full")
     seconds = dict(zip(modes, timed(*(lambda mode=mode: stage(mode) for mode in modes), repeats=3)))
     turns, tokens = {}, {}
     # once more, counted (outside the timing)
     for mode in modes:
         tokens[mode] = prefilled(team, lambda: turns.setdefault(mode, stage(mode)))
-    names = {"reuse": "with --reuse-kv", "suffix": "without it"}
-    for mode, name in names.items():
-        line(
-            f"fresh stage sampling at n = 8, suffix resampling {name} vs full resampling ({turns[mode]} vs "
-            f"{turns['full']} turns per episode; seconds)",
-            seconds[mode],
-            seconds["full"],
-            "s",
-            seconds[mode] / seconds["full"],
-        )
-    for mode, name in names.items():
-        line(
-            f"fresh stage at n = 8, prompt tokens prefilled, suffix resampling {name} vs full resampling "
-            "(tokens)",
-            tokens[mode],
-            tokens["full"],
-            "tokens",
-            tokens[mode] / tokens["full"],
-        )
+    line(
+        f"fresh stage sampling at n = 8, suffix resampling vs full resampling ({turns['suffix']} vs "
+        f"{turns['full']} turns per episode; seconds)",
+        seconds["suffix"],
+        seconds["full"],
+        "s",
+        seconds["suffix"] / seconds["full"],
+    )
+    line(
+        "fresh stage at n = 8, prompt tokens prefilled, suffix resampling vs full resampling (tokens)",
+        tokens["suffix"],
+        tokens["full"],
+        "tokens",
+        tokens["suffix"] / tokens["full"],
+    )
 
 
 def bench_fresh():

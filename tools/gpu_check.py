@@ -148,7 +148,7 @@ def sampled_episodes(model, sizes: Sizes, seed: int = 0) -> list:
     gen = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(len(prompts), sizes.tokens, generator=gen)
     # eos -1: no row ends early
-    tokens, logps, _ = rollout.sample(model, prompts, rollout.Sampling(sizes.tokens, -1, 0), uniforms, qids)
+    tokens, logps = rollout.sample(model, prompts, rollout.Sampling(sizes.tokens, -1, 0), uniforms, qids)
     rewards = torch.randint(0, 2, (len(prompts),), generator=gen).tolist()
     episodes = []
     for r, (p, t, lp, q) in enumerate(zip(prompts, tokens, logps, qids)):

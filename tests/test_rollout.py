@@ -194,8 +194,7 @@ def test_sliding_window_sampler_matches_uncached_argmax(windowed):
     assert min(map(len, prompts[:8])) > WINDOW and len({len(p) for p in prompts}) > 5
     assert min(len(head) for head, _ in rollout.split_prompts(prompts[:8], groups[:8])) > WINDOW
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    got, _, kv = rollout.sample(model, prompts, rollout.Sampling(8, eos, pad, 0.0), groups=groups)
-    assert kv is None
+    got, _ = rollout.sample(model, prompts, rollout.Sampling(8, eos, pad, 0.0), groups=groups)
     for p, g in zip(prompts, got):
         assert g == uncached_greedy(model, p, eos, 8)
     # every row decodes past the window, the short one too

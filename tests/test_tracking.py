@@ -15,6 +15,7 @@ import train
 from plumbing import tracking
 from rollout import Episode, Step
 from tasks.base import Question, final_answer
+from tasks.mathtask import MathTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--agents 2 --stages 2 --warmup-steps 2 --questions 4 --group 2 --eval-size 8 --epochs 1".split()
@@ -200,7 +201,9 @@ def check_transcripts(run_dir):
 
 
 def test_transcripts_name_a_math_task_role_and_grade_the_last_message():
-    task = type("Task", (), {"roles": [{"name": "solver"}, {"name": "finalizer"}]})()
+    # a math task's roles and its answer: the last \boxed{...}
+    roles = [{"name": "solver"}, {"name": "finalizer"}]
+    task = type("Task", (), {"roles": roles, "answer": MathTask.answer})()
     steps = [Step(0, [], [], [], "It is 3."), Step(1, [], [], [], "No: \\boxed{4}")]
     played = [
         Episode(Question("2+2?", "4"), qid=q, sample=0, order=[0, 1], steps=steps, reward=1.0)

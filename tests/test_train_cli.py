@@ -109,6 +109,13 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
     assert os.listdir(tmp_path / "runs" / "taken") == ["keep.txt"]
 
 
+@pytest.mark.parametrize("tool", ["theory", "bench", "gpu_check"])
+def test_a_tool_moved_into_tools_says_its_new_command_in_one_line(tmp_path, tool):
+    out = run(f"{tool}.py", "--stages", "2", cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == "" and not os.listdir(tmp_path)
+    assert out.stderr == f"{tool}.py moved: python -m tools.{tool} --stages 2\n"
+
+
 def test_every_flag_has_a_doc_a_help_group_and_its_checks_beside_its_field():
     groups = config.documented_groups()
     assert list(groups) == [

@@ -130,7 +130,13 @@ def test_measured_runs_are_placed_at_their_team_size_and_per_message_kl(tmp_path
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"agents": 2}))
-    records = [{"stage": 0}, {"agent": 0, "agent0/kl_msg": 0.01}, {"agent": 1, "agent1/kl_msg": 0.03}]
+    records = [
+        {"stage": 0},
+        {"agent": 0, "agent0/kl_msg": 0.01},
+        {"agent": 1, "agent1/kl_msg": 0.03},
+        # an update without signal took no step: it does not place the run
+        {"agent": 1, "agent1/kl_msg": 0.0, "agent1/no_signal": 1},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert theory.measured_radii([str(run), "4:0.05"]) == [(str(run), 2, 0.02), ("4:0.05", 4, 0.05)]
     table = theory.place([str(run)], stages=2, seeds=1)

@@ -320,14 +320,19 @@ def compare_radii(path: str) -> list[tuple[str, int, float]]:
 
 
 def run_radius(path: str) -> tuple[str, int, float]:
-    """A train.py run: its team size and the mean over its updates of agent{i}/kl_msg."""
+    """A train.py run: its team size and the mean of agent{i}/kl_msg over the updates that took a
+    step (an update without signal takes none, and moves no message)."""
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     if config.get("rounds", 1) != 1:
         raise ValueError(f"{path}: --rounds {config['rounds']}; the map's testbed plays one round")
     with open(os.path.join(path, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    kls = [r[key] for r in records if (key := f"agent{r.get('agent')}/kl_msg") in r]
+    kls = [
+        r[key]
+        for r in records
+        if (key := f"agent{r.get('agent')}/kl_msg") in r and not r.get(f"agent{r['agent']}/no_signal")
+    ]
     if not kls:
         raise ValueError(f"{path}: no update logged agent{{i}}/kl_msg")
     return path, config["agents"], float(np.mean(kls))

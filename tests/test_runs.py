@@ -50,18 +50,15 @@ def wait_for_update(run_dir, stage: int, proc):
 
 
 def test_same_seed_same_metrics_and_a_killed_run_resumes_to_them(tmp_path):
-    for name in ("a", "b"):
-        out = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--name", name],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stderr
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--name", "a"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
     runs_dir = tmp_path / "runs"
-    # determinism on one machine
-    assert metrics(runs_dir / "a") == metrics(runs_dir / "b")
     assert [p.name for p in (runs_dir / "a").iterdir() if p.name.startswith("checkpoint")] == [
         "checkpoint-stage3"
     ]
@@ -87,6 +84,7 @@ def test_same_seed_same_metrics_and_a_killed_run_resumes_to_them(tmp_path):
     assert "resumed after stage 1" in out.stdout
     # not the whole run's time
     assert "since the resume after stage 1" in (killed / "summary.md").read_text()
+    # determinism on one machine: the killed run played stage 1 afresh, the resumed one stages 2-3
     assert metrics(killed) == metrics(runs_dir / "a")
     assert not (killed / "checkpoint-stage2.tmp").exists()
     for i in range(2):

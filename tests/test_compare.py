@@ -104,7 +104,7 @@ def test_summary_sums_the_gap_and_penalty_per_stage_and_reads_accuracy_at_a_toke
     assert compare.spread([0.5, 0.7], ".3f") == "0.600 ± 0.141" and compare.spread([None], ".3f") == "-"
 
 
-def test_the_summary_averages_the_per_message_and_deciding_token_kl_over_updates():
+def test_the_summary_averages_the_per_message_and_deciding_token_kl_over_updates_that_stepped():
     records = [
         {
             "stage": 1,
@@ -122,6 +122,8 @@ def test_the_summary_averages_the_per_message_and_deciding_token_kl_over_updates
             "agent1/kl_decide": 0.03,
             "agent1/kl_rest": 0.003,
         },
+        # an update without signal took no step: it moved no message
+        {"stage": 1, "update": 3, "agent": 1, "agent1/kl_msg": 0.0, "agent1/no_signal": 1},
         {"stage": 1, "stage/tokens": 10},
     ]
     result = compare.summarize(records, [0.2, 0.5])

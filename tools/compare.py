@@ -134,9 +134,11 @@ def train_mode(cfg: config.Config, model, heldout, device, dtype, run_dir: str) 
 
 def summarize(records: list[dict], accs: list[float]) -> dict:
     """accs and cumulative generated tokens per stage, the means over stages of the summed penalty
-    and stale gap, and the mean out-of-region fraction over updates (None where nothing was
-    measured)."""
+    and stale gap, the mean out-of-region fraction over updates, and the mean KLs over the updates
+    that took a step (None where nothing was measured)."""
     updates = [r for r in records if "update" in r]
+    # the KL each update moved: the updates that took a step (one without signal moves nothing)
+    stepped = [r for r in updates if not r.get(f"agent{r['agent']}/no_signal")]
     return {
         "accs": accs,
         "tokens": list(
@@ -146,7 +148,7 @@ def summarize(records: list[dict], accs: list[float]) -> dict:
         "stale_gap": per_stage(updates, "stale_gap"),
         "out_of_region": per_update(updates, "out_of_region"),
         # the KL each message moved, and the token KL on the tokens that decide and on the rest
-        **{key: per_update(updates, key) for key in ("kl_msg", "kl_decide", "kl_rest")},
+        **{key: per_update(stepped, key) for key in ("kl_msg", "kl_decide", "kl_rest")},
     }
 
 
